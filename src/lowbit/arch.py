@@ -1,0 +1,120 @@
+"""Architecture knowledge as data: one table per model family.
+
+Each table names the decoder blocks, the Linears of a block in true-sequential groups (a
+group's Linears share one input), which norm feeds which Linears and which Linear feeds
+which (needed to fold scales). Adding a family is a few lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str  # dotted path of the ModuleList of decoder blocks
+    groups: tuple[tuple[str, ...], ...]  # Linears per true-sequential step, sharing an input
+    norm_feeds: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    linear_feeds: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    conv1d: bool = False  # GPT-2 style Conv1D stores weights as (in, out)
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(n for g in self.groups for n in g)
+
+
+_LLAMA_LIKE = dict(
+    groups=(ATTN, ("self_attn.o_proj",), GATE_UP, ("mlp.down_proj",)),
+    norm_feeds={"input_layernorm": ATTN, "post_attention_layernorm": GATE_UP},
+    linear_feeds={"self_attn.v_proj": ("self_attn.o_proj",), "mlp.up_proj": ("mlp.down_proj",)},
+)
+
+SPECS: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama", "smollm", "smollm3"), "model.layers", **_LLAMA_LIKE),
+    ArchSpec("mistral", ("mistral", "mixtral_dense"), "model.layers", **_LLAMA_LIKE),
+    ArchSpec("qwen2", ("qwen2", "qwen3"), "model.layers", **_LLAMA_LIKE),
+    ArchSpec("gemma", ("gemma",), "model.layers", **_LLAMA_LIKE),
+    ArchSpec(
+        "gemma2",
+        ("gemma2", "gemma3_text", "gemma3"),
+        "model.layers",
+        groups=_LLAMA_LIKE["groups"],
+        # gemma2/3 normalise the attention output before the residual add, so only the
+        # pre-attention and pre-feedforward norms feed Linears directly
+        norm_feeds={"input_layernorm": ATTN, "pre_feedforward_layernorm": GATE_UP},
+        linear_feeds=_LLAMA_LIKE["linear_feeds"],
+    ),
+    ArchSpec(
+        "phi3",
+        ("phi3",),
+        "model.layers",
+        groups=(
+            ("self_attn.qkv_proj",),
+            ("self_attn.o_proj",),
+            ("mlp.gate_up_proj",),
+            ("mlp.down_proj",),
+        ),
+        norm_feeds={
+            "input_layernorm": ("self_attn.qkv_proj",),
+            "post_attention_layernorm": ("mlp.gate_up_proj",),
+        },
+    ),
+    ArchSpec(
+        "opt",
+        ("opt",),
+        "model.decoder.layers",
+        groups=(ATTN, ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+        norm_feeds={"self_attn_layer_norm": ATTN, "final_layer_norm": ("fc1",)},
+        linear_feeds={"self_attn.v_proj": ("self_attn.out_proj",)},
+    ),
+    ArchSpec(
+        "gpt2",
+        ("gpt2",),
+        "transformer.h",
+        groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        norm_feeds={"ln_1": ("attn.c_attn",), "ln_2": ("mlp.c_fc",)},
+        conv1d=True,
+    ),
+)
+
+
+def supported_families() -> list[str]:
+    return sorted({t for s in SPECS for t in s.model_types})
+
+
+def spec_for(model: nn.Module) -> ArchSpec:
+    """The table for a transformers model, or a clear error naming the supported families."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    for spec in SPECS:
+        if mtype in spec.model_types:
+            return spec
+    raise LowbitError(
+        f"unsupported model family {mtype!r}; supported: {', '.join(supported_families())}"
+    )
+
+
+def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    blocks = model.get_submodule(spec.blocks)
+    if not isinstance(blocks, nn.ModuleList):
+        raise LowbitError(f"{spec.blocks} is not a ModuleList in this {spec.family} model")
+    return blocks
+
+
+def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    """The quantizable Linears of one block, by their name inside the block."""
+    out = {}
+    for name in spec.linears:
+        try:
+            out[name] = block.get_submodule(name)
+        except AttributeError as e:
+            raise LowbitError(f"{spec.family} block has no module {name!r}") from e
+    return out

@@ -1,0 +1,100 @@
+"""Quality, speed and memory of a model: perplexity, KL and top-1 against a base, tok/s, RSS."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    windows: torch.Tensor,
+    base: nn.Module | None = None,
+    batch: int = 1,
+    progress: bool = True,
+    desc: str = "eval",
+) -> dict:
+    """Perplexity over every predicted token (positions 1..L-1 of each window, each from its
+    own window's prefix); with ``base``: mean KL(base || model), its 99th percentile over
+    tokens, and top-1 agreement, on the same positions."""
+    nll_sum, n_tok = 0.0, 0
+    kls: list[torch.Tensor] = []
+    agree = 0
+    for i in tqdm(range(0, windows.shape[0], batch), desc=desc, disable=not progress, leave=False):
+        ids = windows[i : i + batch]
+        lp = torch.log_softmax(_logits(model, ids)[:, :-1], dim=-1)
+        tgt = ids[:, 1:]
+        nll_sum += float(-lp.gather(-1, tgt[..., None]).sum())
+        n_tok += tgt.numel()
+        if base is not None:
+            blp = torch.log_softmax(_logits(base, ids)[:, :-1], dim=-1)
+            kls.append((blp.exp() * (blp - lp)).sum(-1).flatten())
+            agree += int((blp.argmax(-1) == lp.argmax(-1)).sum())
+        del lp
+    out = {
+        "ppl": math.exp(nll_sum / n_tok),
+        "nll": nll_sum / n_tok,
+        "tokens": n_tok,
+        "windows": int(windows.shape[0]),
+        "seq_len": int(windows.shape[1]),
+    }
+    if base is not None:
+        kl = torch.cat(kls).double()
+        out |= {
+            "kl_mean": float(kl.mean()),
+            "kl_p99": float(torch.quantile(kl, 0.99)),
+            "top1": agree / n_tok,
+        }
+    return out
+
+
+@torch.no_grad()
+def generation_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 64) -> dict:
+    """Batch-1 greedy decoding speed with a KV cache: decode tokens/s, prefill seconds."""
+    ids = prompt_ids.reshape(1, -1)
+    mask = torch.ones_like(ids)
+    kw = dict(do_sample=False, attention_mask=mask, pad_token_id=0)
+    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    total = time.perf_counter() - t0
+    decode = max(total - prefill, 1e-9)
+    return {
+        "decode_tok_s": (new_tokens - 1) / decode,
+        "prefill_s": prefill,
+        "prompt_tokens": int(ids.shape[1]),
+    }
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (tied tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()

@@ -1,0 +1,64 @@
+"""Lossless packing of b-bit codes (1..8 bits) into bytes or int32 words.
+
+Codes along the last dimension form a little-endian bit stream: code i occupies bits
+[i*b, (i+1)*b) of its row. For b = 4 a byte holds codes (2k, 2k+1) as low and high nibble,
+and viewed as little-endian int32 words a word holds 8 codes, the first in the lowest bits
+(the order GPTQ-style int32 packing uses). Each row is padded to whole bytes (or words).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def packed_bytes(n: int, bits: int, word_bytes: int = 1) -> int:
+    nbytes = (n * bits + 7) // 8
+    return (nbytes + word_bytes - 1) // word_bytes * word_bytes
+
+
+def _check(bits: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"codes of 1..8 bits can be packed, not {bits}")
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., n) integer codes in [0, 2^bits) -> (..., ceil(n*bits/8)) uint8."""
+    _check(bits)
+    codes = codes.to(torch.int64)
+    if codes.numel() and (codes.min() < 0 or codes.max() >= (1 << bits)):
+        raise ValueError(f"codes out of range for {bits} bits")
+    *lead, n = codes.shape
+    shifts = torch.arange(bits)
+    stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(*lead, n * bits)
+    nbytes = packed_bytes(n, bits)
+    stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - n * bits))
+    weights = 1 << torch.arange(8)
+    return (stream.reshape(*lead, nbytes, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: (..., nbytes) uint8 -> (..., n) uint8 codes."""
+    _check(bits)
+    p = packed.to(torch.int32)
+    if bits in (1, 2, 4, 8):
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.int32) * bits
+        codes = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*p.shape[:-1], -1)[..., :n].to(torch.uint8)
+    # a code straddles at most two bytes: read 16 bits starting at its first byte
+    start = torch.arange(n) * bits
+    byte, off = start // 8, (start % 8).to(torch.int32)
+    p = torch.nn.functional.pad(p, (0, 1))
+    word = p[..., byte] | (p[..., byte + 1] << 8)
+    return ((word >> off) & ((1 << bits) - 1)).to(torch.uint8)
+
+
+def to_int32_words(packed: torch.Tensor) -> torch.Tensor:
+    """View packed bytes (last dim a multiple of 4) as little-endian int32 words."""
+    if packed.shape[-1] % 4:
+        packed = torch.nn.functional.pad(packed, (0, 4 - packed.shape[-1] % 4))
+    return packed.contiguous().view(torch.int32)
+
+
+def from_int32_words(words: torch.Tensor) -> torch.Tensor:
+    return words.contiguous().view(torch.uint8)

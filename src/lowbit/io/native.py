@@ -1,0 +1,157 @@
+"""lowbit's native format: one safetensors file with packed codes, scales, zeros and g_idx,
+the model's config and tokenizer, and ``lowbit.json`` describing scheme and recipe.
+
+Writing is atomic: everything goes to a temporary folder beside the target, renamed into
+place at the end; an existing output is replaced only when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.qweight import QuantizedWeight
+from lowbit.runtime.qlinear import QuantLinear
+from lowbit.scheme import Scheme
+
+FORMAT = "lowbit-native"
+VERSION = 1
+
+
+def check_writable(out: Path, overwrite: bool) -> None:
+    """Fail early (before any long run) when the output cannot be written."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"{out} exists; pass --overwrite to replace it")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LowbitError(f"cannot create {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise LowbitError(f"cannot write to {parent}")
+
+
+@contextmanager
+def atomic_dir(out: Path, overwrite: bool):
+    """Yield a temporary folder; on success it replaces ``out`` in one rename."""
+    out = Path(out)
+    check_writable(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_quantized(
+    out: Path,
+    model: nn.Module,
+    tokenizer,
+    qweights: dict[str, QuantizedWeight],
+    meta: dict,
+    overwrite: bool = False,
+    conv1d: bool = False,
+) -> Path:
+    """Write a quantized model (``qweights`` by full module name) and its description."""
+    out = Path(out)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, qw in qweights.items():
+        for k, v in qw.to_tensors().items():
+            tensors[f"{name}.{k}"] = v.contiguous()
+    skip = {f"{n}.weight" for n in qweights}
+    seen: dict[int, str] = {}
+    tied = {}
+    for k, v in model.state_dict().items():
+        if k in skip:
+            continue
+        if v.data_ptr() in seen and v.numel():
+            tied[k] = seen[v.data_ptr()]
+            continue
+        seen[v.data_ptr()] = k
+        tensors[k] = v.detach().contiguous()
+    desc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "layers": {
+            n: {"shape": list(q.shape), "scheme": q.scheme.to_dict(), "conv1d": conv1d}
+            for n, q in qweights.items()
+        },
+        "tied": tied,
+        **meta,
+    }
+    with atomic_dir(out, overwrite) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        cfg = model.config
+        cfg.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "lowbit.json").write_text(json.dumps(desc, indent=1))
+    return out
+
+
+def read_description(path: Path) -> dict:
+    try:
+        desc = json.loads((Path(path) / "lowbit.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LowbitError(f"{path}: unreadable lowbit.json ({e})") from None
+    if desc.get("format") != FORMAT:
+        raise LowbitError(f"{path}: not a {FORMAT} folder")
+    return desc
+
+
+def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, object]:
+    """Rebuild the model with QuantLinear modules holding the packed weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    desc = read_description(path)
+    tensors = load_file(str(path / "model.safetensors"))
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config)
+    for name, info in desc["layers"].items():
+        scheme = Scheme.from_dict(info["scheme"])
+        parts = {
+            k.rsplit(".", 1)[1]: tensors.pop(k)
+            for k in list(tensors)
+            if k.rsplit(".", 1)[0] == name
+            and k.rsplit(".", 1)[1] in ("qweight", "scales", "zeros", "g_idx")
+        }
+        qw = QuantizedWeight.from_tensors(scheme, tuple(info["shape"]), parts)
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        bias = tensors.get(f"{name}.bias")
+        setattr(parent, child, QuantLinear(qw, bias, cache=cache_weights))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k not in desc.get("tied", {})]
+    qbuf = {f"{n}.{b}" for n in desc["layers"] for b in ("qweight", "scales", "zeros", "g_idx")}
+    missing = [k for k in missing if k not in qbuf]
+    if missing or unexpected:
+        raise LowbitError(
+            f"{path}: tensors do not match the model (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
+    if desc.get("tied"):
+        model.tie_weights()
+    model.eval()
+    tok = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tok

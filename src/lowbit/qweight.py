@@ -1,0 +1,71 @@
+"""A quantized weight as plain tensors: codes, per-group scales and zero points, g_idx."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats import pack as packing
+from lowbit.formats.integer import column_groups
+from lowbit.scheme import Scheme
+
+
+@dataclass
+class QuantizedWeight:
+    """``W_hat[r, c] = scale[r, g] * (codes[r, c] - zero[r, g])`` with ``g = g_idx[c]``."""
+
+    scheme: Scheme
+    codes: torch.Tensor  # (out, in) uint8
+    scale: torch.Tensor  # (out, groups) float16/float32 as the scheme stores it
+    zero: torch.Tensor  # (out, groups) uint8; constant 2^(b-1) for symmetric schemes
+    g_idx: torch.Tensor | None = None  # (in,) int32, only when columns were reordered
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def column_groups(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return column_groups(self.shape[1], self.scheme).long()
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.column_groups()
+        s = self.scale.float()[:, g]
+        z = self.zero.float()[:, g]
+        return s * (self.codes.float() - z)
+
+    def bits_per_weight(self) -> float:
+        bpw = self.scheme.bits_per_weight(*self.shape)
+        if self.g_idx is not None:
+            bpw += 32 / self.shape[0]  # one int32 per input column
+        return bpw
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors stored on disk: packed codes, scales, zeros (asymmetric), g_idx."""
+        out = {
+            "qweight": packing.pack(self.codes, self.scheme.bits),
+            "scales": self.scale.contiguous(),
+        }
+        if not self.scheme.symmetric:
+            out["zeros"] = packing.pack(self.zero, self.scheme.bits)
+        if self.g_idx is not None:
+            out["g_idx"] = self.g_idx.to(torch.int32).contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(
+        cls, scheme: Scheme, shape: tuple[int, int], tensors: dict[str, torch.Tensor]
+    ) -> QuantizedWeight:
+        out_f, in_f = shape
+        codes = packing.unpack(tensors["qweight"], scheme.bits, in_f)
+        scale = tensors["scales"]
+        if scheme.symmetric:
+            zero = torch.full(scale.shape, 1 << (scheme.bits - 1), dtype=torch.uint8)
+        else:
+            zero = packing.unpack(tensors["zeros"], scheme.bits, scale.shape[1])
+        return cls(scheme, codes, scale, zero, tensors.get("g_idx"))

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models of every supported family (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+FAMILIES = {
+    "llama": lambda: tf.LlamaConfig(**TINY),
+    "mistral": lambda: tf.MistralConfig(**TINY),
+    "qwen2": lambda: tf.Qwen2Config(**TINY),
+    "qwen3": lambda: tf.Qwen3Config(**TINY, head_dim=16),
+    "gemma": lambda: tf.GemmaConfig(**TINY, head_dim=16),
+    "gemma2": lambda: tf.Gemma2Config(**TINY, head_dim=16),
+    "gemma3_text": lambda: tf.Gemma3TextConfig(**TINY, head_dim=16),
+    "phi3": lambda: tf.Phi3Config(**TINY, pad_token_id=0),
+    "opt": lambda: tf.OPTConfig(
+        vocab_size=256,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=64,
+    ),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+}
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = FAMILIES[family]()
+    cfg._attn_implementation = "eager" if family.startswith("gemma2") else "sdpa"
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def windows() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (6, 32), generator=g)

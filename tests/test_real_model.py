@@ -1,0 +1,59 @@
+"""Heavier checks on the real default model (CI's second step: ``pytest -m slow``)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from driver_helpers import last_block_output
+
+from lowbit import data
+from lowbit.api import quantize_model
+from lowbit.arch import spec_for
+from lowbit.eval.metrics import evaluate
+from lowbit.io.native import load_quantized, save_quantized
+from lowbit.models import load_model
+from lowbit.pipeline.driver import run_sequential
+
+pytestmark = pytest.mark.slow
+WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def wiki_ids(model_tok):
+    return data.tokenize(model_tok[1], data.read_text(WIKI))
+
+
+def test_protocol_base_perplexity(model_tok, wiki_ids):
+    """PROTOCOL.md: fp32 base perplexity on the first 64 windows of 512 is 29.53."""
+    res = evaluate(model_tok[0], data.windows(wiki_ids, 64, 512), progress=False)
+    assert res["ppl"] == pytest.approx(29.53, abs=0.01)
+
+
+def test_driver_reproduces_real_model(wiki_ids):
+    model, _ = load_model("smollm2-135m")
+    w = data.windows(wiki_ids, 2, 256)
+    ref = last_block_output(model, w)
+    hidden = run_sequential(model, spec_for(model), w, lambda *a: {}, chunk=1, progress=False)
+    assert torch.allclose(torch.cat(hidden), ref, atol=1e-3, rtol=1e-4)
+
+
+def test_gptq_beats_rtn_and_reloads(tmp_path, wiki_ids):
+    ev = data.windows(wiki_ids, 4, 512)
+    cal = data.windows(wiki_ids, 16, 512, start=100)
+    rtn, tok = load_model("smollm2-135m")
+    quantize_model(rtn, "rtn", "w3g64", progress=False)
+    gptq, _ = load_model("smollm2-135m")
+    res = quantize_model(gptq, "gptq", "w3g64", cal, progress=False)
+    assert all(r["loss"] < r["rtn_loss"] for r in res.rows)
+    p_rtn = evaluate(rtn, ev, progress=False)["ppl"]
+    p_gptq = evaluate(gptq, ev, progress=False)["ppl"]
+    assert p_gptq < 0.8 * p_rtn
+    out = save_quantized(tmp_path / "q", gptq, tok, res.qweights, {"method": "gptq"})
+    back, _ = load_quantized(out)
+    with torch.no_grad():
+        assert torch.equal(gptq(input_ids=ev[:1]).logits, back(input_ids=ev[:1]).logits)
