@@ -61,6 +61,7 @@ def quantize_model(
     chunk: int = 8,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
+    token_weight: str = "none",
 ) -> QuantizeResult:
     """Quantize every decoder-block Linear in place (the model keeps the dequantized weights,
     so it evaluates as the quantized model) and return the quantized tensors."""
@@ -110,6 +111,7 @@ def quantize_model(
                 out[name] = info | {"seconds": round(time.perf_counter() - t1, 3)}
             return out
 
-        run_sequential(model, spec, calib, group_fn, chunk=chunk, progress=progress, on_row=emit)
+        run_sequential(model, spec, calib, group_fn, chunk=chunk, progress=progress, on_row=emit,
+                       token_weight=token_weight)
     res.seconds = time.perf_counter() - t0
     return res

@@ -230,7 +230,7 @@ def run_eval(model_arg, data, windows, seq_len, base_arg, speed, progress=True) 
     desc = read_description(path) if is_lowbit_dir(path) else {}
     check_disjoint(desc.get("calibration"), data, windows, seq_len)
     rss0 = current_rss_bytes()
-    model, tok = load_model(model_arg)
+    model, tok = load_model(model_arg, cache_weights=True)
     rss1 = current_rss_bytes()
     ev = eval_windows(data, tok, windows, seq_len)
     vocab = model.get_input_embeddings().num_embeddings

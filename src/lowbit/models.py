@@ -71,8 +71,11 @@ def _quiet():
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def load_model(model: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer). A lowbit folder loads its quantized runtime model."""
+def load_model(
+    model: str | Path, dtype: torch.dtype = torch.float32, cache_weights: bool = False
+) -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer). A lowbit folder loads its quantized runtime model;
+    ``cache_weights`` keeps each dequantized weight after first use (fast, fp32-sized)."""
     path = resolve(model)
     _quiet()
     cached = None
@@ -83,7 +86,7 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32) -> tuple[n
     if is_lowbit_dir(path):
         from lowbit.io.native import load_quantized
 
-        return load_quantized(path)
+        return load_quantized(path, cache_weights=cache_weights)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

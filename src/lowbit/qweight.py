@@ -31,6 +31,12 @@ class QuantizedWeight:
         return column_groups(self.shape[1], self.scheme).long()
 
     def dequantize(self) -> torch.Tensor:
+        out_f, in_f = self.shape
+        n_groups = self.scale.shape[1]
+        if self.g_idx is None and self.scheme.granularity == "group":
+            q = self.codes.reshape(out_f, n_groups, -1).float()
+            w = self.scale.float()[..., None] * (q - self.zero.float()[..., None])
+            return w.reshape(out_f, in_f)
         g = self.column_groups()
         s = self.scale.float()[:, g]
         z = self.zero.float()[:, g]

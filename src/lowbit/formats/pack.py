@@ -39,12 +39,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack`: (..., nbytes) uint8 -> (..., n) uint8 codes."""
     _check(bits)
-    p = packed.to(torch.int32)
     if bits in (1, 2, 4, 8):
+        if bits == 8:
+            return packed[..., :n].contiguous()
         per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.int32) * bits
-        codes = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(*p.shape[:-1], -1)[..., :n].to(torch.uint8)
+        mask = (1 << bits) - 1
+        parts = [(packed >> (k * bits)) & mask for k in range(per)]
+        return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+    p = packed.to(torch.int32)
     # a code straddles at most two bytes: read 16 bits starting at its first byte
     start = torch.arange(n) * bits
     byte, off = start // 8, (start % 8).to(torch.int32)

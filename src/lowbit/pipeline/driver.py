@@ -106,6 +106,7 @@ def run_sequential(
     hessian: bool = True,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
+    token_weight: str = "none",
 ) -> list[torch.Tensor]:
     """Quantize the model in place block by block. Returns the last block's outputs."""
     cap = capture_inputs(model, spec, windows, chunk)
@@ -117,7 +118,8 @@ def run_sequential(
         if quantize_group is not None:
             linears = block_linears(block, spec)
             for group in spec.groups:
-                stats = _collect(block, spec, linears, group, hidden, cap.kwargs, hessian, bi)
+                tw = _token_weights(hidden, token_weight, group, spec)
+                stats = _collect(block, spec, linears, group, hidden, cap.kwargs, hessian, bi, tw)
                 t0 = time.perf_counter()
                 rows = quantize_group(bi, {n: linears[n] for n in group}, stats)
                 dt = (time.perf_counter() - t0) / len(group)
@@ -143,21 +145,44 @@ def run_sequential(
     return hidden
 
 
-def _collect(block, spec, linears, group, hidden, kwargs, hessian, bi) -> dict[str, InputStats]:
+TOKEN_WEIGHTS = ("none", "residual", "residual-out")
+
+
+def _token_weights(hidden, mode: str, group, spec: ArchSpec) -> list[torch.Tensor] | None:
+    """Per-token Hessian weights 1 / mean(h^2) of the block's residual input, normalised to
+    mean 1: an error added to the residual stream reaches the next norm divided by the
+    residual's RMS, so tokens with massive residuals (attention sinks) matter less per unit
+    of absolute error. ``residual-out`` applies them only to Linears that write into the
+    residual stream (the last of each sub-layer)."""
+    if mode == "none":
+        return None
+    if mode not in TOKEN_WEIGHTS:
+        raise LowbitError(f"unknown token weighting {mode!r}; known: {', '.join(TOKEN_WEIGHTS)}")
+    if mode == "residual-out" and group not in (spec.groups[1], spec.groups[-1]):
+        return None
+    w = [1.0 / h.float().pow(2).mean(-1).clamp(min=1e-12) for h in hidden]
+    mean = torch.cat([x.flatten() for x in w]).mean()
+    return [x / mean for x in w]
+
+
+def _collect(block, spec, linears, group, hidden, kwargs, hessian, bi, tw=None) -> dict[str, InputStats]:
     """Run the chunks up to the group's (shared) input and gather statistics there."""
     first = linears[group[0]]
     st = InputStats(get_weight(first, spec).shape[1], hessian=hessian)
 
+    current: list[torch.Tensor | None] = [None]
+
     def hook(_mod, args):
         try:
-            st.add(args[0])
+            st.add(args[0], current[0])
         except FloatingPointError as e:
             raise LowbitError(f"{e} at block {bi} {group[0]}") from None
         raise _Stop
 
     handle = first.register_forward_pre_hook(hook)
     try:
-        for h, kw in zip(hidden, kwargs, strict=True):
+        for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+            current[0] = None if tw is None else tw[i]
             try:
                 block(h, **kw)
             except _Stop:

@@ -1,0 +1,366 @@
+"""Weight grids: each against its independent codec, exact storage costs, error ordering, errors."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.errors import LowbitError
+from lowbit.formats.codebooks import nf4_dequantize, nf4_quantize, ternary_dequantize
+from lowbit.formats.codebooks import ternary_quantize as ternary_ref
+from lowbit.formats.grid_base import WeightGrid
+from lowbit.formats.grids import GRID_NAMES, count_saturated, get_grid, group_slices, rtn
+from lowbit.formats.grids_lut import Nf4Grid, weighted_kmeans_rows
+from lowbit.formats.mx import mx_dequantize, mx_quantize, nvfp4_dequantize, nvfp4_quantize
+from lowbit.scheme import parse_scheme
+
+INT_NAMES = ["w4g64", "w3g64-asym", "w8", "w4-tensor", "w4g32-mse"]
+
+
+def gauss(rows: int, cols: int, seed: int = 0, std: float = 0.02) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * std
+
+
+def heavy(rows: int = 64, cols: int = 256, seed: int = 0) -> torch.Tensor:
+    """Gaussian with a few Student-t rows and one large outlier."""
+    w = gauss(rows, cols, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    w[::16] = torch.randn(len(w[::16]), cols, generator=g) * 0.02 / torch.rand(cols, generator=g)
+    w[1, 5] = 0.9
+    return w
+
+
+def rel_err(name: str, w: torch.Tensor) -> float:
+    _, _, w_hat = rtn(w, get_grid(name))
+    return float((w - w_hat).norm() / w.norm())
+
+
+# ------------------------------------------------------------------------------------ names
+
+
+@pytest.mark.parametrize("name", [*GRID_NAMES, *INT_NAMES])
+def test_names_resolve_to_grids(name: str) -> None:
+    grid = get_grid(name)
+    assert isinstance(grid, WeightGrid)
+    assert grid.name == name
+    assert get_grid(name.upper()).name == name
+
+
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("nf3", "4 bits only"),
+        ("nf4-g100", "32, 64, 128, 256"),
+        ("fp8-e3m4", "e4m3, e5m2"),
+        ("fp8-e4m3-b64", "128x128"),
+        ("fp4-g48", "16, 32, 64, 128"),
+        ("mxfp4-g16", "32 only"),
+        ("mxfp6", "mxfp6-e3m2"),
+        ("mxint4", "mxint8"),
+        ("nvfp4-g32", "16 only"),
+        ("sq5", "2, 3, 4"),
+        ("w9g64", "2..8"),
+        ("int4", "known: nf4, nf4-dq"),
+        ("bogus", "w4g64"),
+    ],
+)
+def test_bad_names(name: str, needle: str) -> None:
+    with pytest.raises(LowbitError, match=needle):
+        get_grid(name)
+
+
+@pytest.mark.parametrize(
+    "name,in_f,needle",
+    [
+        ("nf4", 96, "nf4 blocks that do: 32"),
+        ("fp4-g32", 80, "fp4 groups that do: 16"),
+        ("mxfp4", 48, "multiple of 32"),
+        ("nvfp4", 40, "multiple of 16"),
+        ("w4g64", 96, "group sizes that do: 16, 32"),
+    ],
+)
+def test_bad_shapes(name: str, in_f: int, needle: str) -> None:
+    with pytest.raises(LowbitError, match=needle):
+        rtn(gauss(4, in_f), get_grid(name))
+
+
+@pytest.mark.parametrize("bad,word", [(float("nan"), "1 NaN"), (float("inf"), "1 inf")])
+@pytest.mark.parametrize("name", ["nf4", "nvfp4", "ternary", "sq3", "fp8-e4m3", "w4g64"])
+def test_non_finite_weights(name: str, bad: float, word: str) -> None:
+    w = gauss(8, 64)
+    w[2, 3] = bad
+    with pytest.raises(LowbitError, match=word):
+        rtn(w, get_grid(name))
+
+
+# ------------------------------------------------------------- against the independent codecs
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_nf4_matches_codebooks(block: int) -> None:
+    w = heavy(24, 256)
+    grid = Nf4Grid(block)
+    codes, params, w_hat = rtn(w, grid)
+    ref = nf4_quantize(w, block)
+    assert torch.equal(codes, ref["codes"])
+    assert torch.equal(w_hat, nf4_dequantize(ref))
+    assert torch.equal(nf4_dequantize(grid.stored(codes, params)), w_hat)
+
+
+def test_nf4_dq_bitsandbytes_codes() -> None:
+    w = heavy(40, 512)  # 320 block scales: a full and a partial second-level block of 256
+    grid = Nf4Grid(64, double_quant=True, stored_scale_codes=False)
+    codes, params, w_hat = rtn(w, grid)
+    ref = nf4_quantize(w, 64, double_quant=True)
+    stored = grid.stored(codes, params)
+    for key in ("codes", "absmax_codes", "absmax_scale", "absmax_offset"):
+        assert torch.equal(stored[key], ref[key]), key
+    assert torch.equal(w_hat, nf4_dequantize(ref))
+
+
+def test_nf4_dq_codes_against_stored_scales() -> None:
+    w = heavy(40, 512)
+    grid = get_grid("nf4-dq")
+    codes, params, w_hat = rtn(w, grid)
+    ref = nf4_quantize(w, 64, double_quant=True)
+    stored = grid.stored(codes, params)
+    for key in ("absmax_codes", "absmax_scale", "absmax_offset"):
+        assert torch.equal(stored[key], ref[key]), key
+    assert torch.equal(nf4_dequantize(stored), w_hat)
+    # same stored scales, each code the nearest for them: never worse per element
+    assert bool(((w_hat - w).abs() <= (nf4_dequantize(ref) - w).abs()).all())
+    # finalize path (no prepare): the fp32 absmaxes double-quantized after fitting
+    slices = group_slices(grid, w.shape[1])
+    late = grid.finalize([grid.fit(w[:, sl], group=g) for g, sl in enumerate(slices)])
+    for p, q in zip(late, params, strict=True):
+        assert torch.equal(p["absmax"], q["absmax"])
+
+
+FP8_ML = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
+
+
+def _ml_round(v: np.ndarray, dtype: type) -> np.ndarray:
+    return v.astype(dtype).astype(np.float32)
+
+
+@pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("gran", ["", "-tensor", "-b128"])
+def test_fp8_matches_ml_dtypes(elem: str, gran: str) -> None:
+    w = heavy(200, 320).numpy()  # partial 128x128 blocks in both dimensions
+    vmax = np.float32(float(ml_dtypes.finfo(FP8_ML[elem]).max))
+    if gran == "":
+        amax = np.abs(w).max(1, keepdims=True)
+    elif gran == "-tensor":
+        amax = np.full((w.shape[0], 1), np.abs(w).max(), dtype=np.float32)
+    else:
+        amax = np.zeros_like(w)
+        for r in range(0, 200, 128):
+            for c in range(0, 320, 128):
+                amax[r : r + 128, c : c + 128] = np.abs(w[r : r + 128, c : c + 128]).max()
+    scale = (amax / vmax).astype(np.float32)
+    ref = _ml_round(w / scale, FP8_ML[elem]) * scale
+    _, params, w_hat = rtn(torch.from_numpy(w), get_grid(f"fp8-{elem}{gran}"))
+    assert np.array_equal(w_hat.numpy(), ref)
+    assert count_saturated(params) == 0
+
+
+def test_fp4_g32_matches_ml_dtypes() -> None:
+    w = heavy(16, 256).numpy()
+    blocks = w.reshape(16, -1, 32)
+    exact = np.abs(blocks).max(-1, keepdims=True) / np.float32(6)
+    s16 = exact.astype(np.float16)
+    s16 = np.where(s16.astype(np.float32) < exact, np.nextafter(s16, np.float16(np.inf)), s16)
+    scale = s16.astype(np.float32)
+    ref = (_ml_round(blocks / scale, ml_dtypes.float4_e2m1fn) * scale).reshape(w.shape)
+    _, _, w_hat = rtn(torch.from_numpy(w), get_grid("fp4-g32"))
+    assert np.array_equal(w_hat.numpy(), ref)
+
+
+MX_ELEMS = {
+    "mxfp4": "fp4_e2m1",
+    "mxfp6-e3m2": "fp6_e3m2",
+    "mxfp6-e2m3": "fp6_e2m3",
+    "mxfp8-e4m3": "fp8_e4m3",
+    "mxfp8-e5m2": "fp8_e5m2",
+    "mxint8": "int8",
+}
+
+
+@pytest.mark.parametrize("name", list(MX_ELEMS))
+def test_mx_matches_mx_codec(name: str) -> None:
+    w = heavy(16, 256)
+    codes, params, w_hat = rtn(w, get_grid(name))
+    ref_codes, ref_scales = mx_quantize(w, MX_ELEMS[name])
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(torch.cat([p["scale_code"] for p in params], 1), ref_scales)
+    assert torch.equal(w_hat, mx_dequantize(ref_codes, ref_scales, MX_ELEMS[name]))
+
+
+def test_nvfp4_matches_mx_codec() -> None:
+    w = heavy(16, 256)
+    codes, params, w_hat = rtn(w, get_grid("nvfp4"))
+    ref = nvfp4_quantize(w)
+    assert torch.equal(codes, ref[0])
+    assert torch.equal(torch.cat([p["scale_code"] for p in params], 1), ref[1])
+    assert torch.equal(params[0]["tensor_scale"], ref[2])
+    assert torch.equal(w_hat, nvfp4_dequantize(*ref))
+
+
+def test_ternary_matches_codebooks() -> None:
+    w = heavy(16, 256)
+    codes, params, w_hat = rtn(w, get_grid("ternary"))
+    ref_codes, gamma = ternary_ref(w)
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(w_hat, ternary_dequantize(ref_codes, gamma))
+    n_clipped = int(((w / gamma).abs() > 1.5).sum())
+    assert count_saturated(params) == n_clipped > 0
+
+
+@pytest.mark.parametrize("name", INT_NAMES)
+def test_int_matches_rtn_quantize(name: str) -> None:
+    w = heavy(16, 256)
+    sens = torch.rand(256, generator=torch.Generator().manual_seed(3)) + 0.1
+    codes, _, w_hat = rtn(w, get_grid(name), sensitivity=sens)
+    qw = rtn_quantize(w, parse_scheme(name), col_weight=sens)
+    assert torch.equal(codes, qw.codes)
+    assert torch.equal(w_hat, qw.dequantize())
+
+
+def _kmeans_loop(x: np.ndarray, s: np.ndarray, k: int, iters: int) -> np.ndarray:
+    n = len(x)
+    c = np.sort(x)[((2 * np.arange(k) + 1) * n) // (2 * k)]
+    for _ in range(iters):
+        a = np.array([np.searchsorted((c[1:] + c[:-1]) / 2, v, side="left") for v in x])
+        for j in range(k):
+            if s[a == j].sum() > 0:
+                c[j] = (s[a == j] * x[a == j]).sum() / s[a == j].sum()
+        c = np.sort(c)
+    return c
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_squeezellm_tables(bits: int) -> None:
+    w = heavy(8, 192)
+    sens = torch.rand(192, generator=torch.Generator().manual_seed(4)) ** 3
+    codes, params, w_hat = rtn(w, get_grid(f"sq{bits}"), sensitivity=sens)
+    table = params[0]["table"]
+    assert table.shape == (8, 1 << bits)
+    assert torch.equal(table, table.half().float())  # stored in fp16
+    assert bool((table[:, 1:] >= table[:, :-1]).all())
+    # every weight on its row's nearest table entry
+    dist = (w[:, :, None] - table[:, None, :]).abs()
+    assert torch.equal((w_hat - w).abs(), dist.min(-1).values)
+    for r in (0, 3):
+        ref = _kmeans_loop(w[r].double().numpy(), sens.double().numpy(), 1 << bits, 30)
+        got = weighted_kmeans_rows(w[r : r + 1], sens, 1 << bits)[0].numpy()
+        assert np.allclose(got, ref, rtol=0, atol=1e-12)
+
+
+def test_squeezellm_sensitivity_pulls_a_centroid() -> None:
+    w = gauss(4, 128)
+    sens = torch.ones(128)
+    sens[7] = 1e6
+    _, params, w_hat = rtn(w, get_grid("sq3"), sensitivity=sens)
+    assert torch.allclose(w_hat[:, 7], w[:, 7], rtol=1e-3, atol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from([*GRID_NAMES, "w4g32", "w3g64-asym"]),
+    seed=st.integers(0, 10_000),
+    scale=st.sampled_from([1e-4, 0.02, 3.0]),
+)
+def test_grid_points_are_fixed_points(name: str, seed: int, scale: float) -> None:
+    grid = get_grid(name)
+    w = gauss(8, 128, seed, scale)
+    codes, params, w_hat = rtn(w, grid)
+    assert codes.shape == w.shape and not codes.is_floating_point()
+    assert w_hat.dtype == torch.float32
+    again = torch.cat(
+        [
+            grid.decode(grid.encode(w_hat[:, sl], p), p)
+            for sl, p in zip(group_slices(grid, 128), params, strict=True)
+        ],
+        1,
+    )
+    assert torch.equal(again, w_hat)
+
+
+# -------------------------------------------------------------------------- storage costs
+
+
+@pytest.mark.parametrize(
+    "name,out_f,in_f,bpw",
+    [
+        ("nf4", 512, 576, 4.5),
+        ("nf4-dq", 4096, 4096, 4 + 8 / 64 + 32 / (64 * 256) + 32 / 4096**2),
+        ("nf4-dq", 40, 512, 4 + 8 / 64 + (2 * 32 + 32) / (40 * 512)),
+        ("mxfp4", 512, 576, 4.25),
+        ("mxfp6-e2m3", 512, 576, 6.25),
+        ("mxint8", 512, 576, 8.25),
+        ("nvfp4", 512, 576, 4.5 + 32 / (512 * 576)),
+        ("fp8-e4m3", 512, 576, 8 + 32 / 576),
+        ("fp8-e5m2-tensor", 512, 576, 8 + 32 / (512 * 576)),
+        ("fp8-e4m3-b128", 512, 576, 8 + 32 * 4 * 5 / (512 * 576)),
+        ("fp4-g32", 512, 576, 4.5),
+        ("sq4", 512, 576, 4 + 256 / 576),
+        ("sq3", 512, 576, 3 + 128 / 576),
+        ("ternary", 512, 576, 2 + 32 / (512 * 576)),
+        ("w4g64", 512, 576, 4.25),
+    ],
+)
+def test_bits_per_weight(name: str, out_f: int, in_f: int, bpw: float) -> None:
+    assert get_grid(name).bits_per_weight(out_f, in_f) == pytest.approx(bpw, rel=1e-12)
+
+
+def test_nf4_dq_is_qlora_4127() -> None:
+    assert get_grid("nf4-dq").bits_per_weight(4096, 4096) == pytest.approx(4.127, abs=5e-4)
+
+
+# ------------------------------------------------------------------ errors and saturation
+
+
+def test_rtn_error_ordering() -> None:
+    w = gauss(128, 512, seed=7)
+    assert rel_err("nf4", w) < rel_err("w4g64", w)
+    assert rel_err("nvfp4", w) < rel_err("mxfp4", w)
+    assert rel_err("sq3", w) < rel_err("w3", w)
+    assert rel_err("sq4", w) < rel_err("w4", w)
+    assert rel_err("fp8-e4m3", w) < rel_err("fp8-e5m2", w)
+    assert rel_err("mxint8", w) < rel_err("mxfp8-e4m3", w)
+    assert rel_err("ternary", w) > rel_err("w3", w)
+
+
+def test_saturation_is_counted() -> None:
+    w = gauss(8, 64)
+    grid = get_grid("fp8-e4m3-tensor")
+    params = grid.fit(w, ctx=grid.prepare(w))
+    grid.encode(w, params)
+    assert int(params["saturated"]) == 0
+    doubled = 2 * w
+    codes = grid.encode(doubled, params)
+    n_over = int((doubled.abs() / params["scale"] > 448 + 16).sum())
+    assert int(params["saturated"]) == n_over > 0
+    top = float(grid.decode(codes, params).abs().max())
+    assert top == pytest.approx(float(w.abs().max()), rel=1e-6)  # clipped to 448 * scale
+    # MX: amax 7.9 gets X = 2^(2-2) = 1 and clips to 6 (counted); 6.9 rounds to 6 (not counted)
+    x = torch.zeros(1, 32)
+    x[0, :2] = torch.tensor([7.9, 6.9])
+    _, params, x_hat = rtn(x, get_grid("mxfp4"))
+    assert x_hat[0, :2].tolist() == [6.0, 6.0]
+    assert count_saturated(params) == 1
+
+
+def test_zero_weight() -> None:
+    w = torch.zeros(4, 128)
+    for name in [*GRID_NAMES, "w4g64"]:
+        codes, _, w_hat = rtn(w, get_grid(name))
+        assert torch.equal(w_hat.abs(), w), name
+        assert math.isfinite(float(w_hat.sum()))
