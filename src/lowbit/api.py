@@ -1,7 +1,18 @@
-"""The Python API: quantize a loaded model with a method and scheme, calibrating if needed."""
+"""The Python API: quantize a loaded model with a method and scheme, calibrating if needed.
+
+A scheme is an integer ``Scheme`` (``w4g64``, ``w3g64-asym`` ...: ``QuantizedWeight``, RTN and
+GPTQ with act-order / static groups) or any other ``WeightGrid`` name (``nf4``, ``mxfp4``,
+``sq4`` ...: ``GridWeight``, ``grids.rtn`` and ``gptq_grid``, no act-order).
+
+SqueezeLLM tables (``sq3``, ``sq4``) are k-means weighted by the Hessian diagonal, so they need
+calibration windows with either method: RTN then collects statistics with the sequential
+driver and rounds with sensitivity diag(H). Without windows quantize_model raises rather than
+fall back to unweighted k-means under the same name.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,9 +22,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize
-from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.algorithms.gptq_grid import gptq_grid
+from lowbit.algorithms.rtn import hessian_loss, rtn_quantize
 from lowbit.arch import ArchSpec, block_linears, get_blocks, spec_for
 from lowbit.errors import LowbitError
+from lowbit.formats import grids
+from lowbit.formats.grid_base import WeightGrid
+from lowbit.formats.grids_lut import IntGrid, SqueezeGrid
+from lowbit.gridweight import GridWeight
 from lowbit.pipeline.driver import get_weight, run_sequential, set_weight
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import Scheme, parse_scheme
@@ -21,12 +37,15 @@ from lowbit.scheme import Scheme, parse_scheme
 METHODS = ("rtn", "gptq")
 CALIBRATED = {"gptq"}
 
+AnyScheme = Scheme | WeightGrid
+AnyWeight = QuantizedWeight | GridWeight
+
 
 @dataclass
 class QuantizeResult:
     method: str
-    scheme: Scheme
-    qweights: dict[str, QuantizedWeight]
+    scheme: AnyScheme
+    qweights: dict[str, AnyWeight]
     rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -39,14 +58,47 @@ class QuantizeResult:
         return sum(q.storage_bytes() for q in self.qweights.values())
 
 
-def preflight(model: nn.Module, scheme: Scheme) -> ArchSpec:
+def resolve_scheme(scheme: AnyScheme | str) -> AnyScheme:
+    """A ``Scheme`` for integer names (``w...``), else the ``WeightGrid`` of the name;
+    LowbitError listing the known names for anything else."""
+    if isinstance(scheme, IntGrid):
+        return scheme.scheme
+    if not isinstance(scheme, str):
+        return scheme
+    if re.fullmatch(r"w\d+.*", scheme.strip().lower()):
+        return parse_scheme(scheme)
+    return grids.get_grid(scheme)
+
+
+def scheme_dict(scheme: AnyScheme) -> dict:
+    """The scheme as lowbit.json records it (always with a ``name``)."""
+    if isinstance(scheme, Scheme):
+        return scheme.to_dict()
+    return {"name": scheme.name, "grid": scheme.name, "code_bits": scheme.code_bits,
+            "group_size": scheme.group_size}
+
+
+def needs_sensitivity(scheme: AnyScheme) -> bool:
+    """Grids whose RTN itself needs the Hessian diagonal (SqueezeLLM's weighted k-means)."""
+    return isinstance(scheme, SqueezeGrid)
+
+
+def needs_calibration(method: str, scheme: AnyScheme | str) -> bool:
+    return method in CALIBRATED or needs_sensitivity(resolve_scheme(scheme))
+
+
+def preflight(model: nn.Module, scheme: AnyScheme | str) -> ArchSpec:
     """Check family and shapes in seconds, before any long run."""
+    scheme = resolve_scheme(scheme)
     spec = spec_for(model)
     blocks = get_blocks(model, spec)
     for name, mod in block_linears(blocks[0], spec).items():
-        in_f = get_weight(mod, spec).shape[1]
+        out_f, in_f = get_weight(mod, spec).shape
         try:
-            scheme.groups(in_f)
+            if isinstance(scheme, Scheme):
+                scheme.groups(in_f)
+            else:
+                scheme.check(out_f, in_f)
         except LowbitError as e:
             raise LowbitError(f"{name}: {e}") from None
     return spec
@@ -55,7 +107,7 @@ def preflight(model: nn.Module, scheme: Scheme) -> ArchSpec:
 def quantize_model(
     model: nn.Module,
     method: str = "gptq",
-    scheme: Scheme | str = "w4g64",
+    scheme: AnyScheme | str = "w4g64",
     calib: torch.Tensor | None = None,
     gptq: GPTQConfig = GPTQConfig(),
     chunk: int = 8,
@@ -65,13 +117,16 @@ def quantize_model(
 ) -> QuantizeResult:
     """Quantize every decoder-block Linear in place (the model keeps the dequantized weights,
     so it evaluates as the quantized model) and return the quantized tensors."""
-    if isinstance(scheme, str):
-        scheme = parse_scheme(scheme)
+    scheme = resolve_scheme(scheme)
     if method not in METHODS:
         raise LowbitError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     spec = preflight(model, scheme)
-    if method in CALIBRATED and calib is None:
-        raise LowbitError(f"{method} needs calibration windows")
+    is_grid = not isinstance(scheme, Scheme)
+    if is_grid and method == "gptq" and (gptq.act_order or gptq.static_groups):
+        raise LowbitError(f"act-order and static groups are for integer schemes, not {scheme.name}")
+    if needs_calibration(method, scheme) and calib is None:
+        why = " (SqueezeLLM's k-means is weighted by the Hessian diagonal)" if is_grid else ""
+        raise LowbitError(f"{method} {scheme.name} needs calibration windows{why}")
     res = QuantizeResult(method, scheme, {})
     rows = res.rows
 
@@ -81,12 +136,16 @@ def quantize_model(
             on_row(row)
 
     t0 = time.perf_counter()
-    if method == "rtn":
+    if method == "rtn" and not needs_sensitivity(scheme):
         blocks = get_blocks(model, spec)
         for bi, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
             for name, mod in block_linears(block, spec).items():
                 t1 = time.perf_counter()
-                qw = rtn_quantize(get_weight(mod, spec), scheme)
+                w = get_weight(mod, spec)
+                if is_grid:
+                    qw, info = _grid_rtn(w, scheme, None)
+                else:
+                    qw, info = rtn_quantize(w, scheme), {}
                 set_weight(mod, spec, qw.dequantize())
                 full = f"{spec.blocks}.{bi}.{name}"
                 res.qweights[full] = qw
@@ -97,6 +156,7 @@ def quantize_model(
                         "shape": list(qw.shape),
                         "tokens": 0,
                         "seconds": round(time.perf_counter() - t1, 3),
+                        **info,
                     }
                 )
     else:
@@ -105,7 +165,13 @@ def quantize_model(
             out = {}
             for name, mod in modules.items():
                 t1 = time.perf_counter()
-                qw, info = gptq_quantize(get_weight(mod, spec), stats[name].h, scheme, gptq)
+                w, h = get_weight(mod, spec), stats[name].h
+                if not is_grid:
+                    qw, info = gptq_quantize(w, h, scheme, gptq)
+                elif method == "rtn":
+                    qw, info = _grid_rtn(w, scheme, torch.diag(h))
+                else:
+                    qw, info = _grid_gptq(w, h, scheme, gptq)
                 set_weight(mod, spec, qw.dequantize())
                 res.qweights[f"{spec.blocks}.{bi}.{name}"] = qw
                 out[name] = info | {"seconds": round(time.perf_counter() - t1, 3)}
@@ -115,3 +181,25 @@ def quantize_model(
                        token_weight=token_weight)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _grid_rtn(
+    w: torch.Tensor, grid: WeightGrid, sensitivity: torch.Tensor | None
+) -> tuple[GridWeight, dict]:
+    codes, params, _ = grids.rtn(w, grid, sensitivity)
+    gw = GridWeight(grid, codes, params)
+    return gw, {"saturated": gw.saturated()}
+
+
+def _grid_gptq(
+    w: torch.Tensor, h: torch.Tensor, grid: WeightGrid, cfg: GPTQConfig
+) -> tuple[GridWeight, dict]:
+    """GPTQ onto the grid, with the loss of the grid's RTN (as ``--method rtn`` would round)
+    on the same Hessian for comparison."""
+    codes, params, _, loss = gptq_grid(w, h, grid, cfg.block_size, cfg.damp)
+    gw = GridWeight(grid, codes, params)
+    w0, h0 = w.detach().float(), h.detach().float()
+    sens = torch.diag(h0) if needs_sensitivity(grid) else None
+    _, _, r_hat = grids.rtn(w0, grid, sens)
+    rtn_loss = hessian_loss(r_hat - w0, h0)
+    return gw, {"loss": loss, "rtn_loss": rtn_loss, "saturated": gw.saturated()}

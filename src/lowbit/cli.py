@@ -107,20 +107,19 @@ def run_quantize(
     progress=True,
 ):
     from lowbit.algorithms.gptq import GPTQConfig
-    from lowbit.api import CALIBRATED, preflight, quantize_model
+    from lowbit.api import needs_calibration, preflight, quantize_model, resolve_scheme
     from lowbit.calib import calib_windows
     from lowbit.io.native import check_writable, save_quantized
     from lowbit.models import load_model
-    from lowbit.scheme import parse_scheme
 
-    sch = parse_scheme(scheme)
+    sch = resolve_scheme(scheme)
     out = Path(out)
     check_writable(out, overwrite)
     t0 = time.perf_counter()
     model, tok = load_model(model_arg)
     spec = preflight(model, sch)
     windows, record = None, None
-    if method in CALIBRATED:
+    if needs_calibration(method, sch):
         windows, record = calib_windows(
             calib, model, tok, calib_samples, seq_len, calib_offset, progress=progress
         )

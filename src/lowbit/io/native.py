@@ -1,6 +1,10 @@
 """lowbit's native format: one safetensors file with packed codes, scales, zeros and g_idx,
 the model's config and tokenizer, and ``lowbit.json`` describing scheme and recipe.
 
+Per layer lowbit.json records the shape and either ``scheme`` (an integer ``Scheme``; tensors
+``qweight``, ``scales``, ``zeros``, ``g_idx``) or ``grid`` (a ``WeightGrid`` name and the codes'
+``code_dtype``; tensors as ``GridWeight.to_tensors`` lists them).
+
 Writing is atomic: everything goes to a temporary folder beside the target, renamed into
 place at the end; an existing output is replaced only when asked.
 """
@@ -19,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.gridweight import GridWeight
 from lowbit.qweight import QuantizedWeight
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.runtime.qlinear import GridLinear, QuantLinear
 from lowbit.scheme import Scheme
 
 FORMAT = "lowbit-native"
@@ -65,7 +70,7 @@ def save_quantized(
     out: Path,
     model: nn.Module,
     tokenizer,
-    qweights: dict[str, QuantizedWeight],
+    qweights: dict[str, QuantizedWeight | GridWeight],
     meta: dict,
     overwrite: bool = False,
     conv1d: bool = False,
@@ -90,10 +95,7 @@ def save_quantized(
     desc = {
         "format": FORMAT,
         "version": VERSION,
-        "layers": {
-            n: {"shape": list(q.shape), "scheme": q.scheme.to_dict(), "conv1d": conv1d}
-            for n, q in qweights.items()
-        },
+        "layers": {n: _layer_info(q, conv1d) for n, q in qweights.items()},
         "tied": tied,
         **meta,
     }
@@ -107,6 +109,21 @@ def save_quantized(
     return out
 
 
+def _layer_info(q: QuantizedWeight | GridWeight, conv1d: bool) -> dict:
+    if isinstance(q, GridWeight):
+        return {"shape": list(q.shape), **q.describe(), "conv1d": conv1d}
+    return {"shape": list(q.shape), "scheme": q.scheme.to_dict(), "conv1d": conv1d}
+
+
+def _layer_module(info: dict, parts: dict[str, torch.Tensor], bias, cache: bool) -> nn.Module:
+    shape = tuple(info["shape"])
+    if "grid" in info:
+        gw = GridWeight.from_tensors(info["grid"], shape, parts, info.get("code_dtype", "uint8"))
+        return GridLinear(gw, bias, cache=cache)
+    qw = QuantizedWeight.from_tensors(Scheme.from_dict(info["scheme"]), shape, parts)
+    return QuantLinear(qw, bias, cache=cache)
+
+
 def read_description(path: Path) -> dict:
     try:
         desc = json.loads((Path(path) / "lowbit.json").read_text())
@@ -118,7 +135,7 @@ def read_description(path: Path) -> dict:
 
 
 def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, object]:
-    """Rebuild the model with QuantLinear modules holding the packed weights."""
+    """Rebuild the model with QuantLinear / GridLinear modules holding the packed weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -126,22 +143,25 @@ def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, 
     tensors = load_file(str(path / "model.safetensors"))
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config)
+    qbuf = set()
     for name, info in desc["layers"].items():
-        scheme = Scheme.from_dict(info["scheme"])
+        int_keys = ("qweight", "scales", "zeros", "g_idx")
         parts = {
             k.rsplit(".", 1)[1]: tensors.pop(k)
             for k in list(tensors)
             if k.rsplit(".", 1)[0] == name
-            and k.rsplit(".", 1)[1] in ("qweight", "scales", "zeros", "g_idx")
+            and ("grid" in info and k.rsplit(".", 1)[1] != "bias"
+                 or k.rsplit(".", 1)[1] in int_keys)
         }
-        qw = QuantizedWeight.from_tensors(scheme, tuple(info["shape"]), parts)
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         bias = tensors.get(f"{name}.bias")
-        setattr(parent, child, QuantLinear(qw, bias, cache=cache_weights))
+        module = _layer_module(info, parts, bias, cache_weights)
+        setattr(parent, child, module)
+        qbuf |= {f"{name}.{b}" for b, _ in module.named_buffers(recurse=False)}
+        qbuf |= {f"{name}.{b}" for b in int_keys}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k not in desc.get("tied", {})]
-    qbuf = {f"{n}.{b}" for n in desc["layers"] for b in ("qweight", "scales", "zeros", "g_idx")}
     missing = [k for k in missing if k not in qbuf]
     if missing or unexpected:
         raise LowbitError(

@@ -165,7 +165,9 @@ def _token_weights(hidden, mode: str, group, spec: ArchSpec) -> list[torch.Tenso
     return [x / mean for x in w]
 
 
-def _collect(block, spec, linears, group, hidden, kwargs, hessian, bi, tw=None) -> dict[str, InputStats]:
+def _collect(
+    block, spec, linears, group, hidden, kwargs, hessian, bi, tw=None
+) -> dict[str, InputStats]:
     """Run the chunks up to the group's (shared) input and gather statistics there."""
     first = linears[group[0]]
     st = InputStats(get_weight(first, spec).shape[1], hessian=hessian)

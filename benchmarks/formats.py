@@ -1,0 +1,152 @@
+"""Issue 4's table: every number format with RTN and GPTQ rounding, on the protocol.
+
+    python benchmarks/formats.py --calib wiki --calib-windows 128 --eval-windows 64 \
+        --json formats.json --plot formats.png
+    python benchmarks/formats.py --formats w4g64,nf4,mxfp4 --methods gptq
+    python benchmarks/formats.py gptq:nf4 gptq:w4g64:act_order=1     # explicit variants
+
+Columns: bits per weight (the grid's accounting over the quantized Linears), perplexity, mean
+KL and top-1 agreement against the base model, elements clipped beyond the grid, GPTQ layers
+whose Hessian loss is below RTN's, quantization seconds. The base model's logits are shared by
+the variants evaluated together (``evaluate_all`` of quality.py); ``--batch`` variants are held
+in memory at a time (each a full fp32 copy of the model), the base is re-run once per batch.
+SqueezeLLM (sq3, sq4) is calibrated with RTN too: its k-means is weighted by diag(H).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+from quality import WIKI, calibration, evaluate_all, parse_variant
+
+from lowbit import data
+from lowbit.api import needs_calibration, quantize_model
+from lowbit.cli import format_table
+from lowbit.eval.metrics import peak_rss_bytes
+from lowbit.models import load_model
+
+FORMATS = (
+    "w4g64", "w4g64-asym", "nf4", "nf4-dq", "fp4-g32", "mxfp4", "nvfp4", "mxfp6-e3m2",
+    "mxfp6-e2m3", "mxfp8-e4m3", "fp8-e4m3", "mxint8", "sq4", "sq3", "ternary", "w3g64",
+)
+COLS = [("format", "format", ""), ("method", "method", ""), ("bpw", "bits/w", ".3f"),
+        ("ppl", "ppl", ".3f"), ("kl_mean", "KL", ".4f"), ("top1", "top-1", ".3f"),
+        ("saturated", "clipped", "d"), ("below_rtn", "<RTN", ""), ("seconds", "quant s", ".0f")]
+
+
+def quantize_variant(variant: str, model_name: str, cal: torch.Tensor | None) -> tuple:
+    """(quantized model, its table row without the quality figures)."""
+    method, scheme, cfg, extra = parse_variant(variant)
+    model, _ = load_model(model_name)
+    use_cal = cal if needs_calibration(method, scheme) else None
+    t0 = time.perf_counter()
+    res = quantize_model(model, method, scheme, use_cal, cfg, progress=False, **extra)
+    secs = time.perf_counter() - t0
+    losses = [r for r in res.rows if "rtn_loss" in r]
+    row = {
+        "variant": variant,
+        "format": scheme,
+        "method": method,
+        "bpw": res.bits_per_weight(),
+        "storage_bytes": res.storage_bytes(),
+        "saturated": sum(r["saturated"] for r in res.rows)
+        if all("saturated" in r for r in res.rows) else None,  # not counted for integer schemes
+        "below_rtn": f"{sum(r['loss'] <= r['rtn_loss'] for r in losses)}/{len(losses)}"
+        if losses else None,
+        "calibrated": use_cal is not None,
+        "seconds": secs,
+    }
+    print(f"quantized {variant} in {secs:.0f} s", flush=True)
+    return model, row
+
+
+def plot(rows: list[dict], base_ppl: float, path: str, title: str) -> None:
+    """Perplexity (log scale) against bits per weight; RTN and GPTQ as two marker styles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    styles = {"rtn": ("o", "tab:blue"), "gptq": ("^", "tab:red")}
+    for method in sorted({r["method"] for r in rows}):
+        pts = [r for r in rows if r["method"] == method]
+        marker, color = styles.get(method, ("s", "tab:gray"))
+        ax.scatter([r["bpw"] for r in pts], [r["ppl"] for r in pts], marker=marker, color=color,
+                   label=method.upper(), s=36, zorder=3)
+        for r in pts:
+            right = method != "rtn"  # RTN labels left of their point, GPTQ labels right
+            ax.annotate(r["format"], (r["bpw"], r["ppl"]), textcoords="offset points",
+                        xytext=(5 if right else -5, -2), ha="left" if right else "right",
+                        fontsize=7, color=color)
+    ax.axhline(base_ppl, color="black", linestyle="--", linewidth=0.8,
+               label=f"fp32 base ({base_ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (quantized Linears)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("variants", nargs="*", help="method:scheme[:key=value,...]; overrides "
+                    "--formats and --methods")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated schemes")
+    ap.add_argument("--methods", default="rtn,gptq")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", default="wiki", help="wiki, pydoc, self, builtin or a file")
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=6, help="variants held in memory at a time")
+    ap.add_argument("--json", help="write the table and settings as one JSON document")
+    ap.add_argument("--plot", help="write perplexity against bits per weight to this PNG")
+    a = ap.parse_args()
+
+    variants = a.variants or [f"{m}:{f}" for f in a.formats.split(",")
+                              for m in a.methods.split(",")]
+    base, tok = load_model(a.model)
+    ids = data.tokenize(tok, data.read_text(WIKI))
+    ev = data.windows(ids, a.eval_windows, 512)
+    cal = None
+    if any(needs_calibration(*parse_variant(v)[:2]) for v in variants):
+        cal = calibration(a.calib, base, tok, ids, a.calib_windows)
+    rows, base_res = [], None
+    for i in range(0, len(variants), a.batch):
+        models = {}
+        for v in variants[i : i + a.batch]:
+            models[v], row = quantize_variant(v, a.model, cal)
+            rows.append(row)
+        res = evaluate_all(base, models, ev)
+        print()  # evaluate_all ends its progress line with a carriage return
+        base_res = res["base"]
+        for r in rows[-len(models):]:
+            r.update(res[r["variant"]])
+        del models, res
+        gc.collect()
+    table = [{"format": "fp32", "method": "base", "bpw": 32.0, **base_res}, *rows]
+    print(format_table(table, COLS))
+    settings = {"model": a.model, "eval_windows": a.eval_windows, "calib": a.calib,
+                "calib_windows": a.calib_windows, "peak_rss_bytes": peak_rss_bytes()}
+    print(f"eval windows {a.eval_windows}, calibration {a.calib} x{a.calib_windows}, "
+          f"peak RSS {settings['peak_rss_bytes'] / 2**30:.2f} GiB")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"settings": settings, "rows": table}, f, indent=1)
+    if a.plot:
+        title = (f"{a.model}: WikiText-2 perplexity, {a.eval_windows}x512 tokens; "
+                 f"calibration {a.calib} x{a.calib_windows}")
+        plot(rows, base_res["ppl"], a.plot, title)
+        print(f"wrote {a.plot}")
+
+
+if __name__ == "__main__":
+    main()
