@@ -23,7 +23,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# llama.cpp's Python binding builds from source (minutes); pinned: the GGUF preset rules
+# follow the llama.cpp it vendors
 test-slow: setup
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q llama-cpp-python==0.3.36
 	$(BIN)/python -m pytest -q -m slow
 
 lint: setup

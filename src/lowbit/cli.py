@@ -357,6 +357,16 @@ def demo(out, windows, json_path):
     _dump_json(json_path, {"rows": rows})
 
 
+def _register() -> None:
+    from lowbit.cli_export import export, imatrix
+
+    cli.add_command(export)
+    cli.add_command(imatrix)
+
+
+_register()
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

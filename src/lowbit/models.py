@@ -93,6 +93,9 @@ def load_model(
         if path.is_file():
             if path.suffix != ".gguf":
                 raise LowbitError(f"{path}: a model file must be .gguf")
+            from lowbit.io.gguf_check import check_gguf
+
+            check_gguf(path)
             kw = dict(gguf_file=path.name, local_files_only=True)
             tok = AutoTokenizer.from_pretrained(path.parent, **kw)
             m = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kw)
