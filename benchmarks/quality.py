@@ -51,7 +51,8 @@ def parse_variant(v: str) -> tuple[str, str, GPTQConfig, dict]:
         for item in parts[2].split(","):
             k, val = item.split("=")
             if k in names:
-                kw[k] = type(getattr(GPTQConfig(), k))(float(val))
+                kw[k] = bool(float(val)) if k in ("act_order", "static_groups") else type(
+                    getattr(GPTQConfig(), k))(float(val))
             else:
                 extra[k] = val
     return method, scheme, GPTQConfig(**kw), extra

@@ -122,7 +122,7 @@ def quantize_model(
         raise LowbitError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     spec = preflight(model, scheme)
     is_grid = not isinstance(scheme, Scheme)
-    if is_grid and method == "gptq" and (gptq.act_order or gptq.static_groups):
+    if is_grid and method == "gptq" and (gptq.act_order or gptq.static_groups):  # None: off
         raise LowbitError(f"act-order and static groups are for integer schemes, not {scheme.name}")
     if needs_calibration(method, scheme) and calib is None:
         why = " (SqueezeLLM's k-means is weighted by the Hessian diagonal)" if is_grid else ""

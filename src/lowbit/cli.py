@@ -75,7 +75,9 @@ def _common_quant(f):
             help="first calibration window in the text",
         ),
         click.option("--seq-len", default=512, show_default=True, help="tokens per window"),
-        click.option("--act-order/--no-act-order", default=False, show_default=True),
+        click.option("--act-order/--no-act-order", default=None,
+                     help="GPTQ, integer schemes: quantize columns by decreasing Hessian "
+                          "diagonal [default: on]"),
         click.option("--static-groups/--no-static-groups", default=False, show_default=True),
         click.option(
             "--damp",

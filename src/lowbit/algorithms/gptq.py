@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class GPTQConfig:
     block_size: int = 128
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
-    act_order: bool = False  # quantize columns by decreasing H diagonal
+    # quantize columns by decreasing H diagonal; None = the default, on (see BENCHMARKS.md)
+    act_order: bool | None = None
     static_groups: bool = False  # with act_order: fit group parameters before reordering
 
 
@@ -64,7 +65,8 @@ def gptq_quantize(
     gs = scheme.group_size if grouped else in_f
     if grouped:
         scheme.groups(in_f)  # validates divisibility
-    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else None
+    act_order = cfg.act_order is not False
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
 
     # parameters fitted up front: channel / tensor granularity, or static groups
     pre_scale = pre_zero = None
