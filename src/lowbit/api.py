@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize
+from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize, layer_losses
 from lowbit.algorithms.gptq_grid import gptq_grid
 from lowbit.algorithms.rtn import hessian_loss, rtn_quantize
 from lowbit.arch import ArchSpec, block_linears, get_blocks, spec_for
@@ -161,14 +161,27 @@ def quantize_model(
                 )
     else:
 
-        def group_fn(bi: int, modules: dict, stats: dict) -> dict:
+        def gptq_group(bi: int, modules: dict, stats: dict) -> dict:
+            """Linears that share an input share H (and act-order's g_idx): one GPTQ call."""
+            t1 = time.perf_counter()
+            names = list(modules)
+            h = stats[names[0]].h
+            ws = [get_weight(modules[n], spec) for n in names]
+            qw, info = gptq_quantize(torch.cat(ws), h, scheme, gptq, losses=False)
+            out = {}
+            for name, w, q in zip(names, ws, qw.split_rows([w.shape[0] for w in ws]), strict=True):
+                set_weight(modules[name], spec, q.dequantize())
+                res.qweights[f"{spec.blocks}.{bi}.{name}"] = q
+                out[name] = layer_losses(w, q, h, scheme) | info
+            secs = round((time.perf_counter() - t1) / len(names), 3)
+            return {n: r | {"seconds": secs} for n, r in out.items()}
+
+        def grid_group(bi: int, modules: dict, stats: dict) -> dict:
             out = {}
             for name, mod in modules.items():
                 t1 = time.perf_counter()
                 w, h = get_weight(mod, spec), stats[name].h
-                if not is_grid:
-                    qw, info = gptq_quantize(w, h, scheme, gptq)
-                elif method == "rtn":
+                if method == "rtn":
                     qw, info = _grid_rtn(w, scheme, torch.diag(h))
                 else:
                     qw, info = _grid_gptq(w, h, scheme, gptq)
@@ -177,6 +190,7 @@ def quantize_model(
                 out[name] = info | {"seconds": round(time.perf_counter() - t1, 3)}
             return out
 
+        group_fn = grid_group if is_grid else gptq_group
         run_sequential(model, spec, calib, group_fn, chunk=chunk, progress=progress, on_row=emit,
                        token_weight=token_weight)
     res.seconds = time.perf_counter() - t0

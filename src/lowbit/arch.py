@@ -26,6 +26,10 @@ class ArchSpec:
     norm_feeds: dict[str, tuple[str, ...]] = field(default_factory=dict)
     linear_feeds: dict[str, tuple[str, ...]] = field(default_factory=dict)
     conv1d: bool = False  # GPT-2 style Conv1D stores weights as (in, out)
+    # (norm, mlp) when the block is ``h = x + attn(...)`` with groups[1] the attention's last
+    # Linear, then ``out = h + mlp(norm(h))`` with groups[3] the MLP's last Linear. The driver
+    # then resumes from captured tensors instead of re-running the block for every group.
+    mlp_path: tuple[str, str] | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -36,6 +40,7 @@ _LLAMA_LIKE = dict(
     groups=(ATTN, ("self_attn.o_proj",), GATE_UP, ("mlp.down_proj",)),
     norm_feeds={"input_layernorm": ATTN, "post_attention_layernorm": GATE_UP},
     linear_feeds={"self_attn.v_proj": ("self_attn.o_proj",), "mlp.up_proj": ("mlp.down_proj",)},
+    mlp_path=("post_attention_layernorm", "mlp"),
 )
 
 SPECS: tuple[ArchSpec, ...] = (
@@ -52,6 +57,8 @@ SPECS: tuple[ArchSpec, ...] = (
         # pre-attention and pre-feedforward norms feed Linears directly
         norm_feeds={"input_layernorm": ATTN, "pre_feedforward_layernorm": GATE_UP},
         linear_feeds=_LLAMA_LIKE["linear_feeds"],
+        # no mlp_path: post-attention and post-feedforward norms sit between the Linears
+        # and the residual adds
     ),
     ArchSpec(
         "phi3",
@@ -67,6 +74,7 @@ SPECS: tuple[ArchSpec, ...] = (
             "input_layernorm": ("self_attn.qkv_proj",),
             "post_attention_layernorm": ("mlp.gate_up_proj",),
         },
+        mlp_path=("post_attention_layernorm", "mlp"),
     ),
     ArchSpec(
         "opt",
@@ -83,6 +91,7 @@ SPECS: tuple[ArchSpec, ...] = (
         groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         norm_feeds={"ln_1": ("attn.c_attn",), "ln_2": ("mlp.c_fc",)},
         conv1d=True,
+        mlp_path=("ln_2", "mlp"),
     ),
 )
 

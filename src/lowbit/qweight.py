@@ -42,6 +42,13 @@ class QuantizedWeight:
         z = self.zero.float()[:, g]
         return s * (self.codes.float() - z)
 
+    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
+        """Row blocks of a weight quantized as one (Linears that share an input)."""
+        parts = zip(
+            self.codes.split(sizes), self.scale.split(sizes), self.zero.split(sizes), strict=True
+        )
+        return [QuantizedWeight(self.scheme, c, s, z, self.g_idx) for c, s, z in parts]
+
     def bits_per_weight(self) -> float:
         bpw = self.scheme.bits_per_weight(*self.shape)
         if self.g_idx is not None:

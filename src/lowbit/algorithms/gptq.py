@@ -50,9 +50,17 @@ def _damped_inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor
 
 
 def gptq_quantize(
-    w: torch.Tensor, h: torch.Tensor, scheme: Scheme, cfg: GPTQConfig = GPTQConfig()
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scheme: Scheme,
+    cfg: GPTQConfig = GPTQConfig(),
+    losses: bool = True,
 ) -> tuple[QuantizedWeight, dict]:
-    """Quantize an (out, in) weight given its input Hessian (in, in). Returns weight and stats."""
+    """Quantize an (out, in) weight given its input Hessian (in, in). Returns the weight and
+    stats: the damping used and (``losses``) the layer loss of GPTQ and of RTN on the same H.
+
+    Rows are independent given H, so Linears that share an input can be stacked into one
+    call (``QuantizedWeight.split_rows`` takes them apart)."""
     w0 = w.detach().float()
     W = w0.clone()
     H = h.detach().float().clone()
@@ -118,7 +126,14 @@ def gptq_quantize(
         zero.to(torch.uint8),
         g_idx,
     )
-    h0 = h.detach().float()
+    if not losses:
+        return qw, {"damp": lam}
+    return qw, {**layer_losses(w0, qw, h, scheme), "damp": lam}
+
+
+def layer_losses(w: torch.Tensor, qw: QuantizedWeight, h: torch.Tensor, scheme: Scheme) -> dict:
+    """Layer-output loss of ``qw`` and of plain RTN of ``w`` on the same Hessian."""
+    w0, h0 = w.detach().float(), h.detach().float()
     loss = hessian_loss(qw.dequantize() - w0, h0)
     rtn_loss = hessian_loss(rtn_quantize(w0, scheme).dequantize() - w0, h0)
-    return qw, {"loss": loss, "rtn_loss": rtn_loss, "damp": lam}
+    return {"loss": loss, "rtn_loss": rtn_loss}

@@ -107,36 +107,33 @@ def run_sequential(
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
     token_weight: str = "none",
+    resume: bool = True,
 ) -> list[torch.Tensor]:
-    """Quantize the model in place block by block. Returns the last block's outputs."""
+    """Quantize the model in place block by block. Returns the last block's outputs.
+
+    With ``resume`` (and a family whose table gives ``mlp_path``) each block runs about once:
+    the attention's last Linear is quantized from captured inputs and its change added to the
+    captured residual stream, the MLP then runs from the norm on that stream, and the block's
+    output is the stream plus the quantized MLP output. Otherwise every group re-runs the
+    block from its start (exact for any block structure, about 2.3 times the work).
+    """
     cap = capture_inputs(model, spec, windows, chunk)
     blocks = get_blocks(model, spec)
     n_tokens = windows.numel()
     bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress)
     hidden = cap.hidden
     for bi, block in enumerate(blocks):
-        if quantize_group is not None:
-            linears = block_linears(block, spec)
-            for group in spec.groups:
-                tw = _token_weights(hidden, token_weight, group, spec)
-                stats = _collect(block, spec, linears, group, hidden, cap.kwargs, hessian, bi, tw)
-                t0 = time.perf_counter()
-                rows = quantize_group(bi, {n: linears[n] for n in group}, stats)
-                dt = (time.perf_counter() - t0) / len(group)
-                for name in group:
-                    w = get_weight(linears[name], spec)
-                    row = {
-                        "block": bi,
-                        "name": f"{spec.blocks}.{bi}.{name}",
-                        "shape": list(w.shape),
-                        "tokens": n_tokens,
-                        "seconds": round(dt, 3),
-                    }
-                    row.update(rows.get(name, {}))
-                    if on_row:
-                        on_row(row)
-                del stats
-        hidden = [_block_out(block(h, **kw)) for h, kw in zip(hidden, cap.kwargs, strict=True)]
+        if quantize_group is None:
+            hidden = _run_block(block, hidden, cap.kwargs)
+        else:
+            step = _Stepper(block, spec, bi, n_tokens, quantize_group, hessian, on_row)
+            tw = _token_weights(hidden, token_weight, spec)
+            if resume and spec.mlp_path is not None and len(spec.groups) == 4:
+                hidden = _block_resumed(step, hidden, cap.kwargs, tw)
+            else:
+                for group in spec.groups:
+                    step(group, _collect(step, group, hidden, cap.kwargs, tw))
+                hidden = _run_block(block, hidden, cap.kwargs)
         for h in hidden:
             if not torch.isfinite(h).all():
                 raise LowbitError(f"non-finite activations after block {bi}")
@@ -145,50 +142,152 @@ def run_sequential(
     return hidden
 
 
-TOKEN_WEIGHTS = ("none", "residual", "residual-out")
+def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]):
+    return [_block_out(block(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
 
 
-def _token_weights(hidden, mode: str, group, spec: ArchSpec) -> list[torch.Tensor] | None:
+class _Stepper:
+    """Quantizes one true-sequential group of a block from its statistics and logs a row per
+    Linear."""
+
+    def __init__(self, block, spec, bi, n_tokens, quantize_group, hessian, on_row) -> None:
+        self.block, self.spec, self.bi = block, spec, bi
+        self.linears = block_linears(block, spec)
+        self.n_tokens, self.quantize_group = n_tokens, quantize_group
+        self.hessian, self.on_row = hessian, on_row
+
+    def stats(self, group) -> InputStats:
+        return InputStats(get_weight(self.linears[group[0]], self.spec).shape[1], self.hessian)
+
+    def add(self, st: InputStats, x: torch.Tensor, tw: torch.Tensor | None, group) -> None:
+        try:
+            st.add(x, tw)
+        except FloatingPointError as e:
+            raise LowbitError(f"{e} at block {self.bi} {group[0]}") from None
+
+    def __call__(self, group, st: InputStats) -> None:
+        t0 = time.perf_counter()
+        rows = self.quantize_group(
+            self.bi, {n: self.linears[n] for n in group}, {n: st for n in group}
+        )
+        dt = (time.perf_counter() - t0) / len(group)
+        for name in group:
+            w = get_weight(self.linears[name], self.spec)
+            row = {
+                "block": self.bi,
+                "name": f"{self.spec.blocks}.{self.bi}.{name}",
+                "shape": list(w.shape),
+                "tokens": self.n_tokens,
+                "seconds": round(dt, 3),
+            }
+            row.update(rows.get(name, {}))
+            if self.on_row:
+                self.on_row(row)
+
+
+def _block_resumed(step: _Stepper, hidden, kwargs, tw) -> list[torch.Tensor]:
+    """One block of the resumed schedule (see ``run_sequential``)."""
+    spec, block, linears = step.spec, step.block, step.linears
+    g_attn, g_attn_out, g_mlp, g_mlp_out = spec.groups
+    norm = block.get_submodule(spec.mlp_path[0])
+    mlp = block.get_submodule(spec.mlp_path[1])
+    o_lin, down_lin = linears[g_attn_out[0]], linears[g_mlp_out[0]]
+    chunks = range(len(hidden))
+
+    step(g_attn, _collect(step, g_attn, hidden, kwargs, tw))
+
+    # the attention's output Linear: its inputs, and the residual stream entering the norm
+    st = step.stats(g_attn_out)
+    a_in: list[torch.Tensor] = []
+    stream: list[torch.Tensor] = []
+    current = [0]
+
+    def at_o(_mod, args):
+        a_in.append(args[0])
+        step.add(st, args[0], None if tw is None else tw[current[0]], g_attn_out)
+
+    def at_norm(_mod, args):
+        stream.append(args[0])
+        raise _Stop
+
+    handles = [o_lin.register_forward_pre_hook(at_o), norm.register_forward_pre_hook(at_norm)]
+    try:
+        for i in chunks:
+            current[0] = i
+            try:
+                block(hidden[i], **kwargs[i])
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    w_old = get_weight(o_lin, spec).clone()
+    step(g_attn_out, st)
+    delta = get_weight(o_lin, spec) - w_old
+    stream = [s + a @ delta.T for s, a in zip(stream, a_in, strict=True)]
+    a_in.clear()
+
+    st = step.stats(g_mlp)
+    for i in chunks:
+        step.add(st, norm(stream[i]), None if tw is None else tw[i], g_mlp)
+    step(g_mlp, st)
+
+    st = step.stats(g_mlp_out)
+    d_in: list[torch.Tensor] = []
+
+    def at_down(_mod, args):
+        d_in.append(args[0])
+        step.add(st, args[0], None if tw is None else tw[current[0]], g_mlp_out)
+        raise _Stop
+
+    handle = down_lin.register_forward_pre_hook(at_down)
+    try:
+        for i in chunks:
+            current[0] = i
+            try:
+                mlp(norm(stream[i]))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    step(g_mlp_out, st)
+    return [s + down_lin(d) for s, d in zip(stream, d_in, strict=True)]
+
+
+TOKEN_WEIGHTS = ("none", "residual")
+
+
+def _token_weights(hidden, mode: str, spec: ArchSpec) -> list[torch.Tensor] | None:
     """Per-token Hessian weights 1 / mean(h^2) of the block's residual input, normalised to
     mean 1: an error added to the residual stream reaches the next norm divided by the
     residual's RMS, so tokens with massive residuals (attention sinks) matter less per unit
-    of absolute error. ``residual-out`` applies them only to Linears that write into the
-    residual stream (the last of each sub-layer)."""
+    of absolute error (experimental; see BENCHMARKS.md)."""
     if mode == "none":
         return None
     if mode not in TOKEN_WEIGHTS:
         raise LowbitError(f"unknown token weighting {mode!r}; known: {', '.join(TOKEN_WEIGHTS)}")
-    if mode == "residual-out" and group not in (spec.groups[1], spec.groups[-1]):
-        return None
     w = [1.0 / h.float().pow(2).mean(-1).clamp(min=1e-12) for h in hidden]
     mean = torch.cat([x.flatten() for x in w]).mean()
     return [x / mean for x in w]
 
 
-def _collect(
-    block, spec, linears, group, hidden, kwargs, hessian, bi, tw=None
-) -> dict[str, InputStats]:
-    """Run the chunks up to the group's (shared) input and gather statistics there."""
-    first = linears[group[0]]
-    st = InputStats(get_weight(first, spec).shape[1], hessian=hessian)
-
-    current: list[torch.Tensor | None] = [None]
+def _collect(step: _Stepper, group, hidden, kwargs, tw=None) -> InputStats:
+    """Run the chunks through the block up to the group's (shared) input; statistics there."""
+    st = step.stats(group)
+    current = [0]
 
     def hook(_mod, args):
-        try:
-            st.add(args[0], current[0])
-        except FloatingPointError as e:
-            raise LowbitError(f"{e} at block {bi} {group[0]}") from None
+        step.add(st, args[0], None if tw is None else tw[current[0]], group)
         raise _Stop
 
-    handle = first.register_forward_pre_hook(hook)
+    handle = step.linears[group[0]].register_forward_pre_hook(hook)
     try:
         for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-            current[0] = None if tw is None else tw[i]
+            current[0] = i
             try:
-                block(h, **kw)
+                step.block(h, **kw)
             except _Stop:
                 pass
     finally:
         handle.remove()
-    return {name: st for name in group}
+    return st
