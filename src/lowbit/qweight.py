@@ -43,11 +43,18 @@ class QuantizedWeight:
         return s * (self.codes.float() - z)
 
     def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
-        """Row blocks of a weight quantized as one (Linears that share an input)."""
+        """Row blocks of a weight quantized as one (Linears that share an input).
+
+        Each part owns its tensors (no views into the whole, no shared ``g_idx``):
+        safetensors refuses to save tensors that share memory."""
         parts = zip(
             self.codes.split(sizes), self.scale.split(sizes), self.zero.split(sizes), strict=True
         )
-        return [QuantizedWeight(self.scheme, c, s, z, self.g_idx) for c, s, z in parts]
+        g = self.g_idx
+        return [
+            QuantizedWeight(self.scheme, c.clone(), s.clone(), z.clone(), None if g is None else g.clone())
+            for c, s, z in parts
+        ]
 
     def bits_per_weight(self) -> float:
         bpw = self.scheme.bits_per_weight(*self.shape)
