@@ -107,6 +107,8 @@ def run_quantize(
     out,
     overwrite,
     progress=True,
+    fmt="native",
+    tp=1,
 ):
     from lowbit.algorithms.gptq import GPTQConfig
     from lowbit.api import needs_calibration, preflight, quantize_model, resolve_scheme
@@ -120,6 +122,13 @@ def run_quantize(
     t0 = time.perf_counter()
     model, tok = load_model(model_arg)
     spec = preflight(model, sch)
+    from lowbit.cli_export import quantize_preflight
+
+    g_idx = method == "gptq" and act_order is not False and not static_groups
+    g_idx = g_idx and getattr(sch, "granularity", "") == "group"
+    notes = quantize_preflight(model, sch, fmt, tp, g_idx)
+    for n in notes:
+        click.echo(f"note: {n}", err=True)
     windows, record = None, None
     if needs_calibration(method, sch):
         windows, record = calib_windows(
@@ -146,7 +155,12 @@ def run_quantize(
         "quantize_seconds": res.seconds,
         "recipe": {"damp": damp, "act_order": act_order, "static_groups": static_groups},
     }
-    save_quantized(out, model, tok, res.qweights, meta, overwrite=overwrite, conv1d=spec.conv1d)
+    if fmt == "native":
+        save_quantized(out, model, tok, res.qweights, meta, overwrite=overwrite, conv1d=spec.conv1d)
+    else:
+        from lowbit.io.hf_checkpoint import write_checkpoint
+
+        write_checkpoint(out, fmt, model, tok, res.qweights, meta, overwrite=overwrite)
     with open(out / "layers.jsonl", "w") as f:
         for r in res.rows:
             f.write(json.dumps(r) + "\n")
@@ -157,6 +171,10 @@ def run_quantize(
 @click.argument("model", default="smollm2-135m")
 @_common_quant
 @click.option("--out", required=True, type=click.Path(), help="output folder")
+@click.option("--format", "fmt", default="native", show_default=True,
+              help="native (lowbit), compressed-tensors, gptq or awq")
+@click.option("--tp", default=1, show_default=True,
+              help="with --format: tensor-parallel degree the checkpoint must split into")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
 @click.option("--json", "json_path", type=click.Path(), help="write the results as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bars")
@@ -173,6 +191,8 @@ def quantize(
     damp,
     chunk,
     out,
+    fmt,
+    tp,
     overwrite,
     json_path,
     quiet,
@@ -195,6 +215,8 @@ def quantize(
         out,
         overwrite,
         progress=not quiet,
+        fmt=fmt,
+        tp=tp,
     )
     losses = [r for r in res.rows if "loss" in r]
     summary = meta | {

@@ -1,5 +1,6 @@
 """Loading causal LMs: a transformers checkpoint folder, a GGUF file, a lowbit output folder,
-or the built-in default by name. Nothing is fetched from a model hub."""
+a compressed-tensors / GPTQ / AWQ checkpoint folder (as QuantLinear modules), or the built-in
+default by name. Nothing is fetched from a model hub."""
 
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ def load_model(
         from lowbit.io.native import load_quantized
 
         return load_quantized(path, cache_weights=cache_weights)
+    from lowbit.io.hf_checkpoint import load_checkpoint, quant_format
+
+    if path.is_dir() and quant_format(path):  # compressed-tensors / GPTQ / AWQ checkpoint
+        return load_checkpoint(path, cache_weights=cache_weights)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

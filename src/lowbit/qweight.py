@@ -52,7 +52,9 @@ class QuantizedWeight:
         )
         g = self.g_idx
         return [
-            QuantizedWeight(self.scheme, c.clone(), s.clone(), z.clone(), None if g is None else g.clone())
+            QuantizedWeight(
+                self.scheme, c.clone(), s.clone(), z.clone(), g if g is None else g.clone()
+            )
             for c, s, z in parts
         ]
 

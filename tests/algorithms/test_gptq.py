@@ -110,8 +110,11 @@ def test_beats_rtn_on_correlated_inputs(name):
 
 
 def test_act_order_groups_carry_g_idx():
+    # Fixed data: act-order with groups fitted as GPTQ reaches them puts the outlier channel's
+    # neighbours in the ordering into one group; on 16 rows that loses to RTN for about 1 in
+    # 130 random weights (seeds 50, 53, 299 of 0..399), so this check is about the common case.
     _, h = _correlated()
-    w = torch.randn(16, 64)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
     qw, info = gptq_quantize(w, h, parse_scheme("w4g16"), GPTQConfig(act_order=True))
     assert qw.g_idx is not None and sorted(qw.g_idx.tolist()) == sorted(
         [i // 16 for i in range(64)]

@@ -135,6 +135,8 @@ def scan(buf) -> dict:
         if ttype not in sizes:
             raise _Bad(f"tensor {name!r} has unknown ggml type {ttype}")
         blk, tsize = sizes[ttype]
+        if 0 in dims:  # legal for ggml, never a weight: the decoders cannot reshape it
+            raise _Bad(f"tensor {name!r} has an empty dimension {dims}")
         if dims[0] % blk:
             raise _Bad(f"tensor {name!r}: row of {dims[0]} not a multiple of block size {blk}")
         if offset % alignment:

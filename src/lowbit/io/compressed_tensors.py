@@ -1,0 +1,172 @@
+"""lowbit integer weights <-> the compressed-tensors ``pack-quantized`` layout (vLLM, SGLang,
+transformers).
+
+Per quantized Linear ``name``: ``name.weight_packed`` int32 (out, ceil(in * b / 32)),
+``name.weight_scale`` (out, groups), ``name.weight_shape`` int64 [out, in] and, for asymmetric
+schemes, ``name.weight_zero_point`` int32 packed along the output dim. The codes are written
+by the library's own ``PackedQuantizationCompressor`` (dense int32 packing) and read back by
+its ``unpack_from_int32``.
+
+The library stores signed codes q_s in [-2^(b-1), 2^(b-1) - 1] and signed zero points; lowbit
+stores unsigned codes q in [0, 2^b - 1] with zero 2^(b-1) for symmetric schemes. The map is
+q_s = q - 2^(b-1), z_s = zero - 2^(b-1), so scale * (q_s - z_s) = scale * (q - zero) exactly.
+A symmetric scheme has z_s = 0 and no zero-point tensor.
+
+Not representable with the installed library (0.20): act-order weights with a ``g_idx``
+(``actorder="group"`` was removed from its config schema; only ``"weight"``, which reorders
+during calibration only, remains): export them as GPTQ, or quantize with ``--static-groups`` /
+``--no-act-order``. lowbit's ``w*-tensor`` schemes are written as channel strategy with the
+scale repeated per row (exact).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.qweight import QuantizedWeight
+from lowbit.scheme import Scheme
+
+NAME = "compressed-tensors"
+FORMAT = "pack-quantized"
+_SCALE = {torch.float16: "float16", torch.float32: "float32"}
+
+
+def _lib():
+    try:
+        from compressed_tensors.compressors.pack_quantized.base import (
+            PackedQuantizationCompressor,
+        )
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+        from compressed_tensors.quantization import (
+            QuantizationArgs,
+            QuantizationConfig,
+            QuantizationScheme,
+        )
+    except ImportError:
+        raise LowbitError(
+            "the compressed-tensors format needs the library: pip install compressed-tensors"
+        ) from None
+    return PackedQuantizationCompressor, unpack_from_int32, QuantizationArgs, QuantizationScheme, \
+        QuantizationConfig
+
+
+def check(name: str, qw) -> None:
+    """Raise when ``qw`` cannot be written as pack-quantized."""
+    if not isinstance(qw, QuantizedWeight):
+        raise LowbitError(
+            f"{name}: {qw.name} weights are not integer codes; compressed-tensors export takes "
+            "integer schemes (w2..w8); GGUF (--format gguf) re-encodes any model"
+        )
+    if qw.g_idx is not None:
+        raise LowbitError(
+            f"{name}: act-order weights (g_idx) are not representable in compressed-tensors "
+            "(its 'group' actorder was removed); export as --format gptq, or quantize with "
+            "--static-groups or --no-act-order"
+        )
+
+
+def quant_args(scheme: Scheme):
+    _, _, QuantizationArgs, _, _ = _lib()
+    grouped = scheme.granularity == "group"
+    return QuantizationArgs(
+        num_bits=scheme.bits,
+        type="int",
+        symmetric=scheme.symmetric,
+        strategy="group" if grouped else "channel",
+        group_size=scheme.group_size if grouped else None,
+    )
+
+
+def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
+    """The ``quantization_config`` of config.json, built by the library's own classes."""
+    _, _, _, QuantizationScheme, QuantizationConfig = _lib()
+    qs = QuantizationScheme(targets=["Linear"], weights=quant_args(scheme))
+    cfg = QuantizationConfig(
+        config_groups={"group_0": qs},
+        format=FORMAT,
+        quantization_status="compressed",
+        ignore=sorted(ignore),
+    )
+    return cfg.model_dump(mode="json")
+
+
+def layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """Compress one weight with the library's compressor and check it kept lowbit's codes."""
+    check(name, qw)
+    Compressor, unpack, _, QuantizationScheme, _ = _lib()
+    sch = qw.scheme
+    off = 1 << (sch.bits - 1)
+    qs = QuantizationScheme(targets=["Linear"], weights=quant_args(sch))
+    scale = qw.scale.contiguous()
+    # the exact lowbit W_hat: scale * (q - zero) is exact in float32 for b <= 8 and fp16 scales,
+    # so the library's round(W_hat / scale) + z_s gives back q_s exactly
+    sd = {"weight": qw.dequantize(), "weight_scale": scale}
+    if not sch.symmetric:
+        sd["weight_zero_point"] = (qw.zero.to(torch.int16) - off).to(torch.int8)
+    out = Compressor.compress(sd, qs)
+    got = unpack(out["weight_packed"], sch.bits, qw.shape).to(torch.int16) + off
+    if not torch.equal(got, qw.codes.to(torch.int16)):
+        raise LowbitError(f"{name}: compressed-tensors packing changed the codes")
+    res = {f"{name}.{k}": v.contiguous() for k, v in out.items() if k != "weight"}
+    res[f"{name}.weight_scale"] = scale
+    return res
+
+
+def scheme_of(args: dict, scale: torch.Tensor) -> Scheme:
+    """The lowbit Scheme for a config group's ``weights`` args (integer pack-quantized)."""
+    if args.get("type") != "int" or args.get("strategy") not in ("group", "channel"):
+        raise LowbitError(
+            f"compressed-tensors weights {args.get('type')}/{args.get('strategy')} are not "
+            "supported for import; lowbit reads int group/channel pack-quantized"
+        )
+    grouped = args["strategy"] == "group"
+    return Scheme(
+        bits=int(args["num_bits"]),
+        granularity="group" if grouped else "channel",
+        group_size=int(args["group_size"]) if grouped else 0,
+        symmetric=bool(args.get("symmetric", True)),
+        scale_dtype=_SCALE.get(scale.dtype, "float32"),
+    )
+
+
+def read_layer(name: str, t: dict[str, torch.Tensor], args: dict) -> QuantizedWeight:
+    """One Linear's tensors (without the ``name.`` prefix) -> QuantizedWeight."""
+    _, unpack, _, _, _ = _lib()
+    scale = t["weight_scale"]
+    if scale.dtype not in _SCALE:
+        scale = scale.float()  # bfloat16 -> float32 is exact
+    if "weight_g_idx" in t:
+        raise LowbitError(f"{name}: compressed-tensors g_idx (actorder=group) is not supported")
+    sch = scheme_of(args, scale)
+    shape = tuple(int(x) for x in t["weight_shape"].tolist())
+    off = 1 << (sch.bits - 1)
+    codes = (unpack(t["weight_packed"], sch.bits, shape).to(torch.int16) + off).to(torch.uint8)
+    if sch.symmetric:
+        zero = torch.full(scale.shape, off, dtype=torch.uint8)
+    else:
+        zs = unpack(t["weight_zero_point"], sch.bits, scale.shape, packed_dim=0)
+        zero = (zs.to(torch.int16) + off).to(torch.uint8)
+    return QuantizedWeight(sch, codes, scale.contiguous(), zero)
+
+
+def read_layers(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict[str, QuantizedWeight]:
+    """Every pack-quantized Linear of a checkpoint (its tensors are popped from ``tensors``)."""
+    if qcfg.get("format") != FORMAT:
+        raise LowbitError(
+            f"compressed-tensors format {qcfg.get('format')!r} is not supported for import; "
+            f"lowbit reads {FORMAT}"
+        )
+    groups = list(qcfg.get("config_groups", {}).values())
+    if len(groups) != 1 or not groups[0].get("weights"):
+        raise LowbitError("compressed-tensors import takes one weight-only config group")
+    if groups[0].get("input_activations"):
+        raise LowbitError("compressed-tensors import is weight-only (no activation quantization)")
+    args = groups[0]["weights"]
+    names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+    out = {}
+    for n in names:
+        parts = {k[len(n) + 1 :]: tensors.pop(k) for k in list(tensors) if k.startswith(n + ".")
+                 and k[len(n) + 1 :].startswith("weight_")}
+        out[n] = read_layer(n, parts, args)
+    return out
