@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.io import ct_float
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import Scheme
 
@@ -51,13 +52,28 @@ def _lib():
         QuantizationConfig
 
 
-def check(name: str, qw) -> None:
-    """Raise when ``qw`` cannot be written as pack-quantized."""
-    if not isinstance(qw, QuantizedWeight):
+def format_of(qw) -> str:
+    """``pack-quantized`` for integer weights, else the float format (``ct_float``)."""
+    if isinstance(qw, QuantizedWeight):
+        return FORMAT
+    fmt = ct_float.format_of(qw)
+    if fmt is None:
         raise LowbitError(
-            f"{name}: {qw.name} weights are not integer codes; compressed-tensors export takes "
-            "integer schemes (w2..w8); GGUF (--format gguf) re-encodes any model"
+            f"{getattr(qw, 'name', type(qw).__name__)} weights have no compressed-tensors "
+            "layout; it holds integer schemes (w2..w8), fp8-e4m3 (channel, tensor, b128) and "
+            "nvfp4; GGUF (--format gguf) re-encodes any model"
         )
+    return fmt
+
+
+def check(name: str, qw) -> None:
+    """Raise when ``qw`` cannot be written as compressed-tensors."""
+    try:
+        format_of(qw)
+    except LowbitError as e:
+        raise LowbitError(f"{name}: {e}") from None
+    if not isinstance(qw, QuantizedWeight):
+        return
     if qw.g_idx is not None:
         raise LowbitError(
             f"{name}: act-order weights (g_idx) are not representable in compressed-tensors "
@@ -78,13 +94,18 @@ def quant_args(scheme: Scheme):
     )
 
 
-def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
-    """The ``quantization_config`` of config.json, built by the library's own classes."""
+def quantization_config(scheme, ignore: list[str]) -> dict:
+    """The ``quantization_config`` of config.json, built by the library's own classes
+    (``scheme``: an integer Scheme, or the float grid of the weights)."""
     _, _, _, QuantizationScheme, QuantizationConfig = _lib()
-    qs = QuantizationScheme(targets=["Linear"], weights=quant_args(scheme))
+    if isinstance(scheme, Scheme):
+        args, fmt = quant_args(scheme), FORMAT
+    else:
+        args, fmt = ct_float.quant_args(scheme), ct_float.format_of(scheme)
+    qs = QuantizationScheme(targets=["Linear"], weights=args)
     cfg = QuantizationConfig(
         config_groups={"group_0": qs},
-        format=FORMAT,
+        format=fmt,
         quantization_status="compressed",
         ignore=sorted(ignore),
     )
@@ -94,6 +115,8 @@ def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
 def layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """Compress one weight with the library's compressor and check it kept lowbit's codes."""
     check(name, qw)
+    if not isinstance(qw, QuantizedWeight):
+        return ct_float.layer_tensors(name, qw)
     Compressor, unpack, _, QuantizationScheme, _ = _lib()
     sch = qw.scheme
     off = 1 << (sch.bits - 1)
@@ -151,11 +174,12 @@ def read_layer(name: str, t: dict[str, torch.Tensor], args: dict) -> QuantizedWe
 
 
 def read_layers(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict[str, QuantizedWeight]:
-    """Every pack-quantized Linear of a checkpoint (its tensors are popped from ``tensors``)."""
-    if qcfg.get("format") != FORMAT:
+    """Every quantized Linear of a checkpoint (its tensors are popped from ``tensors``)."""
+    fmt = qcfg.get("format")
+    if fmt not in (FORMAT, ct_float.FP8, ct_float.NVFP4):
         raise LowbitError(
-            f"compressed-tensors format {qcfg.get('format')!r} is not supported for import; "
-            f"lowbit reads {FORMAT}"
+            f"compressed-tensors format {fmt!r} is not supported for import; lowbit reads "
+            f"{FORMAT}, {ct_float.FP8} and {ct_float.NVFP4}"
         )
     groups = list(qcfg.get("config_groups", {}).values())
     if len(groups) != 1 or not groups[0].get("weights"):
@@ -163,10 +187,14 @@ def read_layers(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict[str, Quant
     if groups[0].get("input_activations"):
         raise LowbitError("compressed-tensors import is weight-only (no activation quantization)")
     args = groups[0]["weights"]
-    names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+    # FP8 layers are the ones with a weight_scale beside a float8 weight
+    key = ".weight_scale" if fmt == ct_float.FP8 else ".weight_packed"
+    names = sorted(k[: -len(key)] for k in tensors if k.endswith(key))
     out = {}
     for n in names:
         parts = {k[len(n) + 1 :]: tensors.pop(k) for k in list(tensors) if k.startswith(n + ".")
-                 and k[len(n) + 1 :].startswith("weight_")}
-        out[n] = read_layer(n, parts, args)
+                 and k[len(n) + 1 :].startswith("weight")}
+        out[n] = read_layer(n, parts, args) if fmt == FORMAT else ct_float.read_layer(
+            n, parts, args)
     return out
+

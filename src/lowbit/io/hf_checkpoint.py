@@ -53,13 +53,18 @@ def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight | GridWeigh
     return out
 
 
+def scheme_of(qw: QuantizedWeight | GridWeight):
+    """An integer weight's Scheme, or a grid weight's WeightGrid."""
+    return qw.scheme if isinstance(qw, QuantizedWeight) else qw.grid
+
+
 def check_weights(fmt: str, qweights: dict) -> None:
     """Every weight fits the format, and all share one scheme."""
     mod = format_module(fmt)
     schemes = set()
     for name, qw in qweights.items():
         mod.check(name, qw)
-        schemes.add(qw.scheme)
+        schemes.add(scheme_of(qw).name)
     if len(schemes) > 1:
         raise LowbitError(f"{fmt} export takes one scheme for all Linears, not {len(schemes)}")
     if not qweights:
@@ -135,7 +140,7 @@ def write_checkpoint(
     if dtype not in DTYPES:
         raise LowbitError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     check_weights(fmt, qweights)
-    scheme = next(iter(qweights.values())).scheme
+    scheme = scheme_of(next(iter(qweights.values())))
     qnames = set(qweights)
     tensors = _plain_tensors(model, qnames, DTYPES[dtype])
     for name, qw in qweights.items():
@@ -197,7 +202,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, QuantizedWeight], dict]:
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, QuantizedWeight | GridWeight], dict]:
     """(config dict, quantized weights by module name, remaining tensors)."""
     path = Path(path)
     fmt = quant_format(path)
@@ -228,11 +233,13 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
         if not isinstance(old, nn.Linear) or tuple(old.weight.shape) != qw.shape:
             raise LowbitError(f"{path}: {name} {qw.shape} does not match the model's Linear")
         bias = tensors.pop(f"{name}.bias", None)
-        setattr(parent, child, QuantLinear(qw, None if bias is None else bias.float(),
-                                           cache=cache_weights))
+        bias = None if bias is None else bias.float()
+        cls = QuantLinear if isinstance(qw, QuantizedWeight) else GridLinear
+        setattr(parent, child, cls(qw, bias, cache=cache_weights))
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    qbuf = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear)
+    qbuf = {f"{n}.{b}" for n, m in model.named_modules()
+            if isinstance(m, (QuantLinear, GridLinear))
             for b, _ in m.named_buffers(recurse=False)}
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in qbuf and k not in tied]

@@ -19,10 +19,13 @@ def _num(x, spec: str = ".3f") -> str:
 def model_card(fmt: str, scheme, meta: dict, qcfg: dict) -> str:
     cal = meta.get("calibration") or {}
     ev = meta.get("eval") or {}
-    if scheme.granularity == "group":
-        gran = f"groups of {scheme.group_size}"
+    if not hasattr(scheme, "bits"):  # a float grid (fp8-e4m3, nvfp4 ...)
+        what = f"{scheme.name}: floating-point elements (see the quantization config below)"
     else:
-        gran = f"per {scheme.granularity}"
+        gran = (f"groups of {scheme.group_size}" if scheme.granularity == "group"
+                else f"per {scheme.granularity}")
+        what = (f"{scheme.name}: {scheme.bits}-bit integer, {gran}, "
+                f"{'symmetric' if scheme.symmetric else 'asymmetric'}, {scheme.clip} range")
     lines = [
         "---",
         "library_name: transformers",
@@ -39,9 +42,7 @@ def model_card(fmt: str, scheme, meta: dict, qcfg: dict) -> str:
         "|---|---|",
         f"| base model | {meta.get('base_model', 'unknown')} |",
         f"| method | {meta.get('method', 'unknown')} |",
-        f"| scheme | {scheme.name}: {scheme.bits}-bit integer, "
-        f"{gran}, "
-        f"{'symmetric' if scheme.symmetric else 'asymmetric'}, {scheme.clip} range |",
+        f"| scheme | {what} |",
         f"| bits per weight (quantized Linears) | {_num(meta.get('bits_per_weight'))} |",
         f"| recipe | {json.dumps(meta.get('recipe', {}))} |",
     ]

@@ -66,7 +66,13 @@ def check_target(
         rep.errors.append(f"unknown format {fmt!r}; known: gguf, {', '.join(FORMAT_BITS)}")
         return rep
     if not isinstance(scheme, Scheme):
-        rep.errors.append(f"{fmt} holds integer schemes (w2..w8), not {scheme.name}; use gguf")
+        if fmt == "compressed-tensors" and _float_ok(scheme):
+            return _check_float(rep, shapes, scheme, tp, heads)
+        can = "integer schemes (w2..w8)" + (
+            ", fp8-e4m3 (channel, -tensor, -b128) and nvfp4" if fmt == "compressed-tensors" else ""
+        )
+        rep.errors.append(f"{fmt} holds {can}, not {scheme.name}; use compressed-tensors "
+                          "for fp8-e4m3/nvfp4, gguf for any scheme")
         return rep
     b = scheme.bits
     if b not in FORMAT_BITS[fmt]:
@@ -84,13 +90,7 @@ def check_target(
     if tp < 1:
         rep.errors.append(f"--tp must be >= 1, not {tp}")
         return rep
-    if heads and tp > 1:
-        nh, nkv = heads
-        if nh % tp:
-            rep.errors.append(f"tp={tp}: {nh} attention heads do not split over {tp} ranks")
-        if nkv % tp and tp % nkv:
-            rep.errors.append(f"tp={tp}: {nkv} KV heads neither split over nor replicate to "
-                              f"{tp} ranks")
+    _check_heads(rep, tp, heads)
     pack = 32 // b if 32 % b == 0 else 32
     out_pack = {"gptq": pack, "awq": 8}.get(fmt, 1)
     if fmt == "compressed-tensors" and not scheme.symmetric:
@@ -134,6 +134,48 @@ def check_target(
                f"{' ...' if len(marlin_bad) > 4 else ''}; vLLM serves them with its slower "
                "fallback kernels")
         (rep.errors if require_marlin else rep.notes).append(msg)
+    return rep
+
+
+def _float_ok(grid) -> bool:
+    from lowbit.formats.grids_fp import Fp8Grid, Nvfp4Grid
+
+    return isinstance(grid, Nvfp4Grid) or (
+        isinstance(grid, Fp8Grid) and grid.name.startswith("fp8-e4m3"))
+
+
+def _check_heads(rep: Preflight, tp: int, heads) -> None:
+    if heads and tp > 1:
+        nh, nkv = heads
+        if nh % tp:
+            rep.errors.append(f"tp={tp}: {nh} attention heads do not split over {tp} ranks")
+        if nkv % tp and tp % nkv:
+            rep.errors.append(f"tp={tp}: {nkv} KV heads neither split over nor replicate to "
+                              f"{tp} ranks")
+
+
+def _check_float(rep: Preflight, shapes, grid, tp: int, heads) -> Preflight:
+    """FP8 / NVFP4 in compressed-tensors: NVFP4 needs in % 16 per shard (its scale blocks);
+    FP8 128x128 blocks must not straddle a shard (vLLM's block-FP8 rule); channel and tensor
+    FP8 split anywhere."""
+    if tp < 1:
+        rep.errors.append(f"--tp must be >= 1, not {tp}")
+        return rep
+    _check_heads(rep, tp, heads)
+    block = 16 if grid.name == "nvfp4" else (128 if grid.name.endswith("-b128") else 1)
+    for name, (out_f, in_f) in shapes.items():
+        if grid.name == "nvfp4" and in_f % 16:
+            rep.errors.append(f"{name} {out_f}x{in_f}: nvfp4 needs in_features % 16")
+            continue
+        if tp == 1:
+            continue
+        row = name.endswith(ROW_PARALLEL)
+        dim, size = ("in", in_f) if row else ("out", out_f)
+        if size % tp:
+            rep.errors.append(f"tp={tp}: {name} {dim}_features {size} does not split into {tp}")
+        elif (row or block == 128) and (size // tp) % block:
+            rep.errors.append(f"tp={tp}: {name} shards of {size // tp} {dim}put columns split "
+                              f"{grid.name}'s blocks of {block}")
     return rep
 
 
