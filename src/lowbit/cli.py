@@ -362,7 +362,7 @@ def demo(out, windows, json_path):
         }
     ]
     model, _, res, meta, secs = run_quantize(
-        DEFAULT_MODEL, "gptq", "w4g64", "builtin", 128, 0, 512, False, False, 0.01, 8, out, True
+        DEFAULT_MODEL, "gptq", "w4g64", "builtin", 128, 0, 512, None, False, 0.01, 8, out, True
     )
     q = evaluate(model, ev, base=base)
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
