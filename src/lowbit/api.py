@@ -34,8 +34,9 @@ from lowbit.pipeline.driver import get_weight, run_sequential, set_weight
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import Scheme, parse_scheme
 
-METHODS = ("rtn", "gptq")
-CALIBRATED = {"gptq"}
+METHODS = ("rtn", "gptq", "awq", "awq+gptq", "smoothquant", "w8a8", "llm-int8")
+CALIBRATED = {"gptq", "awq", "awq+gptq", "smoothquant"}
+AWQ_METHODS = {"awq": "rtn", "awq+gptq": "gptq"}  # AWQ's search, then this rounding
 
 AnyScheme = Scheme | WeightGrid
 AnyWeight = QuantizedWeight | GridWeight
@@ -114,12 +115,43 @@ def quantize_model(
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
     token_weight: str = "none",
+    alpha: float | None = None,
+    threshold: float = 6.0,
+    kernel: str = "auto",
+    awq: dict | None = None,
 ) -> QuantizeResult:
     """Quantize every decoder-block Linear in place (the model keeps the dequantized weights,
-    so it evaluates as the quantized model) and return the quantized tensors."""
-    scheme = resolve_scheme(scheme)
+    so it evaluates as the quantized model) and return the quantized tensors.
+
+    ``smoothquant``, ``w8a8`` and ``llm-int8`` replace the Linears by int8 runtime modules
+    instead (``lowbit.methods.int8_methods``; ``alpha``, ``threshold``, ``kernel``); ``awq`` and
+    ``awq+gptq`` fold AWQ's scales and clipping first (``lowbit.methods.awq``; options in
+    ``awq``), then round with RTN or GPTQ."""
     if method not in METHODS:
         raise LowbitError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method in ("smoothquant", "w8a8", "llm-int8"):
+        from lowbit.methods.int8_methods import quantize_int8
+
+        return quantize_int8(model, method, str(scheme), calib, 0.5 if alpha is None else alpha,
+                             threshold, kernel, chunk, progress)
+    if alpha is not None:
+        raise LowbitError(f"--alpha is for smoothquant; {method} does not take it")
+    scheme = resolve_scheme(scheme)
+    if method in AWQ_METHODS:
+        from lowbit.methods.awq import awq_transform
+
+        preflight(model, scheme)
+        if calib is None:
+            raise LowbitError(f"{method} needs calibration windows")
+        t0 = time.perf_counter()
+        awq_rows = awq_transform(model, spec_for(model), calib, scheme, chunk=chunk,
+                                 progress=progress, **(awq or {}))
+        res = quantize_model(model, AWQ_METHODS[method], scheme, calib, gptq, chunk, progress,
+                             on_row, token_weight)
+        res.method = method
+        res.rows[:0] = [r | {"awq": True} for r in awq_rows]
+        res.seconds = time.perf_counter() - t0
+        return res
     spec = preflight(model, scheme)
     is_grid = not isinstance(scheme, Scheme)
     if is_grid and method == "gptq" and (gptq.act_order or gptq.static_groups):  # None: off

@@ -30,6 +30,9 @@ class ArchSpec:
     # Linear, then ``out = h + mlp(norm(h))`` with groups[3] the MLP's last Linear. The driver
     # then resumes from captured tensors instead of re-running the block for every group.
     mlp_path: tuple[str, str] | None = None
+    # the norms compute ``x_normed * (norm_offset + weight)`` (Gemma: 1.0); folding a scale into
+    # a norm must divide ``norm_offset + weight``, not ``weight``
+    norm_offset: float = 0.0
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -47,7 +50,7 @@ SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama", "smollm", "smollm3"), "model.layers", **_LLAMA_LIKE),
     ArchSpec("mistral", ("mistral", "mixtral_dense"), "model.layers", **_LLAMA_LIKE),
     ArchSpec("qwen2", ("qwen2", "qwen3"), "model.layers", **_LLAMA_LIKE),
-    ArchSpec("gemma", ("gemma",), "model.layers", **_LLAMA_LIKE),
+    ArchSpec("gemma", ("gemma",), "model.layers", **_LLAMA_LIKE, norm_offset=1.0),
     ArchSpec(
         "gemma2",
         ("gemma2", "gemma3_text", "gemma3"),
@@ -59,6 +62,7 @@ SPECS: tuple[ArchSpec, ...] = (
         linear_feeds=_LLAMA_LIKE["linear_feeds"],
         # no mlp_path: post-attention and post-feedforward norms sit between the Linears
         # and the residual adds
+        norm_offset=1.0,
     ),
     ArchSpec(
         "phi3",

@@ -110,6 +110,8 @@ def save_quantized(
 
 
 def _layer_info(q: QuantizedWeight | GridWeight, conv1d: bool) -> dict:
+    if hasattr(q, "layer_info"):  # int8 runtime modules (W8A8, LLM.int8): a ``kind``
+        return {**q.layer_info(), "conv1d": conv1d}
     if isinstance(q, GridWeight):
         return {"shape": list(q.shape), **q.describe(), "conv1d": conv1d}
     return {"shape": list(q.shape), "scheme": q.scheme.to_dict(), "conv1d": conv1d}
@@ -117,6 +119,10 @@ def _layer_info(q: QuantizedWeight | GridWeight, conv1d: bool) -> dict:
 
 def _layer_module(info: dict, parts: dict[str, torch.Tensor], bias, cache: bool) -> nn.Module:
     shape = tuple(info["shape"])
+    if "kind" in info:
+        from lowbit.runtime.int8_modules import int8_module
+
+        return int8_module(info, parts, bias)
     if "grid" in info:
         gw = GridWeight.from_tensors(info["grid"], shape, parts, info.get("code_dtype", "uint8"))
         return GridLinear(gw, bias, cache=cache)
@@ -150,7 +156,7 @@ def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, 
             k.rsplit(".", 1)[1]: tensors.pop(k)
             for k in list(tensors)
             if k.rsplit(".", 1)[0] == name
-            and ("grid" in info and k.rsplit(".", 1)[1] != "bias"
+            and (("grid" in info or "kind" in info) and k.rsplit(".", 1)[1] != "bias"
                  or k.rsplit(".", 1)[1] in int_keys)
         }
         parent_name, child = name.rsplit(".", 1)

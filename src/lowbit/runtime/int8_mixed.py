@@ -104,9 +104,15 @@ class Int8MixedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.w_scale[:, None]
 
+    def storage_bytes(self) -> int:
+        return self.qweight.numel() + 4 * self.w_scale.numel()
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight, "w_scale": self.w_scale}
+
     def layer_info(self) -> dict:
         return {"kind": "llm-int8", "shape": [self.out_features, self.in_features],
-                "threshold": self.threshold}
+                "threshold": self.threshold, "kernel": self.kernel}
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, threshold={self.threshold}, "

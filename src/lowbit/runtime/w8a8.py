@@ -98,8 +98,15 @@ class W8A8Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.w_scale[:, None]
 
+    def storage_bytes(self) -> int:
+        return self.qweight.numel() + 4 * self.w_scale.numel() + 4
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight, "w_scale": self.w_scale, "x_scale": self.x_scale}
+
     def layer_info(self) -> dict:
-        return {"kind": "w8a8", "shape": [self.out_features, self.in_features], "act": self.act}
+        return {"kind": "w8a8", "shape": [self.out_features, self.in_features], "act": self.act,
+                "kernel": self.kernel}
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, act={self.act}, "
