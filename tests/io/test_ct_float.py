@@ -149,3 +149,22 @@ def test_preflight_float_tensor_parallel():
     assert any("% 16" in e for e in bad.errors)
     rep = check_target(shapes, get_grid("nvfp4"), "awq")
     assert rep.errors and "compressed-tensors" in rep.errors[0]
+
+
+def test_cli_exports_fp8_from_a_lowbit_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from lowbit.io.native import load_quantized, save_quantized
+
+    m, res = quantized("fp8-e4m3")
+    native = tmp_path / "native"
+    save_quantized(native, m, None, res.qweights, {"method": "rtn", "base_model": "tiny"})
+    ref = logits(load_quantized(native)[0])
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "export", str(native),
+                        str(tmp_path / "ct"), "--format", "compressed-tensors",
+                        "--dtype", "float32", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "fp8-e4m3" in (tmp_path / "ct" / "README.md").read_text()
+    torch.testing.assert_close(logits(load_checkpoint(tmp_path / "ct")[0]), ref)
