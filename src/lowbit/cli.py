@@ -54,12 +54,14 @@ def cli() -> None:
 
 def _common_quant(f):
     opts = [
-        click.option("--method", default="gptq", show_default=True, help="rtn or gptq"),
+        click.option("--method", default="gptq", show_default=True,
+                     help="rtn, gptq, awq, awq+gptq, smoothquant, w8a8 or llm-int8"),
         click.option(
             "--scheme",
             default="w4g64",
             show_default=True,
-            help="w4g64, w4g64-asym, w3g64, w2g32, w8, w4g64-mse ...",
+            help="w4g64, w4g64-asym, w3g64, w2g32, w8, w4g64-mse ...; smoothquant/w8a8: "
+                 "w8a8, w8a8-static, w7a8, w7a8-static",
         ),
         click.option(
             "--calib",
@@ -109,7 +111,15 @@ def run_quantize(
     progress=True,
     fmt="native",
     tp=1,
+    int8: dict | None = None,
 ):
+    from lowbit.cli_int8 import INT8_CLI_METHODS, run_quantize_int8
+
+    if method in INT8_CLI_METHODS:
+        return run_quantize_int8(model_arg, method, scheme, calib, calib_samples, calib_offset,
+                                 seq_len, chunk, out, overwrite, progress, fmt, **(int8 or {}))
+    if (int8 or {}).get("alpha") is not None:
+        raise LowbitError(f"--alpha is for smoothquant; {method} does not take it")
     from lowbit.algorithms.gptq import GPTQConfig
     from lowbit.api import needs_calibration, preflight, quantize_model, resolve_scheme
     from lowbit.calib import calib_windows
@@ -124,7 +134,7 @@ def run_quantize(
     spec = preflight(model, sch)
     from lowbit.cli_export import quantize_preflight
 
-    g_idx = method == "gptq" and act_order is not False and not static_groups
+    g_idx = method in ("gptq", "awq+gptq") and act_order is not False and not static_groups
     g_idx = g_idx and getattr(sch, "granularity", "") == "group"
     notes = quantize_preflight(model, sch, fmt, tp, g_idx)
     for n in notes:
@@ -176,6 +186,12 @@ def run_quantize(
 @click.option("--tp", default=1, show_default=True,
               help="with --format: tensor-parallel degree the checkpoint must split into")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+@click.option("--alpha", type=float, default=None,
+              help="smoothquant: migration strength [default: 0.5]")
+@click.option("--threshold", default=6.0, show_default=True,
+              help="llm-int8: |x| above which an input column stays in full precision")
+@click.option("--int8-kernel", default="auto", show_default=True,
+              help="int8 methods: auto, onednn, int_mm or emulate (see lowbit.runtime.int8)")
 @click.option("--json", "json_path", type=click.Path(), help="write the results as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def quantize(
@@ -194,6 +210,9 @@ def quantize(
     fmt,
     tp,
     overwrite,
+    alpha,
+    threshold,
+    int8_kernel,
     json_path,
     quiet,
 ):
@@ -217,8 +236,9 @@ def quantize(
         progress=not quiet,
         fmt=fmt,
         tp=tp,
+        int8={"alpha": alpha, "threshold": threshold, "kernel": int8_kernel},
     )
-    losses = [r for r in res.rows if "loss" in r]
+    losses = [r for r in res.rows if "loss" in r and "rtn_loss" in r]
     summary = meta | {
         "out": str(out),
         "seconds": secs,
@@ -383,9 +403,11 @@ def demo(out, windows, json_path):
 
 def _register() -> None:
     from lowbit.cli_export import export, imatrix
+    from lowbit.cli_int8 import inspect
 
     cli.add_command(export)
     cli.add_command(imatrix)
+    cli.add_command(inspect)
 
 
 _register()

@@ -57,7 +57,7 @@ def test_awq_scales_fold_exactly(family, windows):
                          search_windows=2, clip=False, progress=False)
     alphas = [r["alpha"] for r in rows if "alpha" in r]
     assert len(alphas) == 4 * 2 and len({r["alpha"] for r in rows if "alpha" in r}) >= 1
-    assert all(r["loss"] <= r["loss_alpha0"] for r in rows if "alpha" in r)
+    assert all(r["block_loss"] <= r["block_loss_alpha0"] for r in rows if "alpha" in r)
     if any(a > 0 for a in alphas[:1]):
         assert not torch.equal(get_blocks(model, spec_for(model))[0].input_layernorm.weight, norm0)
     assert torch.allclose(_logits(model, windows), ref, atol=1e-4, rtol=1e-4)

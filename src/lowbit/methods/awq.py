@@ -124,7 +124,7 @@ def _search_feed(
         for n, mod in lins.items():
             set_weight(mod, spec, orig[n])
     alpha, s = best
-    return s, {"alpha": alpha, "loss": best_loss, "loss_alpha0": losses[0]}
+    return s, {"alpha": alpha, "block_loss": best_loss, "block_loss_alpha0": losses[0]}
 
 
 def _check_finite(hidden: list[torch.Tensor], where: str) -> None:

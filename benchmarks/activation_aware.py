@@ -1,0 +1,109 @@
+"""Protocol quality of the activation-aware methods (issue 3): AWQ, AWQ+GPTQ, SmoothQuant W8A8,
+naive W8A8 and LLM.int8(), one JSON line per variant.
+
+    python benchmarks/activation_aware.py smoothquant:w8a8:kernel=emulate llm-int8:- \
+        awq:w4g64 awq+gptq:w3g64 --eval-windows 64 --calib-windows 128 \
+        --json benchmarks/results/activation_aware.jsonl
+
+A variant is ``method:scheme[:key=value,...]`` with keys ``alpha``, ``threshold``, ``kernel``
+(int8 methods) or ``search_windows``, ``n_grid``, ``clip`` (AWQ). Calibration: the protocol's
+in-domain WikiText-2 windows from 100; evaluation: windows 0..N-1, against the base's logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import COLS, WIKI, base_logprobs, evaluate_against  # noqa: E402
+
+from lowbit import data  # noqa: E402
+from lowbit.api import quantize_model  # noqa: E402
+from lowbit.cli import format_table  # noqa: E402
+from lowbit.eval.metrics import peak_rss_bytes  # noqa: E402
+from lowbit.methods.int8_methods import outlier_fractions  # noqa: E402
+from lowbit.models import load_model  # noqa: E402
+
+FLOATS = {"alpha", "threshold"}
+INTS = {"search_windows", "n_grid"}
+NO_CALIB = {"rtn", "llm-int8"}
+
+
+def parse(v: str) -> tuple[str, str, dict, dict]:
+    parts = v.split(":")
+    method, scheme = parts[0], parts[1] if len(parts) > 1 else "-"
+    kw: dict = {}
+    awq: dict = {}
+    for item in (parts[2].split(",") if len(parts) > 2 else []):
+        k, val = item.split("=")
+        if k in FLOATS:
+            kw[k] = float(val)
+        elif k in INTS:
+            awq[k] = int(val)
+        elif k == "clip":
+            awq[k] = bool(int(val))
+        else:
+            kw[k] = val
+    if awq:
+        kw["awq"] = awq
+    return method, scheme, kw, awq
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--json", help="append one JSON line per variant to this file")
+    a = ap.parse_args()
+    base, tok = load_model("smollm2-135m")
+    ids = data.tokenize(tok, data.read_text(WIKI))
+    ev = data.windows(ids, a.eval_windows, 512)
+    cal = data.windows(ids, a.calib_windows, 512, start=100)
+    blp = base_logprobs(base, ev)
+    table = [{"variant": "base", "calib": "-", "bpw": 32.0, **evaluate_against(base, ev, None)}]
+    print(format_table(table, COLS), flush=True)
+    out = open(a.json, "a") if a.json else None
+    for v in a.variants:
+        method, scheme, kw, _ = parse(v)
+        model, _ = load_model("smollm2-135m")
+        static = scheme.endswith("static")
+        needs = method not in NO_CALIB and not (method == "w8a8" and not static)
+        t0 = time.perf_counter()
+        res = quantize_model(model, method, scheme, cal if needs else None, progress=False, **kw)
+        secs = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        row = {"variant": v, "calib": "wiki" if needs else "-", "bpw": res.bits_per_weight(),
+               "seconds": secs, **evaluate_against(model, ev, blp),
+               "eval_seconds": time.perf_counter() - t1}
+        if method == "llm-int8":
+            fr = outlier_fractions(model)
+            row["outlier_frac_mean"] = sum(fr.values()) / len(fr)
+            row["outlier_frac_max"] = max(fr.values())
+            row["outlier_frac"] = {k: round(f, 5) for k, f in fr.items()}
+        awq_rows = [r for r in res.rows if "alpha" in r]
+        if awq_rows:
+            row["awq_alpha_mean"] = sum(r["alpha"] for r in awq_rows) / len(awq_rows)
+        table.append(row)
+        print(format_table([row], COLS).splitlines()[-1], f"(eval {row['eval_seconds']:.0f} s)",
+              flush=True)
+        if out:
+            out.write(json.dumps(row | {"eval_windows": a.eval_windows,
+                                        "calib_windows": a.calib_windows,
+                                        "threads": torch.get_num_threads()}) + "\n")
+            out.flush()
+        del model
+    print()
+    print(format_table(table, COLS))
+    print(f"eval windows {a.eval_windows}, calibration wiki x{a.calib_windows}, "
+          f"peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
