@@ -38,8 +38,9 @@ def quantize_weight_int8(w: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor
 
 def quantize_tokens_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (row) symmetric int8 codes of a 2-D input and the fp32 scales (rows,)."""
-    scale = x.abs().amax(-1).float().clamp(min=1e-12) / 127.0
-    q = torch.round(x.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    x = x.float()
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1).clamp_(min=1e-12).div_(127.0)
+    q = torch.mul(x, scale.reciprocal()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
@@ -79,8 +80,15 @@ class Int8Weight:
         self._packed = None
         self._wf: torch.Tensor | None = None
 
-    def matmul(self, xq: torch.Tensor) -> torch.Tensor:
-        """acc[t, o] = sum_i xq[t, i] * wq[o, i] as fp32 (int32 exact for int_mm / onednn)."""
+    def matmul(self, xq: torch.Tensor, col_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """acc[t, o] = sum_i xq[t, i] * wq[o, i] as fp32 (int32 exact for int_mm / onednn),
+        times ``col_scale[o]`` when given (fused into the oneDNN kernel)."""
+        acc = self._matmul(xq, col_scale)
+        if col_scale is not None and self.kernel != "onednn":
+            acc.mul_(col_scale[None, :])
+        return acc
+
+    def _matmul(self, xq: torch.Tensor, col_scale: torch.Tensor | None) -> torch.Tensor:
         n, k = self.wq.shape
         if xq.shape[-1] != k:
             raise LowbitError(f"int8 matmul: input has {xq.shape[-1]} features, weight {k}")
@@ -96,9 +104,9 @@ class Int8Weight:
             return torch._int_mm(xq.contiguous(), self.wq.T).float()
         if self._packed is None:
             self._packed = torch.ops.onednn.qlinear_prepack(self.wq.contiguous(), None)
-        ones = torch.ones(n)
+        scale = torch.ones(n) if col_scale is None else col_scale.float().contiguous()
         zeros = torch.zeros(n, dtype=torch.int64)
         return torch.ops.onednn.qlinear_pointwise(
-            xq.contiguous(), 1.0, 0, self._packed, ones, zeros, None, 1.0, 0, torch.float32,
+            xq.contiguous(), 1.0, 0, self._packed, scale, zeros, None, 1.0, 0, torch.float32,
             "none", [], "",
         )

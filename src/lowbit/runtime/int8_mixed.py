@@ -30,7 +30,7 @@ def mixed_int8_linear(
     regular = x2.masked_fill(cols[None, :], 0.0) if bool(cols.any()) else x2
     xq, sx = quantize_tokens_int8(regular)
     w8 = int8 if int8 is not None else Int8Weight(qweight, "emulate")
-    y = w8.matmul(xq) * (sx[:, None] * w_scale[None, :])
+    y = w8.matmul(xq, w_scale).mul_(sx[:, None])
     if bool(cols.any()):
         w_out = qweight[:, cols].float() * w_scale[:, None]
         y = y + x2[:, cols] @ w_out.T

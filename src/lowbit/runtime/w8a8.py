@@ -73,10 +73,10 @@ class W8A8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.act == "dynamic":
             xq, sx = quantize_tokens_int8(x2)
-            y = self.int8_weight().matmul(xq) * (sx[:, None] * self.w_scale[None, :])
+            y = self.int8_weight().matmul(xq, self.w_scale).mul_(sx[:, None])
         else:
             xq = quantize_static_int8(x2, float(self.x_scale))
-            y = self.int8_weight().matmul(xq) * (self.x_scale * self.w_scale)[None, :]
+            y = self.int8_weight().matmul(xq, self.x_scale * self.w_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
