@@ -31,7 +31,7 @@ from lowbit.methods.int8_methods import outlier_fractions  # noqa: E402
 from lowbit.models import load_model  # noqa: E402
 
 FLOATS = {"alpha", "threshold"}
-INTS = {"search_windows", "n_grid"}
+INTS = {"search_windows", "search_tokens", "n_grid"}
 NO_CALIB = {"rtn", "llm-int8"}
 
 
@@ -60,8 +60,11 @@ def main() -> None:
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--json", help="append one JSON line per variant to this file")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     base, tok = load_model("smollm2-135m")
     ids = data.tokenize(tok, data.read_text(WIKI))
     ev = data.windows(ids, a.eval_windows, 512)

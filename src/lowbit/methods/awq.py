@@ -80,14 +80,15 @@ def _run(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> li
     return outs
 
 
-def _collect_inputs(block, spec, names, hidden, kwargs, fn) -> None:
-    """Call ``fn(name, x)`` with each named Linear's input, for every chunk."""
+def _collect_inputs(block, spec, names, hidden, kwargs, fn) -> list[torch.Tensor]:
+    """Call ``fn(name, x)`` with each named Linear's input, for every chunk; the block's
+    outputs."""
     linears = block_linears(block, spec)
     handles = [
         linears[n].register_forward_pre_hook(lambda _m, a, n=n: fn(n, a[0])) for n in names
     ]
     try:
-        _run(block, hidden, kwargs)
+        return _run(block, hidden, kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -141,14 +142,16 @@ def awq_transform(
     scheme: Scheme,
     n_grid: int = 20,
     search_windows: int = 4,
+    search_tokens: int | None = None,
     clip: bool = True,
     clip_tokens: int = 1024,
     chunk: int = 8,
     progress: bool = True,
 ) -> list[dict]:
     """Fold AWQ scales into the model and clip its weights in place (still full precision:
-    the rounding comes after). Returns one row per group (alpha, losses) and per clipped
-    Linear."""
+    the rounding comes after). ``search_windows`` windows (spread over the calibration set,
+    cut to their first ``search_tokens`` tokens if given) make the search's loss. Returns one
+    row per group (alpha, losses) and per clipped Linear."""
     if not isinstance(scheme, Scheme):
         raise LowbitError("AWQ takes integer schemes (w4g64, w3g64 ...), not grids")
     if n_grid < 2:
@@ -158,7 +161,7 @@ def awq_transform(
     n_s = max(1, min(search_windows, windows.shape[0]))
     pick = torch.linspace(0, windows.shape[0] - 1, n_s).round().long()
     cap = capture_inputs(model, spec, windows, chunk)
-    cap_s = capture_inputs(model, spec, windows[pick], chunk)
+    cap_s = capture_inputs(model, spec, windows[pick][:, :search_tokens], chunk)
     hidden, hidden_s = cap.hidden, cap_s.hidden
     rows: list[dict] = []
     blocks = get_blocks(model, spec)
@@ -174,8 +177,7 @@ def awq_transform(
             sums[n] += x.abs().sum(0, dtype=torch.float64)
             counts[n] += x.shape[0]
 
-        _collect_inputs(block, spec, firsts, hidden, cap.kwargs, stat)
-        nxt = _run(block, hidden, cap.kwargs)
+        nxt = _collect_inputs(block, spec, firsts, hidden, cap.kwargs, stat)
         target = _run(block, hidden_s, cap_s.kwargs)
         _check_finite(nxt, f"the output of block {bi}")
         for feed in fd:
