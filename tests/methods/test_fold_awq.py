@@ -52,9 +52,10 @@ def test_awq_scales_fold_exactly(family, windows):
     _randomize_norms(model)
     ref = _logits(model, windows)
     norm0 = get_blocks(model, spec_for(model))[0].input_layernorm.weight.clone()
-    rows = awq_transform(model, spec_for(model), windows, parse_scheme("w3g32"),
-                         n_grid=20 if family == "llama" else 4,
-                         search_windows=2, clip=False, progress=False)
+    with pytest.warns(UserWarning, match="only 192 calibration tokens"):
+        rows = awq_transform(model, spec_for(model), windows, parse_scheme("w3g32"),
+                             n_grid=20 if family == "llama" else 4,
+                             search_windows=2, clip=False, progress=False)
     alphas = [r["alpha"] for r in rows if "alpha" in r]
     assert len(alphas) == 4 * 2 and len({r["alpha"] for r in rows if "alpha" in r}) >= 1
     assert all(r["block_loss"] <= r["block_loss_alpha0"] for r in rows if "alpha" in r)

@@ -14,6 +14,7 @@ afterwards through ``quantize_model``.
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.arch import ArchSpec, block_linears, get_blocks
 from lowbit.errors import LowbitError
 from lowbit.methods.fold import Feed, apply_scales, feeds, kv_expand, kv_layout, kv_reduce
+from lowbit.pipeline.act_stats import MIN_TOKENS
 from lowbit.pipeline.driver import capture_inputs, get_weight, set_weight
 from lowbit.scheme import Scheme
 
@@ -157,6 +159,9 @@ def awq_transform(
     if n_grid < 2:
         raise LowbitError(f"the alpha grid needs at least 2 points, not {n_grid}")
     fd = feeds(spec)  # a clear error before any work when the table cannot fold
+    if windows.numel() < MIN_TOKENS:
+        warnings.warn(f"only {windows.numel()} calibration tokens; AWQ's channel statistics need "
+                      f"about {MIN_TOKENS} or more to be stable", stacklevel=2)
     layout = kv_layout(model)
     n_s = max(1, min(search_windows, windows.shape[0]))
     pick = torch.linspace(0, windows.shape[0] - 1, n_s).round().long()
