@@ -45,7 +45,8 @@ def unpack_cols(words: torch.Tensor) -> torch.Tensor:
 
 def check(name: str, qw) -> None:
     if not isinstance(qw, QuantizedWeight) or qw.scheme.bits != 4:
-        what = f"{qw.scheme.bits}-bit" if isinstance(qw, QuantizedWeight) else qw.name
+        what = f"{qw.scheme.bits}-bit" if isinstance(qw, QuantizedWeight) else getattr(
+            qw, "name", type(qw).__name__)
         raise LowbitError(
             f"{name}: AWQ layout holds 4-bit integer weights only, not {what}; "
             "GPTQ holds 2/4/8-bit, compressed-tensors 2..8-bit integers, "

@@ -56,12 +56,14 @@ def format_of(qw) -> str:
     """``pack-quantized`` for integer weights, else the float format (``ct_float``)."""
     if isinstance(qw, QuantizedWeight):
         return FORMAT
+    if _is_w8a8(qw):
+        return "int-quantized"
     fmt = ct_float.format_of(qw)
     if fmt is None:
         raise LowbitError(
             f"{getattr(qw, 'name', type(qw).__name__)} weights have no compressed-tensors "
-            "layout; it holds integer schemes (w2..w8), fp8-e4m3 (channel, tensor, b128) and "
-            "nvfp4; GGUF (--format gguf) re-encodes any model"
+            "layout; it holds integer schemes (w2..w8), fp8-e4m3 (channel, tensor, b128), "
+            "nvfp4 and W8A8 (smoothquant, w8a8); GGUF (--format gguf) re-encodes any model"
         )
     return fmt
 
@@ -98,11 +100,16 @@ def quantization_config(scheme, ignore: list[str]) -> dict:
     """The ``quantization_config`` of config.json, built by the library's own classes
     (``scheme``: an integer Scheme, or the float grid of the weights)."""
     _, _, _, QuantizationScheme, QuantizationConfig = _lib()
+    acts = None
     if isinstance(scheme, Scheme):
         args, fmt = quant_args(scheme), FORMAT
+    elif hasattr(scheme, "act"):  # W8A8: an Int8Scheme
+        from lowbit.io import ct_int8
+
+        (args, acts), fmt = ct_int8.quant_args(scheme), ct_int8.FORMAT
     else:
         args, fmt = ct_float.quant_args(scheme), ct_float.format_of(scheme)
-    qs = QuantizationScheme(targets=["Linear"], weights=args)
+    qs = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
     cfg = QuantizationConfig(
         config_groups={"group_0": qs},
         format=fmt,
@@ -115,6 +122,10 @@ def quantization_config(scheme, ignore: list[str]) -> dict:
 def layer_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """Compress one weight with the library's compressor and check it kept lowbit's codes."""
     check(name, qw)
+    if _is_w8a8(qw):
+        from lowbit.io import ct_int8
+
+        return ct_int8.layer_tensors(name, qw)
     if not isinstance(qw, QuantizedWeight):
         return ct_float.layer_tensors(name, qw)
     Compressor, unpack, _, QuantizationScheme, _ = _lib()
@@ -173,20 +184,45 @@ def read_layer(name: str, t: dict[str, torch.Tensor], args: dict) -> QuantizedWe
     return QuantizedWeight(sch, codes, scale.contiguous(), zero)
 
 
+def _is_w8a8(qw) -> bool:
+    from lowbit.runtime.w8a8 import W8A8Linear
+
+    return isinstance(qw, W8A8Linear)
+
+
+def _read_w8a8(tensors: dict, args: dict, acts: dict) -> dict:
+    from lowbit.io import ct_int8
+
+    if not acts:
+        raise LowbitError("int-quantized without input_activations is weight-only int8: "
+                          "lowbit reads W8A8 from int-quantized")
+    names = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
+    out = {}
+    for n in names:
+        parts = {k[len(n) + 1 :]: tensors.pop(k) for k in list(tensors)
+                 if k in (f"{n}.weight", f"{n}.weight_scale", f"{n}.input_scale")}
+        out[n] = ct_int8.read_layer(n, parts, args, acts)
+    return out
+
+
 def read_layers(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict[str, QuantizedWeight]:
     """Every quantized Linear of a checkpoint (its tensors are popped from ``tensors``)."""
     fmt = qcfg.get("format")
-    if fmt not in (FORMAT, ct_float.FP8, ct_float.NVFP4):
+    if fmt not in (FORMAT, ct_float.FP8, ct_float.NVFP4, "int-quantized"):
         raise LowbitError(
             f"compressed-tensors format {fmt!r} is not supported for import; lowbit reads "
-            f"{FORMAT}, {ct_float.FP8} and {ct_float.NVFP4}"
+            f"{FORMAT}, {ct_float.FP8}, {ct_float.NVFP4} and int-quantized (W8A8)"
         )
     groups = list(qcfg.get("config_groups", {}).values())
     if len(groups) != 1 or not groups[0].get("weights"):
         raise LowbitError("compressed-tensors import takes one weight-only config group")
-    if groups[0].get("input_activations"):
-        raise LowbitError("compressed-tensors import is weight-only (no activation quantization)")
+    acts = groups[0].get("input_activations")
+    if acts and fmt != "int-quantized":
+        raise LowbitError(f"compressed-tensors {fmt} import is weight-only (no activation "
+                          "quantization); W8A8 is read from int-quantized")
     args = groups[0]["weights"]
+    if fmt == "int-quantized":
+        return _read_w8a8(tensors, args, acts or {})
     # FP8 layers are the ones with a weight_scale beside a float8 weight
     key = ".weight_scale" if fmt == ct_float.FP8 else ".weight_packed"
     names = sorted(k[: -len(key)] for k in tensors if k.endswith(key))

@@ -56,7 +56,8 @@ def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 def check(name: str, qw) -> None:
     if not isinstance(qw, QuantizedWeight) or qw.scheme.bits not in BITS:
-        what = f"{qw.scheme.bits}-bit" if isinstance(qw, QuantizedWeight) else qw.name
+        what = f"{qw.scheme.bits}-bit" if isinstance(qw, QuantizedWeight) else getattr(
+            qw, "name", type(qw).__name__)
         raise LowbitError(
             f"{name}: GPTQ layout holds 2, 4 or 8-bit integer weights, not {what}; "
             "compressed-tensors holds 2..8-bit integers, GGUF (--format gguf) re-encodes any model"

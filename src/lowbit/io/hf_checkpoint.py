@@ -44,18 +44,38 @@ def format_module(fmt: str) -> ModuleType:
 
 def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight | GridWeight]:
     """The quantized weights of a model loaded from a lowbit folder (QuantLinear/GridLinear)."""
-    out: dict[str, QuantizedWeight | GridWeight] = {}
+    from lowbit.runtime.int8_mixed import Int8MixedLinear
+    from lowbit.runtime.w8a8 import W8A8Linear
+
+    out: dict = {}
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
             out[name] = mod.quantized_weight()
         elif isinstance(mod, GridLinear):
             out[name] = mod.grid_weight()
+        elif isinstance(mod, W8A8Linear):
+            out[name] = mod
+        elif isinstance(mod, Int8MixedLinear):
+            raise LowbitError(
+                f"{name}: LLM.int8() layers (mixed int8/fp decomposition at run time) have no "
+                "compressed-tensors/GPTQ/AWQ layout; vLLM does not serve them"
+            )
     return out
 
 
-def scheme_of(qw: QuantizedWeight | GridWeight):
-    """An integer weight's Scheme, or a grid weight's WeightGrid."""
-    return qw.scheme if isinstance(qw, QuantizedWeight) else qw.grid
+def scheme_of(qw):
+    """An integer weight's Scheme, a grid weight's WeightGrid, a W8A8 module's Int8Scheme."""
+    if isinstance(qw, QuantizedWeight):
+        return qw.scheme
+    if isinstance(qw, GridWeight):
+        return qw.grid
+    from lowbit.runtime.w8a8 import W8A8Linear
+
+    if isinstance(qw, W8A8Linear):
+        from lowbit.io.ct_int8 import scheme_of as int8_scheme
+
+        return int8_scheme(qw)
+    raise LowbitError(f"{type(qw).__name__} layers have no serving checkpoint layout")
 
 
 def check_weights(fmt: str, qweights: dict) -> None:
@@ -230,16 +250,21 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        if not isinstance(old, nn.Linear) or tuple(old.weight.shape) != qw.shape:
-            raise LowbitError(f"{path}: {name} {qw.shape} does not match the model's Linear")
+        shape = qw.shape if hasattr(qw, "shape") else (qw.out_features, qw.in_features)
+        if not isinstance(old, nn.Linear) or tuple(old.weight.shape) != tuple(shape):
+            raise LowbitError(f"{path}: {name} {shape} does not match the model's Linear")
         bias = tensors.pop(f"{name}.bias", None)
         bias = None if bias is None else bias.float()
+        if isinstance(qw, nn.Module):  # a runtime module already (W8A8)
+            if bias is not None:
+                qw.bias = nn.Parameter(bias, requires_grad=False)
+            setattr(parent, child, qw)
+            continue
         cls = QuantLinear if isinstance(qw, QuantizedWeight) else GridLinear
         setattr(parent, child, cls(qw, bias, cache=cache_weights))
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    qbuf = {f"{n}.{b}" for n, m in model.named_modules()
-            if isinstance(m, (QuantLinear, GridLinear))
+    qbuf = {f"{n}.{b}" for n, m in model.named_modules() if n in qweights
             for b, _ in m.named_buffers(recurse=False)}
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in qbuf and k not in tied]

@@ -19,7 +19,10 @@ def _num(x, spec: str = ".3f") -> str:
 def model_card(fmt: str, scheme, meta: dict, qcfg: dict) -> str:
     cal = meta.get("calibration") or {}
     ev = meta.get("eval") or {}
-    if not hasattr(scheme, "bits"):  # a float grid (fp8-e4m3, nvfp4 ...)
+    if hasattr(scheme, "act"):  # W8A8
+        what = (f"{scheme.name}: int8 weights per output channel, int8 activations "
+                f"({'dynamic per token' if scheme.act == 'dynamic' else 'static per tensor'})")
+    elif not hasattr(scheme, "bits"):  # a float grid (fp8-e4m3, nvfp4 ...)
         what = f"{scheme.name}: floating-point elements (see the quantization config below)"
     else:
         gran = (f"groups of {scheme.group_size}" if scheme.granularity == "group"
