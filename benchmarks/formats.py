@@ -4,6 +4,7 @@
         --json formats.json --plot formats.png
     python benchmarks/formats.py --formats w4g64,nf4,mxfp4 --methods gptq
     python benchmarks/formats.py gptq:nf4 gptq:w4g64:act_order=1     # explicit variants
+    python benchmarks/formats.py --methods gptq --merge rtn.json --plot all.png  # add old rows
 
 Columns: bits per weight (the grid's accounting over the quantized Linears), perplexity, mean
 KL and top-1 agreement against the base model, elements clipped beyond the grid, GPTQ layers
@@ -109,6 +110,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=6, help="variants held in memory at a time")
     ap.add_argument("--json", help="write the table and settings as one JSON document")
     ap.add_argument("--plot", help="write perplexity against bits per weight to this PNG")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="add the rows of earlier --json documents (same evaluation windows) "
+                    "to the table and the plot")
     a = ap.parse_args()
 
     variants = a.variants or [f"{m}:{f}" for f in a.formats.split(",")
@@ -132,6 +136,15 @@ def main() -> None:
             r.update(res[r["variant"]])
         del models, res
         gc.collect()
+    for path in a.merge:
+        with open(path) as f:
+            doc = json.load(f)
+        if doc["settings"]["eval_windows"] != a.eval_windows:
+            raise SystemExit(f"{path}: evaluated on {doc['settings']['eval_windows']} windows, "
+                             f"not {a.eval_windows}")
+        rows.extend(r for r in doc["rows"] if r["method"] != "base")
+    order = {f: i for i, f in enumerate(FORMATS)}
+    rows.sort(key=lambda r: (order.get(r["format"], len(order)), r["method"] != "rtn"))
     table = [{"format": "fp32", "method": "base", "bpw": 32.0, **base_res}, *rows]
     print(format_table(table, COLS))
     settings = {"model": a.model, "eval_windows": a.eval_windows, "calib": a.calib,
