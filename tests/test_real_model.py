@@ -57,3 +57,29 @@ def test_gptq_beats_rtn_and_reloads(tmp_path, wiki_ids):
     back, _ = load_quantized(out)
     with torch.no_grad():
         assert torch.equal(gptq(input_ids=ev[:1]).logits, back(input_ids=ev[:1]).logits)
+
+
+def test_demo_end_to_end(tmp_path):
+    """`lowbit demo` (small sizes): the table's two rows, the JSON, a folder that reloads."""
+    import json
+    import subprocess
+    import sys
+
+    from lowbit.cli import DEMO_SCHEME
+
+    out, js = tmp_path / "demo", tmp_path / "demo.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "lowbit.cli", "demo", "--calib-samples", "4", "--windows", "2",
+         "--out", str(out), "--json", str(js)],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"quantized model written to {out}" in p.stdout
+    base, q = json.loads(js.read_text())["rows"]
+    assert (base["method"], q["method"], q["scheme"]) == ("base", "gptq", DEMO_SCHEME)
+    assert 4.0 < q["bpw"] < 4.5 and q["kl_mean"] > 0 and 0 < q["top1"] < 1
+    assert base["ppl"] < q["ppl"] < 2 * base["ppl"]
+    from lowbit.runtime.qlinear import QuantLinear
+
+    back, _ = load_quantized(out)
+    assert sum(isinstance(m, QuantLinear) for m in back.modules()) == 210

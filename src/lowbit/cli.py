@@ -357,16 +357,23 @@ def info(path, json_path):
     _dump_json(json_path, desc | {"bytes_on_disk": size})
 
 
+# The 4-bit GPTQ scheme that measures best on the protocol (BENCHMARKS.md, issue 2 section)
+DEMO_SCHEME = "w4g64-asym"
+
+
 @cli.command()
-@click.option("--out", default="out/smollm2-135m-gptq-w4g64", show_default=True, type=click.Path())
+@click.option("--scheme", default=DEMO_SCHEME, show_default=True)
+@click.option("--out", type=click.Path(), help="[default: out/smollm2-135m-gptq-SCHEME]")
 @click.option("--windows", default=32, show_default=True, help="evaluation windows")
+@click.option("--calib-samples", default=128, show_default=True, help="calibration windows")
 @click.option("--json", "json_path", type=click.Path())
-def demo(out, windows, json_path):
+def demo(scheme, out, windows, calib_samples, json_path):
     """The main job: GPTQ 4-bit on the built-in model, evaluated against the base."""
     from lowbit.calib import eval_windows
     from lowbit.eval.metrics import evaluate
     from lowbit.models import DEFAULT_MODEL, load_model
 
+    out = out or f"out/{DEFAULT_MODEL}-gptq-{scheme}"
     base, tok = load_model(DEFAULT_MODEL)
     ev = eval_windows("builtin", tok, windows, 512)
     click.echo(f"evaluating the base model on {windows}x512 tokens of the built-in evaluation text")
@@ -382,7 +389,8 @@ def demo(out, windows, json_path):
         }
     ]
     model, _, res, meta, secs = run_quantize(
-        DEFAULT_MODEL, "gptq", "w4g64", "builtin", 128, 0, 512, None, False, 0.01, 8, out, True
+        DEFAULT_MODEL, "gptq", scheme, "builtin", calib_samples, 0, 512, None, False, 0.01, 8, out,
+        True,
     )
     q = evaluate(model, ev, base=base)
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
