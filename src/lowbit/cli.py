@@ -61,7 +61,7 @@ def _common_quant(f):
             default="w4g64",
             show_default=True,
             help="w4g64, w4g64-asym, w3g64, w2g32, w8, w4g64-mse ...; smoothquant/w8a8: "
-                 "w8a8, w8a8-static, w7a8, w7a8-static",
+                 "w8a8, w8a8-static, w7a8, w7a8-static, w8a8-fp8, w8a8-fp8-static",
         ),
         click.option(
             "--calib",

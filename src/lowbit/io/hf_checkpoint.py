@@ -44,6 +44,7 @@ def format_module(fmt: str) -> ModuleType:
 
 def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight | GridWeight]:
     """The quantized weights of a model loaded from a lowbit folder (QuantLinear/GridLinear)."""
+    from lowbit.runtime.fp8 import FP8Linear
     from lowbit.runtime.int8_mixed import Int8MixedLinear
     from lowbit.runtime.w8a8 import W8A8Linear
 
@@ -55,6 +56,11 @@ def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight | GridWeigh
             out[name] = mod.grid_weight()
         elif isinstance(mod, W8A8Linear):
             out[name] = mod
+        elif isinstance(mod, FP8Linear):
+            raise LowbitError(
+                f"{name}: FP8 W8A8 layers (FP8 activations) are not exported yet; export an "
+                "FP8 weight-only model (--scheme fp8-e4m3) as compressed-tensors instead"
+            )
         elif isinstance(mod, Int8MixedLinear):
             raise LowbitError(
                 f"{name}: LLM.int8() layers (mixed int8/fp decomposition at run time) have no "

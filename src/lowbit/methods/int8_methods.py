@@ -5,7 +5,9 @@ Linear by a runtime int8 module (``W8A8Linear`` / ``Int8MixedLinear``) in place.
 Schemes: ``w8a8`` (int8 per-channel weights, dynamic per-token int8 activations),
 ``w8a8-static`` (static per-tensor activation scales from calibration), and ``w7a8`` /
 ``w7a8-static``: weight codes within +-64, which this AVX2 CPU's fast oneDNN int8 GEMM
-multiplies exactly (see ``lowbit.runtime.int8``).
+multiplies exactly (see ``lowbit.runtime.int8``). ``w8a8-fp8`` / ``w8a8-fp8-static``: FP8 E4M3
+weights (per channel) and activations (dynamic per token, or one static scale per tensor from
+Transformer Engine's delayed scaling over the calibration batches; ``lowbit.runtime.fp8``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lowbit.errors import LowbitError
 from lowbit.methods.fold import apply_scales, norm_feeds
 from lowbit.pipeline.act_stats import ActStats, collect_act_stats
 from lowbit.pipeline.driver import get_weight
+from lowbit.runtime.fp8 import FP8Linear
 from lowbit.runtime.int8_mixed import Int8MixedLinear
 from lowbit.runtime.w8a8 import W8A8Linear
 
@@ -31,6 +34,8 @@ W8A8_SCHEMES = {
     "w8a8-static": ("static", 127),
     "w7a8": ("dynamic", 64),
     "w7a8-static": ("static", 64),
+    "w8a8-fp8": ("dynamic", 0),
+    "w8a8-fp8-static": ("static", 0),
 }
 
 
@@ -38,7 +43,11 @@ W8A8_SCHEMES = {
 class Int8Scheme:
     name: str
     act: str = "dynamic"  # dynamic per token or static per tensor
-    weight_qmax: int = 127
+    weight_qmax: int = 127  # 0: FP8 E4M3 instead of int8
+
+    @property
+    def fp8(self) -> bool:
+        return self.weight_qmax == 0
 
     def to_dict(self) -> dict:
         return {"name": self.name, "act": self.act, "weight_qmax": self.weight_qmax}
@@ -134,7 +143,9 @@ def quantize_int8(
     spec = spec_for(model)
     if method == "smoothquant":
         norm_feeds(spec)  # fail before calibrating when the table cannot fold
-    needs_stats = method == "smoothquant" or sch.act == "static"
+    needs_stats = method == "smoothquant" or (sch.act == "static" and not sch.fp8)
+    if sch.fp8 and sch.act == "static" and calib is None:
+        raise LowbitError(f"{method} {sch.name} needs calibration windows")
     t0 = time.perf_counter()
     if needs_stats and stats is None:
         if calib is None:
@@ -150,6 +161,9 @@ def quantize_int8(
             if method == "llm-int8":
                 new = Int8MixedLinear.from_linear(w, _bias(mod), threshold, kernel)
                 row = {"threshold": threshold}
+            elif sch.fp8:
+                new = FP8Linear.from_linear(w, _bias(mod), sch.act)
+                row = {"smoothed": full in applied}
             else:
                 x_absmax = None
                 if sch.act == "static":
@@ -162,10 +176,31 @@ def quantize_int8(
                 row = {"x_absmax": x_absmax, "smoothed": full in applied}
             _replace(model, full, new)
             res.qweights[full] = new
+            kern = new.kernel if sch.fp8 else new.int8_weight().kernel
             res.rows.append({"block": bi, "name": full, "shape": list(w.shape), **row,
-                             "kernel": new.int8_weight().kernel})
+                             "kernel": kern})
+    if sch.fp8 and sch.act == "static":
+        calibrate_fp8(model, res, calib, chunk, progress)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+@torch.no_grad()
+def calibrate_fp8(model: nn.Module, res: Int8Result, calib: torch.Tensor, chunk: int,
+                  progress: bool) -> None:
+    """Static FP8 activation scales by delayed scaling: the calibration windows run through
+    the FP8 model in chunks, each layer quantizing with the scale from the chunks before."""
+    mods = res.qweights
+    for m in mods.values():
+        m.start_calibration()
+    for i in tqdm(range(0, calib.shape[0], chunk), desc="fp8 calibration", disable=not progress,
+                  leave=False):
+        model(input_ids=calib[i : i + chunk])
+    for row in res.rows:
+        m = mods[row["name"]]
+        m.finish_calibration()
+        row.update({"x_scale": float(m.x_scale), "saturated": m.saturated})
+        m.saturated = 0
 
 
 def outlier_fractions(model: nn.Module) -> dict[str, float]:

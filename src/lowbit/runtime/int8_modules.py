@@ -1,4 +1,4 @@
-"""Rebuild an int8 runtime module from the layer description and tensors a saved model
+"""Rebuild an int8 or FP8 W8A8 runtime module from the layer description and tensors a saved model
 holds (``lowbit.io.native``)."""
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ def int8_module(info: dict, parts: dict[str, torch.Tensor], bias: torch.Tensor |
         if kind == "w8a8":
             xs = parts["x_scale"] if info["act"] == "static" else None
             return W8A8Linear(parts["qweight"], parts["w_scale"], bias, info["act"], xs, k)
+        if kind == "w8a8-fp8":
+            from lowbit.runtime.fp8 import FP8Linear
+
+            xs = float(parts["x_scale"]) if info["act"] == "static" else None
+            return FP8Linear(parts["qweight"], parts["w_scale"], bias, info["act"], xs,
+                             info.get("fmt", "e4m3"), kernel or info.get("kernel", "scaled_mm"))
         if kind == "llm-int8":
             return Int8MixedLinear(parts["qweight"], parts["w_scale"], bias, info["threshold"], k)
     except KeyError as e:
