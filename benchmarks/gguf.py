@@ -33,7 +33,7 @@ from lowbit import data  # noqa: E402
 from lowbit.cli import format_table  # noqa: E402
 from lowbit.eval.llamacpp import llamacpp_perplexity, llamacpp_quantize  # noqa: E402
 from lowbit.io.gguf_export import export_gguf  # noqa: E402
-from lowbit.io.imatrix import collect_imatrix, save_imatrix  # noqa: E402
+from lowbit.io.imatrix import collect_imatrix, load_imatrix, save_imatrix  # noqa: E402
 from lowbit.models import DEFAULT_MODEL, builtin_path, load_model  # noqa: E402
 
 WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     ap.add_argument("--out-dir", type=Path, help="keep the files here (default: temporary)")
     ap.add_argument("--json", type=Path, help="append one JSON line per row")
+    ap.add_argument("--imatrix", type=Path, help="reuse this imatrix.gguf instead of collecting")
+    ap.add_argument("--only-imatrix", action="store_true",
+                    help="only the files made with the imatrix, and no F32 row")
     args = ap.parse_args()
 
     t_all = time.perf_counter()
@@ -89,9 +92,13 @@ def main() -> None:
     ev = data.windows(ids, args.windows, 512)
     calib = data.windows(ids, args.calib_windows, 512, start=100)
     t0 = time.perf_counter()
-    im = collect_imatrix(model, calib, dataset=f"wikitext-2 test windows 100..{99 + len(calib)}")
+    if args.imatrix:
+        im = load_imatrix(args.imatrix)
+    else:
+        im = collect_imatrix(model, calib,
+                             dataset=f"wikitext-2 test windows 100..{99 + len(calib)}")
+        save_imatrix(im, work / "imatrix.gguf")
     im_seconds = time.perf_counter() - t0
-    save_imatrix(im, work / "imatrix.gguf")
     f32 = work / "model-F32.gguf"
     export_gguf(model, tok, f32, "F32", source_gguf=source, progress=False)
 
@@ -104,9 +111,10 @@ def main() -> None:
               flush=True)  # fmt: skip
         return row
 
-    rows = [measure(f32, {"type": "F32", "maker": "lowbit", "imatrix": "-", "seconds": 0.0})]
+    rows = [] if args.only_imatrix else [
+        measure(f32, {"type": "F32", "maker": "lowbit", "imatrix": "-", "seconds": 0.0})]
     for qtype in args.types:
-        for use_im in (False, True):
+        for use_im in (True,) if args.only_imatrix else (False, True):
             imx = im if use_im else None
             tag = "yes" if use_im else "no"
             ours = work / f"lowbit-{qtype}{'-imat' if use_im else ''}.gguf"
