@@ -9,8 +9,7 @@
 Columns: bits per weight (the grid's accounting over the quantized Linears), perplexity, mean
 KL and top-1 agreement against the base model, elements clipped beyond the grid, GPTQ layers
 whose Hessian loss is below RTN's, quantization seconds. The base model's logits are shared by
-the variants evaluated together (``evaluate_all`` of quality.py); ``--batch`` variants are held
-in memory at a time (each a full fp32 copy of the model), the base is re-run once per batch.
+every variant (one pass, kept in memory); one quantized copy of the model is held at a time.
 SqueezeLLM (sq3, sq4) is calibrated with RTN too: its k-means is weighted by diag(H).
 """
 
@@ -22,7 +21,7 @@ import json
 import time
 
 import torch
-from quality import WIKI, calibration, evaluate_all, parse_variant
+from quality import WIKI, base_logprobs, calibration, evaluate_against, parse_variant
 
 from lowbit import data
 from lowbit.api import needs_calibration, quantize_model
@@ -107,7 +106,7 @@ def main() -> None:
     ap.add_argument("--calib", default="wiki", help="wiki, pydoc, self, builtin or a file")
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=6, help="variants held in memory at a time")
+    ap.add_argument("--jsonl", help="append each row to this file as soon as it is measured")
     ap.add_argument("--json", help="write the table and settings as one JSON document")
     ap.add_argument("--plot", help="write perplexity against bits per weight to this PNG")
     ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
@@ -123,18 +122,19 @@ def main() -> None:
     cal = None
     if any(needs_calibration(*parse_variant(v)[:2]) for v in variants):
         cal = calibration(a.calib, base, tok, ids, a.calib_windows)
-    rows, base_res = [], None
-    for i in range(0, len(variants), a.batch):
-        models = {}
-        for v in variants[i : i + a.batch]:
-            models[v], row = quantize_variant(v, a.model, cal)
-            rows.append(row)
-        res = evaluate_all(base, models, ev)
-        print()  # evaluate_all ends its progress line with a carriage return
-        base_res = res["base"]
-        for r in rows[-len(models):]:
-            r.update(res[r["variant"]])
-        del models, res
+    blp = base_logprobs(base, ev)  # the base pass is shared by every variant
+    base_res = evaluate_against(base, ev, None)
+    rows = []
+    for v in variants:
+        model, row = quantize_variant(v, a.model, cal)
+        row.update(evaluate_against(model, ev, blp))
+        rows.append(row)
+        print(format_table([row], COLS).splitlines()[-1], flush=True)
+        if a.jsonl:
+            with open(a.jsonl, "a") as f:
+                f.write(json.dumps(row | {"eval_windows": a.eval_windows,
+                                          "calib_windows": a.calib_windows}) + "\n")
+        del model
         gc.collect()
     for path in a.merge:
         with open(path) as f:
