@@ -79,7 +79,9 @@ def test_linear_equals_the_product_of_decoded_values(act):
     xd = (x2 / sx).clamp(-448, 448).to(torch.float8_e4m3fn).float() * sx
     wd = lin.qweight.float() * lin.w_scale[:, None]
     ref = (xd @ wd.T + b).reshape(2, 5, 48)
-    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+    # the kernel may sum in any order: allow fp32 rounding of the sum of |terms| per output
+    bound = (xd.abs() @ wd.abs().T + b.abs()).reshape(2, 5, 48) * 64 * 2.0**-24
+    assert ((y - ref).abs() <= bound + 1e-7).all()
     exact = torch.nn.functional.linear(x, w, b)
     assert 0 < float((y - exact).norm() / exact.norm()) < 0.06  # 3 mantissa bits: a few %
 
@@ -90,10 +92,12 @@ def test_scaled_mm_and_emulation_agree():
     b, sb = quantize_rows_fp8(torch.randn(40, 96, generator=g))
     real = fp8_matmul(a, b, sa[:, None], sb[None, :], "scaled_mm")
     emu = fp8_matmul(a, b, sa[:, None], sb[None, :], "emulate")
-    assert torch.allclose(real, emu, rtol=1e-5, atol=1e-5)
+    # both sum the same products in fp32, in an order the kernel chooses
+    tol = 1e-5 * float(emu.abs().max())
+    assert torch.allclose(real, emu, rtol=1e-5, atol=tol)
     scalar = fp8_matmul(a, b, torch.tensor(0.5), sb[None, :], "scaled_mm")
     assert torch.allclose(scalar, fp8_matmul(a, b, torch.tensor(0.5), sb[None, :], "emulate"),
-                          rtol=1e-5, atol=1e-5)
+                          rtol=1e-5, atol=tol)
     with pytest.raises(LowbitError, match="kernel"):
         fp8_matmul(a, b, sa[:, None], sb[None, :], "fast")
 
