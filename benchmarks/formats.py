@@ -5,6 +5,7 @@
     python benchmarks/formats.py --formats w4g64,nf4,mxfp4 --methods gptq
     python benchmarks/formats.py gptq:nf4 gptq:w4g64:act_order=1     # explicit variants
     python benchmarks/formats.py --methods gptq --merge rtn.json --plot all.png  # add old rows
+    python benchmarks/formats.py --report rtn.json gptq.jsonl --plot all.png  # no measuring
 
 Columns: bits per weight (the grid's accounting over the quantized Linears), perplexity, mean
 KL and top-1 agreement against the base model, elements clipped beyond the grid, GPTQ layers
@@ -96,6 +97,66 @@ def plot(rows: list[dict], base_ppl: float, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def load_rows(paths: list[str]) -> tuple[list[dict], dict | None, set[int]]:
+    """Rows of earlier runs: --json documents or --jsonl files. (rows, base row, eval sizes)."""
+    rows, base, sizes = [], None, set()
+    for path in paths:
+        with open(path) as f:
+            if path.endswith(".jsonl"):
+                got = [json.loads(line) for line in f if line.strip()]
+                sizes |= {r["eval_windows"] for r in got}
+            else:
+                doc = json.load(f)
+                got = doc["rows"]
+                sizes.add(doc["settings"]["eval_windows"])
+        for r in got:
+            if r["method"] == "base":
+                base = r
+            else:
+                rows.append(r)
+    return rows, base, sizes
+
+
+def markdown(rows: list[dict], base: dict) -> str:
+    """One line per format: RTN and GPTQ side by side; GPTQ in bold where it beats RTN."""
+    def ppl(r: dict | None) -> str:
+        return "–" if r is None else (f"{r['ppl']:.4g}" if r["ppl"] > 1e4 else f"{r['ppl']:.3f}")
+
+    def val(r: dict | None, key: str, fmt: str) -> str:
+        return "–" if r is None or r.get(key) is None else format(r[key], fmt)
+
+    by = {(r["format"], r["method"]): r for r in rows}
+    out = ["| format | bits/w (RTN / GPTQ) | RTN ppl | RTN KL | RTN top-1 | clipped (RTN) "
+           "| GPTQ ppl | GPTQ KL | GPTQ top-1 |", "|---|---|---|---|---|---|---|---|---|",
+           f"| fp32 base | 32 | {base['ppl']:.3f} | – | – | – | – | – | – |"]
+    for fmt in [f for f in FORMATS if any(k[0] == f for k in by)]:
+        r, g = by.get((fmt, "rtn")), by.get((fmt, "gptq"))
+        gp = ppl(g)
+        if g is not None and r is not None and g["ppl"] < r["ppl"]:
+            gp = f"**{gp}**"
+        bits = " / ".join(dict.fromkeys(val(x, "bpw", ".3f") for x in (r, g) if x))
+        out.append(f"| {fmt} | {bits} | {ppl(r)} | {val(r, 'kl_mean', '.4f')} | "
+                   f"{val(r, 'top1', '.3f')} | {val(r, 'saturated', 'd')} | {gp} | "
+                   f"{val(g, 'kl_mean', '.4f')} | {val(g, 'top1', '.3f')} |")
+    return "\n".join(out)
+
+
+def report(paths: list[str], plot_path: str | None) -> None:
+    """Table (markdown) and plot from saved rows, without loading a model."""
+    rows, base, sizes = load_rows(paths)
+    if base is None:
+        raise SystemExit("--report needs a --json document holding the base row")
+    if len(sizes) != 1:
+        raise SystemExit(f"rows were evaluated on different window counts: {sorted(sizes)}")
+    print(markdown(rows, base))
+    if plot_path:
+        calib = sorted({r.get("calib_windows") for r in rows if r.get("calib_windows")})
+        title = (f"WikiText-2 perplexity, {sizes.pop()}x512 tokens"
+                 + (f"; calibration wiki x{calib[0]}" if len(calib) == 1 else ""))
+        plot(rows, base["ppl"], plot_path, title)
+        print(f"wrote {plot_path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("variants", nargs="*", help="method:scheme[:key=value,...]; overrides "
@@ -112,7 +173,13 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                     help="add the rows of earlier --json documents (same evaluation windows) "
                     "to the table and the plot")
+    ap.add_argument("--report", nargs="+", metavar="FILE",
+                    help="measure nothing: print a markdown table (and --plot) from these "
+                    "--json documents and --jsonl files")
     a = ap.parse_args()
+    if a.report:
+        report(a.report, a.plot)
+        return
 
     variants = a.variants or [f"{m}:{f}" for f in a.formats.split(",")
                               for m in a.methods.split(",")]

@@ -18,6 +18,7 @@ from lowbit.formats.codebooks import ternary_quantize as ternary_ref
 from lowbit.formats.grid_base import WeightGrid
 from lowbit.formats.grids import GRID_NAMES, count_saturated, get_grid, group_slices, rtn
 from lowbit.formats.grids_lut import Nf4Grid, weighted_kmeans_rows
+from lowbit.formats.minifloat import max_value
 from lowbit.formats.mx import mx_dequantize, mx_quantize, nvfp4_dequantize, nvfp4_quantize
 from lowbit.scheme import parse_scheme
 
@@ -45,7 +46,7 @@ def rel_err(name: str, w: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------ names
 
 
-@pytest.mark.parametrize("name", [*GRID_NAMES, *INT_NAMES])
+@pytest.mark.parametrize("name", [*GRID_NAMES, *INT_NAMES, "mxfp4-ceil", "mxint8-ceil"])
 def test_names_resolve_to_grids(name: str) -> None:
     grid = get_grid(name)
     assert isinstance(grid, WeightGrid)
@@ -364,3 +365,30 @@ def test_zero_weight() -> None:
         codes, _, w_hat = rtn(w, get_grid(name))
         assert torch.equal(w_hat.abs(), w), name
         assert math.isfinite(float(w_hat.sum()))
+
+
+@pytest.mark.parametrize("name", list(MX_ELEMS))
+def test_mx_ceil_scale_never_saturates(name: str) -> None:
+    """-ceil: the smallest power of two X with amax / X <= the element maximum (checked by
+    ml_dtypes-free arithmetic); same codec otherwise, so it decodes with the plain MX decoder."""
+    w = heavy(16, 256)
+    codes, params, w_hat = rtn(w, get_grid(f"{name}-ceil"))
+    assert count_saturated(params) == 0
+    scale_codes = torch.cat([p["scale_code"] for p in params], 1)
+    assert torch.equal(w_hat, mx_dequantize(codes, scale_codes, MX_ELEMS[name]))
+    top = 127 / 64 if name == "mxint8" else max_value(get_grid(name).fmt)
+    amax = w.reshape(16, 8, 32).abs().amax(-1).double()
+    x = torch.exp2(scale_codes.double() - 127)
+    assert (amax / x <= top).all() and (amax / (x / 2) > top).all()
+    floor_codes = torch.cat([p["scale_code"] for p in rtn(w, get_grid(name))[1]], 1)
+    assert ((scale_codes - floor_codes) >= 0).all() and ((scale_codes - floor_codes) <= 1).all()
+
+
+def test_mx_ceil_keeps_the_block_maximum() -> None:
+    # the floor rule's example above: 7.9 clips to 6 under X = 1; ceil takes X = 2: 7.9 -> 8
+    x = torch.zeros(1, 32)
+    x[0, :2] = torch.tensor([7.9, 6.9])
+    _, params, x_hat = rtn(x, get_grid("mxfp4-ceil"))
+    assert x_hat[0, :2].tolist() == [8.0, 6.0] and count_saturated(params) == 0
+    with pytest.raises(LowbitError, match="floor"):
+        get_grid("mxfp4").__class__("mxfp4", "nearest")

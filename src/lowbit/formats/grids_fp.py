@@ -175,15 +175,23 @@ MX_NAMES = {
 
 
 class MxGrid(GridBase):
-    """OCP MX v1.0: blocks of 32 share an E8M0 scale 2^(floor(log2 amax) - emax_elem)."""
+    """OCP MX v1.0: blocks of 32 share an E8M0 scale 2^(floor(log2 amax) - emax_elem).
+
+    ``scale_rounding="ceil"`` (scheme suffix ``-ceil``) picks the smallest power of two that
+    keeps the block maximum in range instead: same E8M0 codes on disk, no saturation.
+    """
 
     group_size = MX_BLOCK
     allowed_groups = (MX_BLOCK,)
 
-    def __init__(self, name: str = "mxfp4") -> None:
+    def __init__(self, name: str = "mxfp4", scale_rounding: str = "floor") -> None:
         if name not in MX_NAMES:
             raise LowbitError(f"MX formats: {', '.join(MX_NAMES)}; not {name!r}")
-        self.name = name
+        if scale_rounding not in ("floor", "ceil"):
+            raise LowbitError(f"MX scale rounding: floor (the OCP rule) or ceil; not "
+                              f"{scale_rounding!r}")
+        self.scale_rounding = scale_rounding
+        self.name = name + ("-ceil" if scale_rounding == "ceil" else "")
         self.elem = MX_NAMES[name]
         self.fmt = ELEMENTS[self.elem]
         self.code_bits = 8 if self.fmt is None else self.fmt.bits
@@ -200,7 +208,8 @@ class MxGrid(GridBase):
         self, w: Tensor, weight: Tensor | None = None, *, ctx: Params | None = None, group: int = 0
     ) -> Params:
         check_finite(w)
-        exp = mx_scale_exponents(w.detach().abs().amax(1, keepdim=True), self.elem)
+        exp = mx_scale_exponents(w.detach().abs().amax(1, keepdim=True), self.elem,
+                                 self.scale_rounding)
         return {
             "exp": exp,
             "scale_code": (exp + E8M0_BIAS).to(torch.uint8),

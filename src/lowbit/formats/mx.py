@@ -1,7 +1,8 @@
 """OCP Microscaling (MX v1.0) block formats and NVIDIA's NVFP4.
 
 MX: blocks of `block` (32) consecutive elements along the last dimension share an E8M0 scale
-X = 2^(floor(log2(amax)) - emax_elem), clamped to the E8M0 range [2^-127, 2^127]; each element
+X = 2^(floor(log2(amax)) - emax_elem) (or, on request, the smallest power of two that avoids
+saturation; see ``mx_scale_exponents``), clamped to the E8M0 range [2^-127, 2^127]; each element
 is x / X rounded to nearest-even in the element format, saturating to +-max. An all-zero block
 gets the smallest scale, 2^-127 (code 0). MXINT8 elements are int8 two's complement with six
 fractional bits (value k/64); they are clipped symmetrically to +-127/64, so the code -128
@@ -70,16 +71,29 @@ def _blocks(x: Tensor, block: int, what: str) -> Tensor:
     return x.reshape(*x.shape[:-1], n // block, block)
 
 
-def mx_scale_exponents(amax: Tensor, elem: str) -> Tensor:
-    """Unbiased shared exponents floor(log2(amax)) - emax_elem, clamped to [-127, 127] (int64).
+def mx_scale_exponents(amax: Tensor, elem: str, rounding: str = "floor") -> Tensor:
+    """Unbiased shared exponents, clamped to [-127, 127] (int64).
 
-    floor(log2) is read from the float's exponent (frexp), so an amax just below a power of two
-    is not rounded up the way a float log2 would.
+    ``floor`` is OCP MX v1.0's rule, floor(log2(amax)) - emax_elem: the block maximum lands in
+    the element format's top binade and values above its largest finite value saturate (E2M1:
+    (6, 8), E4M3: (448, 512) scale units). ``ceil`` takes the smallest power of two that fits
+    amax within the largest finite value, so nothing saturates, at the cost of up to one
+    binade of resolution. Both write the same E8M0 codes, so any MX decoder reads either.
+    floor(log2) is read from the float's exponent (frexp), so an amax just below a power of
+    two is not rounded up the way a float log2 would.
     """
     fmt = _element(elem)
-    _, e = torch.frexp(amax.to(torch.float64))
-    exp = e.to(torch.int64) - 1 - (0 if fmt is None else fmt.emax)
-    exp = torch.where(amax > 0, exp, -E8M0_BIAS)
+    a = amax.to(torch.float64)
+    if rounding == "floor":
+        _, e = torch.frexp(a)
+        exp = e.to(torch.int64) - 1 - (0 if fmt is None else fmt.emax)
+    elif rounding == "ceil":
+        top = INT8_MAX if fmt is None else max_value(fmt)
+        m, e = torch.frexp(a / top)  # a / top = m * 2^e with m in [0.5, 1)
+        exp = e.to(torch.int64) - (m == 0.5).to(torch.int64)  # exact powers of two stay
+    else:
+        raise ValueError(f"MX scale rounding is 'floor' (OCP MX v1.0) or 'ceil', not {rounding!r}")
+    exp = torch.where(a > 0, exp, -E8M0_BIAS)
     return exp.clamp(-E8M0_BIAS, E8M0_BIAS)
 
 
