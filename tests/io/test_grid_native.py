@@ -23,7 +23,9 @@ def roundtrip(gw: GridWeight) -> GridWeight:
     return GridWeight.from_tensors(gw.name, gw.shape, gw.to_tensors(), gw.describe()["code_dtype"])
 
 
-@pytest.mark.parametrize("name", [*GRID_NAMES, "nf4-dq-g128", "fp4-g16", "sq2", "mxfp4-ceil"])
+@pytest.mark.parametrize(
+    "name", [*GRID_NAMES, "nf4-dq-g128", "fp4-g16", "sq2", "mxfp4-ceil", "mxfp8-e4m3-mse"]
+)
 def test_stored_form_is_exact_and_compact(name: str) -> None:
     grid = get_grid(name)
     sens = torch.rand(128, generator=torch.Generator().manual_seed(4)) + 0.1

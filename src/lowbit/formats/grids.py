@@ -18,7 +18,8 @@ Scheme names (``--scheme``), bits per weight for an (out, in) weight:
 | ``w4g64``, ``w3g64-asym``, ... | integer ``Scheme`` | as ``Scheme.bits_per_weight`` | |
 
 MX scales follow OCP MX v1.0 (floor(log2 amax) - emax, which saturates the top of a block);
-the suffix ``-ceil`` (``mxfp4-ceil``, ...) rounds the exponent up instead so nothing saturates.
+the suffix ``-ceil`` (``mxfp4-ceil``, ...) rounds the exponent up instead so nothing saturates,
+``-mse`` picks the better of the two per block.
 Optional block suffixes: ``nf4-g128`` / ``nf4-dq-g128`` (32, 64, 128, 256), ``fp4-g16`` ..
 ``fp4-g128``; MX blocks are fixed at 32, NVFP4 at 16 and FP8 blocks at 128x128.
 """
@@ -59,19 +60,19 @@ _INT_HINT = "integer schemes such as w4g64, w3g64-asym, w8, w8-tensor"
 _NF = re.compile(r"nf(\d+)(-dq)?(?:-g(\d+))?")
 _FP8 = re.compile(r"fp8-([a-z0-9]+?)(?:-(tensor|b\d+))?")
 _FP4 = re.compile(r"fp4(?:-g(\d+))?")
-_MX = re.compile(r"mx(fp\d+|int\d+)(?:-(e\dm\d))?(?:-g(\d+))?(-ceil)?")
+_MX = re.compile(r"mx(fp\d+|int\d+)(?:-(e\dm\d))?(?:-g(\d+))?(?:-(ceil|mse))?")
 _NVFP4 = re.compile(r"nvfp4(?:-g(\d+))?")
 _SQ = re.compile(r"sq(\d+)")
 
 
-def _mx(kind: str, elem: str | None, group: str | None, ceil: str | None,
+def _mx(kind: str, elem: str | None, group: str | None, rounding: str | None,
         name: str) -> WeightGrid:
     base = f"mx{kind}" + (f"-{elem}" if elem else "")
     if base not in MX_NAMES:
         raise LowbitError(f"unknown MX format {name!r}; MX formats: {', '.join(MX_NAMES)}")
     if group is not None and int(group) != 32:
         raise LowbitError(f"{name!r}: the OCP MX v1.0 block size is 32 only (use {base})")
-    return MxGrid(base, "ceil" if ceil else "floor")
+    return MxGrid(base, rounding or "floor")
 
 
 def get_grid(name: str) -> WeightGrid:

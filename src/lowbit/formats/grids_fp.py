@@ -178,7 +178,10 @@ class MxGrid(GridBase):
     """OCP MX v1.0: blocks of 32 share an E8M0 scale 2^(floor(log2 amax) - emax_elem).
 
     ``scale_rounding="ceil"`` (scheme suffix ``-ceil``) picks the smallest power of two that
-    keeps the block maximum in range instead: same E8M0 codes on disk, no saturation.
+    keeps the block maximum in range instead: no saturation, half the resolution where it
+    differs. ``"mse"`` (``-mse``) keeps, per block, whichever of the two gives the smaller
+    squared error (weighted by the Hessian diagonal when one is given). Same E8M0 codes on
+    disk in every case.
     """
 
     group_size = MX_BLOCK
@@ -187,11 +190,11 @@ class MxGrid(GridBase):
     def __init__(self, name: str = "mxfp4", scale_rounding: str = "floor") -> None:
         if name not in MX_NAMES:
             raise LowbitError(f"MX formats: {', '.join(MX_NAMES)}; not {name!r}")
-        if scale_rounding not in ("floor", "ceil"):
-            raise LowbitError(f"MX scale rounding: floor (the OCP rule) or ceil; not "
+        if scale_rounding not in ("floor", "ceil", "mse"):
+            raise LowbitError(f"MX scale rounding: floor (the OCP rule), ceil or mse; not "
                               f"{scale_rounding!r}")
         self.scale_rounding = scale_rounding
-        self.name = name + ("-ceil" if scale_rounding == "ceil" else "")
+        self.name = name + ("" if scale_rounding == "floor" else f"-{scale_rounding}")
         self.elem = MX_NAMES[name]
         self.fmt = ELEMENTS[self.elem]
         self.code_bits = 8 if self.fmt is None else self.fmt.bits
@@ -208,13 +211,27 @@ class MxGrid(GridBase):
         self, w: Tensor, weight: Tensor | None = None, *, ctx: Params | None = None, group: int = 0
     ) -> Params:
         check_finite(w)
-        exp = mx_scale_exponents(w.detach().abs().amax(1, keepdim=True), self.elem,
-                                 self.scale_rounding)
+        amax = w.detach().abs().amax(1, keepdim=True)
+        if self.scale_rounding == "mse":
+            exp = mx_scale_exponents(amax, self.elem, "floor")
+            up = (exp + 1).clamp(max=E8M0_BIAS)
+            cw = torch.ones(1) if weight is None else weight.detach().double().clamp(min=0)
+            err = [((self._round_trip(w, e) - w.double()) ** 2 * cw).sum(1, keepdim=True)
+                   for e in (exp, up)]
+            exp = torch.where(err[1] < err[0], up, exp)
+        else:
+            exp = mx_scale_exponents(amax, self.elem, self.scale_rounding)
         return {
             "exp": exp,
             "scale_code": (exp + E8M0_BIAS).to(torch.uint8),
             "saturated": zero_count(),
         }
+
+    def _round_trip(self, x: Tensor, exp: Tensor) -> Tensor:
+        """x rounded onto the grid of shared exponents ``exp`` (float64, nothing counted)."""
+        params = {"exp": exp, "scale_code": (exp + E8M0_BIAS).to(torch.uint8),
+                  "saturated": zero_count()}
+        return self.decode(self.encode(x, params), params).double()
 
     def encode(self, x: Tensor, params: Params) -> Tensor:
         v = x.detach().to(torch.float64) * torch.exp2(-params["exp"].to(torch.float64))
