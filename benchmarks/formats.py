@@ -66,34 +66,58 @@ def quantize_variant(variant: str, model_name: str, cal: torch.Tensor | None) ->
 
 
 def plot(rows: list[dict], base_ppl: float, path: str, title: str) -> None:
-    """Perplexity (log scale) against bits per weight; RTN and GPTQ as two marker styles."""
+    """Two panels. Left: perplexity (log) against bits per weight, RTN and GPTQ as two marker
+    styles, points beyond 12x the base drawn on the top edge with their value. Right: one line
+    per format (sorted by bits), RTN -> GPTQ, so crowded 4-bit formats stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 6.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [1.1, 1]})
     styles = {"rtn": ("o", "tab:blue"), "gptq": ("^", "tab:red")}
+    top = 12 * base_ppl
     for method in sorted({r["method"] for r in rows}):
         pts = [r for r in rows if r["method"] == method]
         marker, color = styles.get(method, ("s", "tab:gray"))
-        ax.scatter([r["bpw"] for r in pts], [r["ppl"] for r in pts], marker=marker, color=color,
-                   label=method.upper(), s=36, zorder=3)
+        ax.scatter([r["bpw"] for r in pts], [min(r["ppl"], top) for r in pts], marker=marker,
+                   color=color, label=method.upper(), s=36, zorder=3)
         for r in pts:
-            right = method != "rtn"  # RTN labels left of their point, GPTQ labels right
-            ax.annotate(r["format"], (r["bpw"], r["ppl"]), textcoords="offset points",
-                        xytext=(5 if right else -5, -2), ha="left" if right else "right",
-                        fontsize=7, color=color)
+            if r["ppl"] > top:
+                ax.annotate(f"{r['format']} {r['ppl']:.1e} (off scale)", (r["bpw"], top),
+                            textcoords="offset points", xytext=(6, -4 if method == "rtn" else -14),
+                            fontsize=7, color=color)
     ax.axhline(base_ppl, color="black", linestyle="--", linewidth=0.8,
                label=f"fp32 base ({base_ppl:.2f})")
     ax.set_yscale("log")
+    ax.set_ylim(base_ppl * 0.95, top * 1.15)
     ax.set_xlabel("bits per weight (quantized Linears)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right")
+
+    by_format: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_format.setdefault(r["format"], {})[r["method"]] = r
+    order = sorted(by_format, key=lambda f: (-min(r["bpw"] for r in by_format[f].values()), f))
+    for y, fmt in enumerate(order):
+        got = by_format[fmt]
+        xs = [min(got[m]["ppl"], top) for m in ("rtn", "gptq") if m in got]
+        bx.plot(xs, [y] * len(xs), color="lightgray", linewidth=2, zorder=1)
+        for m, r in got.items():
+            marker, color = styles.get(m, ("s", "tab:gray"))
+            bx.scatter([min(r["ppl"], top)], [y], marker=marker, color=color, s=36, zorder=3)
+    labels = [f"{f} ({min(r['bpw'] for r in by_format[f].values()):.2f} b)" for f in order]
+    bx.set_yticks(range(len(order)), labels, fontsize=8)
+    bx.axvline(base_ppl, color="black", linestyle="--", linewidth=0.8)
+    bx.set_xscale("log")
+    bx.set_xlim(base_ppl * 0.97, top * 1.1)
+    bx.set_xlabel("perplexity (log scale; capped at 12x base)")
+    bx.set_title("per format: RTN (circle) and GPTQ (triangle)", fontsize=10)
+    bx.grid(True, which="both", axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -129,7 +153,8 @@ def markdown(rows: list[dict], base: dict) -> str:
     out = ["| format | bits/w (RTN / GPTQ) | RTN ppl | RTN KL | RTN top-1 | clipped (RTN) "
            "| GPTQ ppl | GPTQ KL | GPTQ top-1 |", "|---|---|---|---|---|---|---|---|---|",
            f"| fp32 base | 32 | {base['ppl']:.3f} | – | – | – | – | – | – |"]
-    for fmt in [f for f in FORMATS if any(k[0] == f for k in by)]:
+    extra = sorted({k[0] for k in by} - set(FORMATS))
+    for fmt in [f for f in FORMATS if any(k[0] == f for k in by)] + extra:
         r, g = by.get((fmt, "rtn")), by.get((fmt, "gptq"))
         gp = ppl(g)
         if g is not None and r is not None and g["ppl"] < r["ppl"]:
