@@ -170,7 +170,8 @@ def report(paths: list[str], plot_path: str | None) -> None:
     """Table (markdown) and plot from saved rows, without loading a model."""
     rows, base, sizes = load_rows(paths)
     if base is None:
-        raise SystemExit("--report needs a --json document holding the base row")
+        raise SystemExit("--report needs a base row (a --json document, or a --jsonl file "
+                         "written since base rows are logged)")
     if len(sizes) != 1:
         raise SystemExit(f"rows were evaluated on different window counts: {sorted(sizes)}")
     print(markdown(rows, base))
@@ -216,6 +217,10 @@ def main() -> None:
         cal = calibration(a.calib, base, tok, ids, a.calib_windows)
     blp = base_logprobs(base, ev)  # the base pass is shared by every variant
     base_res = evaluate_against(base, ev, None)
+    if a.jsonl:  # the base row too, so --report can rebuild the table from this file alone
+        with open(a.jsonl, "a") as f:
+            f.write(json.dumps({"format": "fp32", "method": "base", "bpw": 32.0, **base_res,
+                                "eval_windows": a.eval_windows}) + "\n")
     rows = []
     for v in variants:
         model, row = quantize_variant(v, a.model, cal)
