@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 
@@ -33,6 +33,9 @@ class ArchSpec:
     # the norms compute ``x_normed * (norm_offset + weight)`` (Gemma: 1.0); folding a scale into
     # a norm must divide ``norm_offset + weight``, not ``weight``
     norm_offset: float = 0.0
+    # modules that turn the last block's output into lm_head's input, in order (absent ones,
+    # such as OPT's optional project_out, are skipped)
+    head_path: tuple[str, ...] = ("model.norm",)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -87,6 +90,7 @@ SPECS: tuple[ArchSpec, ...] = (
         groups=(ATTN, ("self_attn.out_proj",), ("fc1",), ("fc2",)),
         norm_feeds={"self_attn_layer_norm": ATTN, "final_layer_norm": ("fc1",)},
         linear_feeds={"self_attn.v_proj": ("self_attn.out_proj",)},
+        head_path=("model.decoder.final_layer_norm", "model.decoder.project_out"),
     ),
     ArchSpec(
         "gpt2",
@@ -96,6 +100,7 @@ SPECS: tuple[ArchSpec, ...] = (
         norm_feeds={"ln_1": ("attn.c_attn",), "ln_2": ("mlp.c_fc",)},
         conv1d=True,
         mlp_path=("ln_2", "mlp"),
+        head_path=("transformer.ln_f",),
     ),
 )
 
@@ -120,6 +125,16 @@ def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     if not isinstance(blocks, nn.ModuleList):
         raise LowbitError(f"{spec.blocks} is not a ModuleList in this {spec.family} model")
     return blocks
+
+
+def get_weight(module: nn.Module, spec: ArchSpec) -> Tensor:
+    """A Linear's weight as (out, in), whatever the module stores (GPT-2's Conv1D: (in, out))."""
+    return module.weight.data.T if spec.conv1d else module.weight.data
+
+
+def set_weight(module: nn.Module, spec: ArchSpec, w: Tensor) -> None:
+    target = module.weight.data
+    target.copy_((w.T if spec.conv1d else w).to(target.dtype))
 
 
 def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:

@@ -1,4 +1,4 @@
-"""Weight formats as grids that RTN and GPTQ can round onto: ``get_grid(name)`` and ``rtn``.
+"""Every weight format as a ``WeightGrid``: ``get_grid(name)``.
 
 Scheme names (``--scheme``), bits per weight for an (out, in) weight:
 
@@ -15,7 +15,7 @@ Scheme names (``--scheme``), bits per weight for an (out, in) weight:
 | ``nvfp4`` | E2M1 | E4M3 per 16 + fp32 per tensor | 4.5 + 32 / (out in) |
 | ``sq3``, ``sq4`` (``sq2``) | SqueezeLLM | per-row fp16 table of 2^b centroids | b + 16 2^b / in |
 | ``ternary`` | {-1, 0, 1} | fp32 absmean per tensor | 2 + 32 / (out in) |
-| ``w4g64``, ``w3g64-asym``, ... | integer ``Scheme`` | as ``Scheme.bits_per_weight`` | |
+| ``w4g64``, ``w3g64-asym``, ... | integer ``IntGrid`` | as ``IntGrid.bits_per_weight`` | |
 
 MX scales follow OCP MX v1.0 (floor(log2 amax) - emax, which saturates the top of a block);
 the suffix ``-ceil`` (``mxfp4-ceil``, ...) rounds the exponent up instead so nothing saturates,
@@ -28,17 +28,13 @@ from __future__ import annotations
 
 import re
 
-import torch
-from torch import Tensor
-
 from lowbit.errors import LowbitError
-from lowbit.formats.grid_base import Params, WeightGrid, check_finite
+from lowbit.formats.grid_base import WeightGrid
 from lowbit.formats.grids_fp import FP8_ELEMENTS, MX_NAMES, Fp4Grid, Fp8Grid, MxGrid, Nvfp4Grid
-from lowbit.formats.grids_lut import IntGrid, Nf4Grid, SqueezeGrid, TernaryGrid
-from lowbit.scheme import parse_scheme
+from lowbit.formats.grids_lut import Nf4Grid, SqueezeGrid, TernaryGrid
+from lowbit.formats.integer import IntGrid, int_grid_from_dict, parse_int_grid
 
-__all__ = ["GRID_NAMES", "WeightGrid", "count_saturated", "get_grid", "group_slices", "rtn"]
-
+__all__ = ["GRID_NAMES", "WeightGrid", "get_grid", "grid_from_info", "grid_info"]
 GRID_NAMES: tuple[str, ...] = (
     "nf4",
     "nf4-dq",
@@ -106,44 +102,27 @@ def get_grid(name: str) -> WeightGrid:
     if n == "ternary":
         return TernaryGrid()
     if re.fullmatch(r"w\d+.*", n):
-        return IntGrid(parse_scheme(n))
+        return parse_int_grid(n)
     raise LowbitError(f"unknown scheme {name!r}; known: {', '.join(GRID_NAMES)}, and {_INT_HINT}")
 
 
-def group_slices(grid: WeightGrid, in_features: int) -> list[slice]:
-    """The column slices sharing one set of parameters."""
-    gs = grid.group_size or in_features
-    return [slice(c, c + gs) for c in range(0, in_features, gs)]
+def grid_info(grid: WeightGrid) -> dict:
+    """How lowbit.json records a layer's grid: its name, and an IntGrid's scale dtype when it is
+    not the default fp16 (imported checkpoints)."""
+    out = {"grid": grid.name}
+    if isinstance(grid, IntGrid) and grid.scale_dtype != "float16":
+        out["scale_dtype"] = grid.scale_dtype
+    return out
 
 
-def count_saturated(params_by_group: list[Params]) -> int:
-    """Total elements clipped beyond the grid over all groups."""
-    return sum(int(p.get("saturated", 0)) for p in params_by_group)
-
-
-def rtn(
-    w: Tensor, grid: WeightGrid, sensitivity: Tensor | None = None
-) -> tuple[Tensor, list[Params], Tensor]:
-    """Round an (out, in) weight to its nearest grid points: (codes, params per group, w_hat).
-
-    ``sensitivity`` ((in,) or (out, in), e.g. the Hessian diagonal) weights SqueezeLLM's k-means
-    and the integer schemes' MSE clipping search.
-    """
-    check_finite(w)
-    wf = w.detach().float()
-    out_f, in_f = wf.shape
-    grid.check(out_f, in_f)
-    ctx = grid.prepare(wf, sensitivity)
-    slices = group_slices(grid, in_f)
-    params = []
-    for g, sl in enumerate(slices):
-        weight = None
-        if sensitivity is not None:
-            weight = sensitivity[..., sl].float()
-        params.append(grid.fit(wf[:, sl], weight, ctx=ctx, group=g))
-    params = grid.finalize(params)
-    codes = torch.cat([grid.encode(wf[:, sl], p) for sl, p in zip(slices, params, strict=True)], 1)
-    w_hat = torch.cat(
-        [grid.decode(codes[:, sl], p) for sl, p in zip(slices, params, strict=True)], 1
-    )
-    return codes, params, w_hat
+def grid_from_info(info: dict) -> WeightGrid:
+    """Inverse of ``grid_info``; also reads lowbit.json v1's integer ``scheme`` records."""
+    if "scheme" in info and "grid" not in info:
+        return int_grid_from_dict(info["scheme"])
+    grid = get_grid(info["grid"])
+    if "scale_dtype" in info:
+        if not isinstance(grid, IntGrid):
+            raise LowbitError(f"{grid.name}: scale_dtype applies to integer grids only")
+        grid = IntGrid(grid.bits, grid.granularity, grid.group, grid.symmetric, grid.clip,
+                       info["scale_dtype"])
+    return grid

@@ -4,6 +4,11 @@
 Codes are the element format's bit patterns (uint8); MXINT8 codes are int8 (value k/64).
 FP8 and FP4 divide by the scale in float32 (as ``(w / s).to(float8)`` does); MX and NVFP4
 scale in float64 exactly as ``mx.mx_quantize`` / ``mx.nvfp4_quantize`` do.
+
+Stored forms: FP8 ``scales`` fp32 (out, 1) per channel, (1, 1) per tensor, (ceil(out / 128),
+groups) per 128x128 block; FP4 ``scales`` fp16 (out, groups) (fp32 if fp16 is not exact); MX
+``scale_codes`` uint8 (out, groups), the E8M0 codes (exponent = code - 127); NVFP4
+``scale_codes`` uint8 (out, groups) E4M3 codes and ``tensor_scale`` fp32 (1,).
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ from lowbit.errors import LowbitError
 from lowbit.formats.grid_base import (
     GridBase,
     Params,
-    add_saturated,
     check_finite,
     divisors_message,
+    fp16_if_exact,
     minifloat_overflow,
-    zero_count,
+    one_value,
 )
 from lowbit.formats.minifloat import E2M1, E4M3, E5M2, E8M0, MiniFloat, decode, encode, max_value
 from lowbit.formats.mx import (
@@ -72,6 +77,8 @@ class Fp8Grid(GridBase):
         self.name = f"fp8-{elem}{suffix}"
         self.group_size = FP8_BLOCK if granularity == "block" else None
         self.allowed_groups = (FP8_BLOCK,)
+        self.group_keys = ("scale",)
+        self.stackable = granularity == "channel"  # 128-row blocks and tensor scales span rows
         self.vmax = max_value(self.fmt)
 
     def check(self, out_features: int, in_features: int) -> None:
@@ -103,16 +110,34 @@ class Fp8Grid(GridBase):
             am = wf.abs().amax(1)
             am = torch.nn.functional.pad(am, (0, -rows % FP8_BLOCK)).view(-1, FP8_BLOCK).amax(1)
             scale = _amax_scale(am, self.vmax).repeat_interleave(FP8_BLOCK)[:rows, None]
-        return {"scale": scale, "saturated": zero_count()}
+        return {"scale": scale}
 
     def encode(self, x: Tensor, params: Params) -> Tensor:
-        v = x.detach().float() / params["scale"]
-        codes, _ = encode(v, self.fmt, saturate=True)
-        add_saturated(params, minifloat_overflow(v, self.fmt))
-        return codes
+        return encode(x.detach().float() / params["scale"], self.fmt, saturate=True)[0]
+
+    def saturated(self, x: Tensor, params: Params) -> Tensor:
+        return minifloat_overflow(x.detach().float() / params["scale"], self.fmt)
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         return decode(codes, self.fmt) * params["scale"]
+
+    def store(self, params: Params, shape: tuple[int, int]) -> dict[str, Tensor]:
+        scales = params["scale"]
+        if self.granularity == "tensor" and (one := one_value(scales)) is not None:
+            return {"scales": one.reshape(1, 1)}
+        if self.granularity == "block":
+            blocks = scales[::FP8_BLOCK]
+            if torch.equal(blocks.repeat_interleave(FP8_BLOCK, 0)[: shape[0]], scales):
+                return {"scales": blocks}
+        return {"scales": scales}
+
+    def load(self, tensors: dict[str, Tensor], shape: tuple[int, int]) -> Params:
+        out_f, in_f = shape
+        s = tensors["scales"].float()
+        if self.granularity == "block" and s.shape[0] != out_f:
+            s = s.repeat_interleave(FP8_BLOCK, 0)[:out_f]
+        n_groups = math.ceil(in_f / FP8_BLOCK) if self.granularity == "block" else 1
+        return {"scale": s.expand(out_f, n_groups).clone()}
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         if self.granularity == "tensor":
@@ -129,6 +154,7 @@ class Fp4Grid(GridBase):
 
     code_bits = 4
     allowed_groups = FP4_GROUPS
+    group_keys = ("scale",)
 
     def __init__(self, group: int = 32) -> None:
         if group not in FP4_GROUPS:
@@ -149,16 +175,22 @@ class Fp4Grid(GridBase):
     ) -> Params:
         check_finite(w)
         amax = w.detach().float().abs().amax(1, keepdim=True)
-        return {"scale": _fp16_up(_amax_scale(amax, E2M1_MAX)), "saturated": zero_count()}
+        return {"scale": _fp16_up(_amax_scale(amax, E2M1_MAX))}
 
     def encode(self, x: Tensor, params: Params) -> Tensor:
-        v = x.detach().float() / params["scale"]
-        codes, _ = encode(v, E2M1, saturate=True)
-        add_saturated(params, minifloat_overflow(v, E2M1))
-        return codes
+        return encode(x.detach().float() / params["scale"], E2M1, saturate=True)[0]
+
+    def saturated(self, x: Tensor, params: Params) -> Tensor:
+        return minifloat_overflow(x.detach().float() / params["scale"], E2M1)
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         return decode(codes, E2M1) * params["scale"]
+
+    def store(self, params: Params, shape: tuple[int, int]) -> dict[str, Tensor]:
+        return {"scales": fp16_if_exact(params["scale"])}
+
+    def load(self, tensors: dict[str, Tensor], shape: tuple[int, int]) -> Params:
+        return {"scale": tensors["scales"].float()}
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         return 4 + 16 / self.group_size
@@ -186,6 +218,7 @@ class MxGrid(GridBase):
 
     group_size = MX_BLOCK
     allowed_groups = (MX_BLOCK,)
+    group_keys = ("exp", "scale_code")
 
     def __init__(self, name: str = "mxfp4", scale_rounding: str = "floor") -> None:
         if name not in MX_NAMES:
@@ -198,6 +231,7 @@ class MxGrid(GridBase):
         self.elem = MX_NAMES[name]
         self.fmt = ELEMENTS[self.elem]
         self.code_bits = 8 if self.fmt is None else self.fmt.bits
+        self.signed_codes = self.fmt is None
 
     def check(self, out_features: int, in_features: int) -> None:
         if in_features % MX_BLOCK:
@@ -221,27 +255,28 @@ class MxGrid(GridBase):
             exp = torch.where(err[1] < err[0], up, exp)
         else:
             exp = mx_scale_exponents(amax, self.elem, self.scale_rounding)
-        return {
-            "exp": exp,
-            "scale_code": (exp + E8M0_BIAS).to(torch.uint8),
-            "saturated": zero_count(),
-        }
+        return {"exp": exp, "scale_code": (exp + E8M0_BIAS).to(torch.uint8)}
 
     def _round_trip(self, x: Tensor, exp: Tensor) -> Tensor:
-        """x rounded onto the grid of shared exponents ``exp`` (float64, nothing counted)."""
-        params = {"exp": exp, "scale_code": (exp + E8M0_BIAS).to(torch.uint8),
-                  "saturated": zero_count()}
+        """x rounded onto the grid of shared exponents ``exp`` (float64)."""
+        params = {"exp": exp, "scale_code": (exp + E8M0_BIAS).to(torch.uint8)}
         return self.decode(self.encode(x, params), params).double()
 
+    def _scaled(self, x: Tensor, params: Params) -> Tensor:
+        return x.detach().to(torch.float64) * torch.exp2(-params["exp"].to(torch.float64))
+
     def encode(self, x: Tensor, params: Params) -> Tensor:
-        v = x.detach().to(torch.float64) * torch.exp2(-params["exp"].to(torch.float64))
+        v = self._scaled(x, params)
         if self.fmt is None:
             k = v * (1 << INT8_FRAC_BITS)
-            add_saturated(params, (k.abs() > 127.5).sum())
             return torch.round(k).clamp(-127, 127).to(torch.int8)
-        codes, _ = encode(v, self.fmt, saturate=True)
-        add_saturated(params, minifloat_overflow(v, self.fmt))
-        return codes
+        return encode(v, self.fmt, saturate=True)[0]
+
+    def saturated(self, x: Tensor, params: Params) -> Tensor:
+        v = self._scaled(x, params)
+        if self.fmt is None:
+            return ((v * (1 << INT8_FRAC_BITS)).abs() > 127.5).sum()
+        return minifloat_overflow(v, self.fmt)
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         if self.fmt is None:
@@ -249,6 +284,13 @@ class MxGrid(GridBase):
         else:
             elems = decode(codes, self.fmt).to(torch.float64)
         return (elems * decode(params["scale_code"], E8M0).to(torch.float64)).to(torch.float32)
+
+    def store(self, params: Params, shape: tuple[int, int]) -> dict[str, Tensor]:
+        return {"scale_codes": params["scale_code"]}
+
+    def load(self, tensors: dict[str, Tensor], shape: tuple[int, int]) -> Params:
+        codes = tensors["scale_codes"]
+        return {"exp": codes.to(torch.int64) - E8M0_BIAS, "scale_code": codes}
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         return self.code_bits + 8 / MX_BLOCK
@@ -261,6 +303,8 @@ class Nvfp4Grid(GridBase):
     code_bits = 4
     group_size = NVFP4_BLOCK
     allowed_groups = (NVFP4_BLOCK,)
+    group_keys = ("scale_code",)
+    stackable = False  # the fp32 tensor scale spans the whole weight
 
     def check(self, out_features: int, in_features: int) -> None:
         if in_features % NVFP4_BLOCK:
@@ -289,23 +333,34 @@ class Nvfp4Grid(GridBase):
             g = self._tensor_scale(w)
         amax = w.detach().to(torch.float64).abs().amax(1, keepdim=True)
         scale_code, _ = encode(amax / (E2M1_MAX * g.double()), E4M3, saturate=True)
-        return {"tensor_scale": g, "scale_code": scale_code, "saturated": zero_count()}
+        return {"tensor_scale": g, "scale_code": scale_code}
 
     def _block_scale(self, params: Params) -> Tensor:
         s = decode(params["scale_code"], E4M3).to(torch.float64)
         return s * params["tensor_scale"].double()
 
-    def encode(self, x: Tensor, params: Params) -> Tensor:
+    def _scaled(self, x: Tensor, params: Params) -> Tensor:
         denom = self._block_scale(params)
         ok = denom > 0
-        v = torch.where(ok, x.detach().to(torch.float64) / torch.where(ok, denom, 1.0), 0.0)
-        codes, _ = encode(v, E2M1, saturate=True)
-        add_saturated(params, minifloat_overflow(v, E2M1))
-        return codes
+        return torch.where(ok, x.detach().to(torch.float64) / torch.where(ok, denom, 1.0), 0.0)
+
+    def encode(self, x: Tensor, params: Params) -> Tensor:
+        return encode(self._scaled(x, params), E2M1, saturate=True)[0]
+
+    def saturated(self, x: Tensor, params: Params) -> Tensor:
+        return minifloat_overflow(self._scaled(x, params), E2M1)
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         elems = decode(codes, E2M1).to(torch.float64)
         return (elems * self._block_scale(params)).to(torch.float32)
+
+    def store(self, params: Params, shape: tuple[int, int]) -> dict[str, Tensor]:
+        ts = params["tensor_scale"].reshape(1).float()
+        return {"scale_codes": params["scale_code"], "tensor_scale": ts}
+
+    def load(self, tensors: dict[str, Tensor], shape: tuple[int, int]) -> Params:
+        return {"tensor_scale": tensors["tensor_scale"].float().reshape(()),
+                "scale_code": tensors["scale_codes"]}
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         return 4 + 8 / NVFP4_BLOCK + 32 / (out_features * in_features)

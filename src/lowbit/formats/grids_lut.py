@@ -1,8 +1,14 @@
-"""Integer and lookup-table grids: the integer ``Scheme`` adapter, NF4 (optionally double-
-quantized as QLoRA / bitsandbytes), BitNet b1.58 ternary and SqueezeLLM per-row k-means tables.
+"""Lookup-table grids: NF4 (optionally double-quantized as QLoRA / bitsandbytes), BitNet b1.58
+ternary and SqueezeLLM per-row k-means tables.
 
-Codes: integer schemes uint8 in [0, 2^b - 1]; NF4 and SqueezeLLM uint8 indices into the code
-book / the row's table; ternary int8 in {-1, 0, 1} (stored as code + 1 in 2 bits).
+Codes: NF4 and SqueezeLLM uint8 indices into the code book / the row's table; ternary int8 in
+{-1, 0, 1} (stored as code + 1 in 2 bits).
+
+Stored forms: ``nf4``: ``absmax`` fp32 (out, groups); ``nf4-dq``: ``absmax_codes`` uint8 (out,
+groups) 8-bit dynamic-map codes, ``dq_block_scales`` fp32 (one per 256 absmaxes in row-major
+order), ``dq_offset`` fp32 (1,), plus ``absmax`` fp32 if the codes do not rebuild it exactly;
+``ternary``: ``gamma`` fp32 (1,); ``sq*``: ``tables`` fp16 (out, 2^bits), each row's centroids
+(fp32 if fp16 is not exact).
 """
 
 from __future__ import annotations
@@ -24,72 +30,18 @@ from lowbit.formats.codebooks import (
 from lowbit.formats.grid_base import (
     GridBase,
     Params,
-    add_saturated,
     check_finite,
     divisors_message,
+    fp16_if_exact,
     n_beyond,
+    one_value,
     row_sensitivity,
-    zero_count,
 )
-from lowbit.formats.integer import dequantize, fit_qparams, quantize
-from lowbit.scheme import Scheme, check_group
 
 NF4_GROUPS = (32, 64, 128, 256)
 SQ_BITS = (2, 3, 4)
 SQ_ITERS = 30  # Lloyd iterations of the SqueezeLLM k-means
 _ROW_CHUNK = 256  # rows per k-means chunk (bounds memory on wide layers)
-
-
-class IntGrid(GridBase):
-    """Adapter over an integer ``Scheme`` (``w4g64``, ``w3g64-asym``, ``w8``, ``w8-tensor``)."""
-
-    def __init__(self, scheme: Scheme) -> None:
-        self.scheme = scheme
-        self.name = scheme.name
-        self.code_bits = scheme.bits
-        self.group_size = scheme.group_size if scheme.granularity == "group" else None
-
-    def check(self, out_features: int, in_features: int) -> None:
-        if self.group_size is not None:
-            check_group(self.group_size, in_features)
-        super().check(out_features, in_features)
-
-    def prepare(self, w_full: Tensor, sensitivity: Tensor | None = None) -> Params:
-        """Per-tensor schemes: the one scale and zero point of the whole weight."""
-        check_finite(w_full)
-        if self.scheme.granularity != "tensor":
-            return {}
-        wf = w_full.detach().float()
-        s = row_sensitivity(sensitivity, *wf.shape)
-        cw = None if s is None else s.float().reshape(1, -1)
-        scale, zero = fit_qparams(wf.reshape(1, -1), self.scheme, cw)
-        return {"scale": scale, "zero": zero}
-
-    def fit(
-        self, w: Tensor, weight: Tensor | None = None, *, ctx: Params | None = None, group: int = 0
-    ) -> Params:
-        check_finite(w)
-        wf = w.detach().float()
-        if self.scheme.granularity == "tensor":
-            if not ctx:
-                ctx = self.prepare(wf)
-            scale = ctx["scale"].reshape(1, 1).expand(wf.shape[0], 1).clone()
-            zero = ctx["zero"].reshape(1, 1).expand(wf.shape[0], 1).clone()
-        else:
-            scale, zero = fit_qparams(wf, self.scheme, weight)
-        return {"scale": scale, "zero": zero, "saturated": zero_count()}
-
-    def encode(self, x: Tensor, params: Params) -> Tensor:
-        xf = x.detach().float()
-        s, z = params["scale"], params["zero"]
-        add_saturated(params, n_beyond(xf / s + z, 0, self.scheme.qmax, 0.5, 0.5))
-        return quantize(xf, s, z, self.scheme.bits).to(torch.uint8)
-
-    def decode(self, codes: Tensor, params: Params) -> Tensor:
-        return dequantize(codes.float(), params["scale"], params["zero"])
-
-    def bits_per_weight(self, out_features: int, in_features: int) -> float:
-        return self.scheme.bits_per_weight(out_features, in_features)
 
 
 def _double_quantize(absmax: Tensor) -> dict[str, Tensor]:
@@ -113,6 +65,7 @@ class Nf4Grid(GridBase):
 
     code_bits = 4
     allowed_groups = NF4_GROUPS
+    group_keys = ("absmax", "absmax_raw", "absmax_code")
 
     def __init__(
         self, block: int = 64, double_quant: bool = False, stored_scale_codes: bool = True
@@ -122,6 +75,7 @@ class Nf4Grid(GridBase):
         self.group_size = block
         self.double_quant = double_quant
         self.stored_scale_codes = stored_scale_codes
+        self.stackable = not double_quant  # the second level spans the whole tensor
         self.name = "nf4" + ("-dq" if double_quant else "") + ("" if block == 64 else f"-g{block}")
         self.codebook = nf4_codebook()
         self._dyn = dynamic_map_8bit()
@@ -158,7 +112,7 @@ class Nf4Grid(GridBase):
     ) -> Params:
         check_finite(w)
         raw = w.detach().float().abs().amax(1, keepdim=True)
-        params: Params = {"absmax_raw": raw, "saturated": zero_count()}
+        params: Params = {"absmax_raw": raw}
         if not self.double_quant:
             params["absmax"] = raw
         elif ctx:
@@ -173,47 +127,75 @@ class Nf4Grid(GridBase):
             }
         return params
 
-    def finalize(self, params_by_group: list[Params]) -> list[Params]:
+    def finalize(self, params: Params) -> Params:
         """NF4-DQ fitted without ``prepare``: double-quantize all fp32 absmaxes now."""
-        if not self.double_quant or all("absmax" in p for p in params_by_group):
-            return params_by_group
-        raw = torch.cat([p["absmax_raw"] for p in params_by_group], 1)  # (rows, groups)
+        if not self.double_quant or "absmax" in params:
+            return params
+        raw = params["absmax_raw"]  # (rows, groups)
         dq = _double_quantize(raw)
-        stored = nf4_absmax(dq).view(raw.shape)
-        codes = dq["absmax_codes"].view(raw.shape)
-        return [
-            p
-            | {
-                "absmax_code": codes[:, g : g + 1],
-                "absmax": stored[:, g : g + 1],
-                "dq_offset": dq["absmax_offset"],
-                "dq_block_scales": dq["absmax_scale"],
-            }
-            for g, p in enumerate(params_by_group)
-        ]
+        return params | {
+            "absmax_code": dq["absmax_codes"].view(raw.shape),
+            "absmax": nf4_absmax(dq).view(raw.shape),
+            "dq_offset": dq["absmax_offset"],
+            "dq_block_scales": dq["absmax_scale"],
+        }
 
     def encode(self, x: Tensor, params: Params) -> Tensor:
+        return nearest_code(self._scaled(x, params), self.codebook)
+
+    def _scaled(self, x: Tensor, params: Params) -> Tensor:
         s = params["absmax" if self.stored_scale_codes else "absmax_raw"]
-        v = x.detach().float() / torch.where(s != 0, s, torch.ones_like(s))
-        add_saturated(params, n_beyond(v, -1.0, 1.0, *self._halves))
-        return nearest_code(v, self.codebook)
+        return x.detach().float() / torch.where(s != 0, s, torch.ones_like(s))
+
+    def saturated(self, x: Tensor, params: Params) -> Tensor:
+        return n_beyond(self._scaled(x, params), -1.0, 1.0, *self._halves)
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         return lookup(codes, self.codebook) * params["absmax"]
 
-    def stored(self, codes: Tensor, params_by_group: list[Params]) -> dict[str, Tensor]:
+    def stored(self, codes: Tensor, params: Params) -> dict[str, Tensor]:
         """The tensors as ``codebooks.nf4_quantize`` lays them out (for nf4_dequantize)."""
         if not self.double_quant:
-            absmax = torch.cat([p["absmax"] for p in params_by_group], 1)
-            return {"codes": codes, "absmax": absmax.reshape(-1)}
-        acodes = torch.cat([p["absmax_code"] for p in params_by_group], 1)
-        p0 = params_by_group[0]
+            return {"codes": codes, "absmax": params["absmax"].reshape(-1)}
         return {
             "codes": codes,
-            "absmax_codes": acodes.reshape(-1),
-            "absmax_scale": p0["dq_block_scales"],
-            "absmax_offset": p0["dq_offset"],
+            "absmax_codes": params["absmax_code"].reshape(-1),
+            "absmax_scale": params["dq_block_scales"],
+            "absmax_offset": params["dq_offset"],
         }
+
+    def _rebuilt_absmax(self, codes: Tensor, block_scales: Tensor, offset: Tensor) -> Tensor:
+        """(out, groups) absmax from its 8-bit codes, as ``fit`` computes it."""
+        s = block_scales.repeat_interleave(DQ_BLOCK)[: codes.numel()].view(codes.shape)
+        return lookup(codes, self._dyn) * s + offset
+
+    def store(self, params: Params, shape: tuple[int, int]) -> dict[str, Tensor]:
+        absmax = params["absmax"]
+        if not self.double_quant:
+            return {"absmax": absmax}
+        out = {
+            "absmax_codes": params["absmax_code"],
+            "dq_block_scales": params["dq_block_scales"].float(),
+            "dq_offset": params["dq_offset"].reshape(1).float(),
+        }
+        rebuilt = self._rebuilt_absmax(out["absmax_codes"], out["dq_block_scales"],
+                                       out["dq_offset"])
+        if not torch.equal(rebuilt, absmax):
+            out["absmax"] = absmax
+        return out
+
+    def load(self, tensors: dict[str, Tensor], shape: tuple[int, int]) -> Params:
+        if not self.double_quant:
+            a = tensors["absmax"].float()
+            return {"absmax": a, "absmax_raw": a}
+        codes, scales = tensors["absmax_codes"], tensors["dq_block_scales"].float()
+        offset = tensors["dq_offset"].float().reshape(())
+        absmax = tensors.get("absmax")
+        if absmax is None:
+            absmax = self._rebuilt_absmax(codes, scales, offset)
+        absmax = absmax.float()
+        return {"absmax": absmax, "absmax_raw": absmax, "absmax_code": codes,
+                "dq_offset": offset, "dq_block_scales": scales}
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         n = out_features * in_features
@@ -229,6 +211,9 @@ class TernaryGrid(GridBase):
 
     name = "ternary"
     code_bits = 2
+    signed_codes = True
+    group_keys = ("gamma",)
+    stackable = False
 
     def prepare(self, w_full: Tensor, sensitivity: Tensor | None = None) -> Params:
         check_finite(w_full)
@@ -241,16 +226,26 @@ class TernaryGrid(GridBase):
         gamma = (ctx or {}).get("gamma")
         if gamma is None:
             gamma = ternary_quantize(w)[1]
-        gamma = gamma.reshape(1, 1).expand(w.shape[0], 1).clone()
-        return {"gamma": gamma, "saturated": zero_count()}
+        return {"gamma": gamma.reshape(1, 1).expand(w.shape[0], 1).clone()}
 
     def encode(self, x: Tensor, params: Params) -> Tensor:
         v = x.detach().float() / params["gamma"]
-        add_saturated(params, n_beyond(v, -1.0, 1.0, 0.5, 0.5))
         return torch.round(v).clamp_(-1, 1).to(torch.int8)
+
+    def saturated(self, x: Tensor, params: Params) -> Tensor:
+        return n_beyond(x.detach().float() / params["gamma"], -1.0, 1.0, 0.5, 0.5)
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         return codes.to(torch.float32) * params["gamma"]
+
+    def store(self, params: Params, shape: tuple[int, int]) -> dict[str, Tensor]:
+        one = one_value(params["gamma"])
+        return {"gamma": one} if one is not None else {"p_gamma": params["gamma"]}
+
+    def load(self, tensors: dict[str, Tensor], shape: tuple[int, int]) -> Params:
+        if "gamma" in tensors:
+            return {"gamma": tensors["gamma"].float().reshape(1, 1).expand(shape[0], 1).clone()}
+        return {"gamma": tensors["p_gamma"].float()}
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         return 2 + 32 / (out_features * in_features)
@@ -288,7 +283,8 @@ class SqueezeGrid(GridBase):
     """SqueezeLLM: per output row a table of 2^b centroids from sensitivity-weighted k-means over
     the whole row, stored in fp16 (``sq3``, ``sq4``); codes index the row's table."""
 
-    allowed_groups = ()
+    row_keys = ("table",)
+    needs_sensitivity = True
 
     def __init__(self, bits: int = 4) -> None:
         if bits not in SQ_BITS:
@@ -314,15 +310,24 @@ class SqueezeGrid(GridBase):
             table = self._tables(w, weight)
         if table.shape[0] != w.shape[0]:
             raise LowbitError(f"{self.name}: fit needs all {table.shape[0]} rows, got {w.shape[0]}")
-        return {"table": table, "saturated": zero_count()}
+        return {"table": table}
 
     def encode(self, x: Tensor, params: Params) -> Tensor:
         t = params["table"].to(torch.float64)
         mids = ((t[:, 1:] + t[:, :-1]) / 2).contiguous()
         return torch.searchsorted(mids, x.detach().to(torch.float64).contiguous()).to(torch.uint8)
 
+    def saturated(self, x: Tensor, params: Params) -> Tensor:
+        return torch.zeros((), dtype=torch.int64)
+
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         return params["table"].gather(1, codes.long())
+
+    def store(self, params: Params, shape: tuple[int, int]) -> dict[str, Tensor]:
+        return {"tables": fp16_if_exact(params["table"])}
+
+    def load(self, tensors: dict[str, Tensor], shape: tuple[int, int]) -> Params:
+        return {"table": tensors["tables"].float()}
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
         return self.code_bits + 16 * (1 << self.code_bits) / in_features

@@ -1,9 +1,11 @@
-"""lowbit's native format: one safetensors file with packed codes, scales, zeros and g_idx,
-the model's config and tokenizer, and ``lowbit.json`` describing scheme and recipe.
+"""lowbit's native format: one safetensors file with every quantized layer's stored tensors
+(``GridWeight.to_tensors`` or a runtime module's ``to_tensors``), the model's config and
+tokenizer, and ``lowbit.json`` describing each layer, the recipe and the calibration.
 
-Per layer lowbit.json records the shape and either ``scheme`` (an integer ``Scheme``; tensors
-``qweight``, ``scales``, ``zeros``, ``g_idx``) or ``grid`` (a ``WeightGrid`` name and the codes'
-``code_dtype``; tensors as ``GridWeight.to_tensors`` lists them).
+``lowbit.json`` (format ``lowbit-native``, version 2) records per layer its ``shape`` and either
+``grid`` (a scheme name; ``scale_dtype`` for integer grids with fp32 scales) or ``kind`` (an
+int8 / FP8 runtime module), plus ``conv1d``; at the top the full ``recipe``. Version 1 folders
+(integer layers recorded as a ``scheme`` dict) load unchanged: the stored tensors are the same.
 
 Writing is atomic: everything goes to a temporary folder beside the target, renamed into
 place at the end; an existing output is replaced only when asked.
@@ -23,13 +25,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.gridweight import GridWeight
-from lowbit.qweight import QuantizedWeight
-from lowbit.runtime.qlinear import GridLinear, QuantLinear
-from lowbit.scheme import Scheme
+from lowbit.formats.grids import grid_info
+from lowbit.formats.weight import GridWeight
+from lowbit.runtime.modules import build_module
 
 FORMAT = "lowbit-native"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # versions this lowbit loads
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
@@ -70,12 +72,14 @@ def save_quantized(
     out: Path,
     model: nn.Module,
     tokenizer,
-    qweights: dict[str, QuantizedWeight | GridWeight],
+    qweights: dict,
     meta: dict,
     overwrite: bool = False,
     conv1d: bool = False,
+    extra: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write a quantized model (``qweights`` by full module name) and its description."""
+    """Write a quantized model (``qweights``: ``GridWeight`` or runtime modules, by full module
+    name) and its description; ``extra`` files (name -> bytes) go in the same atomic write."""
     out = Path(out)
     tensors: dict[str, torch.Tensor] = {}
     for name, qw in qweights.items():
@@ -95,7 +99,7 @@ def save_quantized(
     desc = {
         "format": FORMAT,
         "version": VERSION,
-        "layers": {n: _layer_info(q, conv1d) for n, q in qweights.items()},
+        "layers": {n: _layer_info(q, conv1d and n != "lm_head") for n, q in qweights.items()},
         "tied": tied,
         **meta,
     }
@@ -106,28 +110,15 @@ def save_quantized(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "lowbit.json").write_text(json.dumps(desc, indent=1))
+        for name, data in (extra or {}).items():
+            (tmp / name).write_bytes(data)
     return out
 
 
-def _layer_info(q: QuantizedWeight | GridWeight, conv1d: bool) -> dict:
-    if hasattr(q, "layer_info"):  # int8 runtime modules (W8A8, LLM.int8): a ``kind``
-        return {**q.layer_info(), "conv1d": conv1d}
+def _layer_info(q, conv1d: bool) -> dict:
     if isinstance(q, GridWeight):
-        return {"shape": list(q.shape), **q.describe(), "conv1d": conv1d}
-    return {"shape": list(q.shape), "scheme": q.scheme.to_dict(), "conv1d": conv1d}
-
-
-def _layer_module(info: dict, parts: dict[str, torch.Tensor], bias, cache: bool) -> nn.Module:
-    shape = tuple(info["shape"])
-    if "kind" in info:
-        from lowbit.runtime.int8_modules import int8_module
-
-        return int8_module(info, parts, bias)
-    if "grid" in info:
-        gw = GridWeight.from_tensors(info["grid"], shape, parts, info.get("code_dtype", "uint8"))
-        return GridLinear(gw, bias, cache=cache)
-    qw = QuantizedWeight.from_tensors(Scheme.from_dict(info["scheme"]), shape, parts)
-    return QuantLinear(qw, bias, cache=cache)
+        return {"shape": list(q.shape), **grid_info(q.grid), "conv1d": conv1d}
+    return {**q.layer_info(), "conv1d": conv1d}  # runtime modules (W8A8, LLM.int8, FP8)
 
 
 def read_description(path: Path) -> dict:
@@ -137,11 +128,14 @@ def read_description(path: Path) -> dict:
         raise LowbitError(f"{path}: unreadable lowbit.json ({e})") from None
     if desc.get("format") != FORMAT:
         raise LowbitError(f"{path}: not a {FORMAT} folder")
+    if desc.get("version") not in READS:
+        raise LowbitError(f"{path}: {FORMAT} version {desc.get('version')!r}; this lowbit reads "
+                          f"versions {', '.join(map(str, READS))} (a newer lowbit wrote it?)")
     return desc
 
 
 def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, object]:
-    """Rebuild the model with QuantLinear / GridLinear modules holding the packed weights."""
+    """Rebuild the model with runtime modules (``QLinear`` ...) holding the stored weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -151,21 +145,20 @@ def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, 
     model = AutoModelForCausalLM.from_config(config)
     qbuf = set()
     for name, info in desc["layers"].items():
-        int_keys = ("qweight", "scales", "zeros", "g_idx")
         parts = {
             k.rsplit(".", 1)[1]: tensors.pop(k)
             for k in list(tensors)
-            if k.rsplit(".", 1)[0] == name
-            and (("grid" in info or "kind" in info) and k.rsplit(".", 1)[1] != "bias"
-                 or k.rsplit(".", 1)[1] in int_keys)
+            if k.rsplit(".", 1)[0] == name and k.rsplit(".", 1)[1] != "bias"
         }
-        parent_name, child = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
         bias = tensors.get(f"{name}.bias")
-        module = _layer_module(info, parts, bias, cache_weights)
+        try:
+            module = build_module(info, parts, bias, cache_weights)
+        except LowbitError as e:
+            raise LowbitError(f"{path}: {name}: {e}") from None
         setattr(parent, child, module)
         qbuf |= {f"{name}.{b}" for b, _ in module.named_buffers(recurse=False)}
-        qbuf |= {f"{name}.{b}" for b in int_keys}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k not in desc.get("tied", {})]
     missing = [k for k in missing if k not in qbuf]

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.arch import ArchSpec
+from lowbit.arch import ArchSpec, get_weight, set_weight
 from lowbit.errors import LowbitError
-from lowbit.pipeline.driver import get_weight, set_weight
 
 
 @dataclass(frozen=True)
@@ -83,9 +82,9 @@ def scale_columns(lin: nn.Module, s: torch.Tensor, spec: ArchSpec) -> None:
     set_weight(lin, spec, (w.double() * s.double()[None, :]).float())
 
 
-def kv_layout(model: nn.Module) -> tuple[int, int, int] | None:
-    """(heads, kv heads, head dim) when the attention shares value heads (GQA), else None."""
-    cfg = getattr(model, "config", None)
+def kv_layout(cfg) -> tuple[int, int, int] | None:
+    """(heads, kv heads, head dim) when the attention shares value heads (GQA), else None;
+    ``cfg`` is the model's config."""
     heads = getattr(cfg, "num_attention_heads", None)
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     if not heads or kv == heads:

@@ -1,26 +1,35 @@
-"""The sequential block driver shared by every calibrated method.
+"""The sequential block driver shared by every calibrated step.
 
-Block 0's inputs (and the keyword arguments the model passes to its blocks) are captured
-once. Then, block by block: for each true-sequential group of Linears, the calibration
-chunks run through the block only as far as that group's input (the forward is stopped
-there), statistics are collected, and the group is quantized; finally the block runs in full
-with its quantized weights to make the next block's inputs. At most one block's
-activations are held at a time.
+Block 0's inputs (and the keyword arguments the model passes to its blocks) are captured once
+for the calibration windows (the *main* stream) and, when a step asks for one, for a small
+*sample* of them (AWQ's search). Then, block by block, a visitor (``lowbit.pipeline.plan``)
+is called in four phases:
+
+1. ``transform(ctx)`` - on the block as it is, with its inputs (AWQ, SmoothQuant);
+2. for each true-sequential group of Linears (a group shares one input): its statistics are
+   collected where the visitor wants them and ``round(ctx, group, stats)`` quantizes it;
+3. ``replace(ctx)`` - runtime modules swapped in (W8A8 ...);
+4. the block's outputs become the next block's inputs, then ``finish(ctx)``.
+
+At most one block's activations are held at a time. Families whose table gives ``mlp_path``
+use the resumed schedule (each block runs about once, see ``run_sequential``); the others re-run
+the block up to each group's input, which is exact for any block structure and about 2.3 times
+the work: a note says so.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import sys
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.arch import ArchSpec, block_linears, get_blocks
+from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight
 from lowbit.errors import LowbitError
-from lowbit.pipeline.observers import InputStats
+from lowbit.pipeline.stats import InputStats
 
 
 class _Stop(Exception):
@@ -37,27 +46,29 @@ def _is_cache(v: object) -> bool:
 
 def clean_block_kwargs(kwargs: dict) -> dict:
     """Drop anything that accumulates between block calls (a KV cache above all)."""
-    out = {}
-    for k, v in kwargs.items():
-        if k in _STATEFUL or _is_cache(v):
-            continue
-        out[k] = v
+    out = {k: v for k, v in kwargs.items() if k not in _STATEFUL and not _is_cache(v)}
     if "use_cache" in kwargs:
         out["use_cache"] = False
     return out
 
 
 @dataclass
-class Captured:
-    hidden: list[torch.Tensor]  # one (chunk, seq, hidden) tensor per chunk
+class Stream:
+    """Inputs of the current block: one (chunk, seq, hidden) tensor per chunk of windows."""
+
+    hidden: list[Tensor]
     kwargs: list[dict]
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, chunk: int) -> Captured:
+def capture_inputs(model: nn.Module, spec: ArchSpec, windows: Tensor, chunk: int) -> Stream:
     """Run the model up to block 0 for each chunk of windows and keep what block 0 receives."""
     block0 = get_blocks(model, spec)[0]
-    hidden: list[torch.Tensor] = []
+    hidden: list[Tensor] = []
     kw: list[dict] = []
 
     def hook(_mod, args, kwargs):
@@ -75,136 +86,208 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, chun
                 pass
     finally:
         handle.remove()
-    return Captured(hidden, kw)
+    return Stream(hidden, kw)
 
 
 def _block_out(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def get_weight(module: nn.Module, spec: ArchSpec) -> torch.Tensor:
-    """A Linear's weight as (out, in), whatever the module stores."""
-    return module.weight.data.T if spec.conv1d else module.weight.data
+class BlockContext:
+    """One block while the driver visits it: its Linears, its input streams, and helpers that
+    run it (whole, or with hooks that observe Linear inputs)."""
+
+    def __init__(self, index: int, block: nn.Module, spec: ArchSpec, main: Stream,
+                 sample: Stream | None, token_weights: list[Tensor] | None = None,
+                 config=None) -> None:
+        self.index, self.block, self.spec, self.config = index, block, spec, config
+        self.main, self.sample = main, sample
+        self.linears = block_linears(block, spec)
+        self.token_weights = token_weights
+        self.kept: dict[str, InputStats] = {}  # statistics a step keeps (by full name)
+
+    def full(self, name: str) -> str:
+        """The full module name of a Linear of this block."""
+        return f"{self.spec.blocks}.{self.index}.{name}"
+
+    def in_features(self, name: str) -> int:
+        return get_weight(self.linears[name], self.spec).shape[1]
+
+    @torch.no_grad()
+    def run(self, stream: Stream | None = None) -> list[Tensor]:
+        """The block's outputs for every chunk of a stream (default: main)."""
+        s = stream or self.main
+        return [_block_out(self.block(h, **kw)) for h, kw in zip(s.hidden, s.kwargs, strict=True)]
+
+    @torch.no_grad()
+    def observe(self, names, want: frozenset[str] = frozenset(), stream: Stream | None = None,
+                keep_inputs: bool = False) -> tuple[dict[str, InputStats], dict[str, list[Tensor]]]:
+        """Run the block over a stream with hooks on the named Linears: statistics of their
+        inputs (and the inputs themselves when ``keep_inputs``)."""
+        stats = {n: InputStats(self.in_features(n), want) for n in names}
+        kept: dict[str, list[Tensor]] = {n: [] for n in names}
+
+        def hook_for(n):
+            def hook(_mod, args):
+                x = args[0]
+                try:
+                    stats[n].add(x)
+                except FloatingPointError:
+                    raise LowbitError(f"non-finite activations at the input of "
+                                      f"{self.full(n)}") from None
+                if keep_inputs:
+                    kept[n].append(x.detach().reshape(-1, x.shape[-1]))
+            return hook
+
+        handles = [self.linears[n].register_forward_pre_hook(hook_for(n)) for n in names]
+        try:
+            self.run(stream)
+        finally:
+            for h in handles:
+                h.remove()
+        return stats, kept
 
 
-def set_weight(module: nn.Module, spec: ArchSpec, w: torch.Tensor) -> None:
-    target = module.weight.data
-    target.copy_((w.T if spec.conv1d else w).to(target.dtype))
+class BlockVisitor(Protocol):
+    def transform(self, ctx: BlockContext) -> None: ...
+
+    def wants(self, ctx: BlockContext, group: tuple[str, ...]) -> frozenset[str] | None:
+        """Statistics the group's rounding needs, or None when the group is not rounded."""
+
+    def round(self, ctx: BlockContext, group: tuple[str, ...], stats: InputStats) -> None: ...
+
+    def replace(self, ctx: BlockContext) -> bool:
+        """Swap in runtime modules; True when anything was replaced."""
+
+    def finish(self, ctx: BlockContext) -> None: ...
 
 
-# quantize_group(block_index, {name: module}, {name: stats}) -> per-name log dicts
-GroupFn = Callable[[int, dict[str, nn.Module], dict[str, InputStats]], dict[str, dict]]
+def note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr)
 
 
 @torch.no_grad()
 def run_sequential(
     model: nn.Module,
     spec: ArchSpec,
-    windows: torch.Tensor,
-    quantize_group: GroupFn | None,
+    windows: Tensor,
+    visitor: BlockVisitor,
     chunk: int = 8,
-    hessian: bool = True,
     progress: bool = True,
-    on_row: Callable[[dict], None] | None = None,
+    sample: Tensor | None = None,
     token_weight: str = "none",
     resume: bool = True,
-) -> list[torch.Tensor]:
-    """Quantize the model in place block by block. Returns the last block's outputs.
+) -> Stream:
+    """Visit every block in order (see the module docstring). Returns the last block's outputs.
 
     With ``resume`` (and a family whose table gives ``mlp_path``) each block runs about once:
-    the attention's last Linear is quantized from captured inputs and its change added to the
+    the attention's last Linear is rounded from captured inputs and its change added to the
     captured residual stream, the MLP then runs from the norm on that stream, and the block's
-    output is the stream plus the quantized MLP output. Otherwise every group re-runs the
-    block from its start (exact for any block structure, about 2.3 times the work).
+    output is the stream plus the rounded MLP output. Otherwise every group re-runs the block
+    from its start.
     """
-    cap = capture_inputs(model, spec, windows, chunk)
+    if windows.dim() != 2 or windows.numel() == 0:
+        raise LowbitError(f"calibration windows must be a non-empty (n, seq_len) tensor of token "
+                          f"ids, not of shape {tuple(windows.shape)}")
+    main = capture_inputs(model, spec, windows, chunk)
+    samp = None if sample is None else capture_inputs(model, spec, sample, chunk)
     blocks = get_blocks(model, spec)
-    n_tokens = windows.numel()
+    resumable = resume and spec.mlp_path is not None and len(spec.groups) == 4
+    announced = False
     bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress)
-    hidden = cap.hidden
     for bi, block in enumerate(blocks):
-        if quantize_group is None:
-            hidden = _run_block(block, hidden, cap.kwargs)
-        else:
-            step = _Stepper(block, spec, bi, n_tokens, quantize_group, hessian, on_row)
-            tw = _token_weights(hidden, token_weight, spec)
-            if resume and spec.mlp_path is not None and len(spec.groups) == 4:
-                hidden = _block_resumed(step, hidden, cap.kwargs, tw)
+        ctx = BlockContext(bi, block, spec, main, samp, _token_weights(main.hidden, token_weight),
+                           getattr(model, "config", None))
+        visitor.transform(ctx)
+        wants = [visitor.wants(ctx, g) for g in spec.groups]
+        nxt = None
+        if any(w is not None for w in wants):
+            if resumable:
+                nxt = _block_resumed(ctx, visitor, wants)
             else:
-                for group in spec.groups:
-                    step(group, _collect(step, group, hidden, cap.kwargs, tw))
-                hidden = _run_block(block, hidden, cap.kwargs)
-        for h in hidden:
+                if resume and not announced:
+                    note(f"{spec.family} blocks are re-run up to each group of Linears (about "
+                         "2.3x the work of the resumed schedule, which needs an mlp_path in "
+                         "lowbit/arch.py)")
+                    announced = True
+                for g, want in zip(spec.groups, wants, strict=True):
+                    if want is not None:
+                        visitor.round(ctx, g, _collect(ctx, g, want))
+        if visitor.replace(ctx) or nxt is None:
+            nxt = ctx.run(main)
+        for h in nxt:
             if not torch.isfinite(h).all():
                 raise LowbitError(f"non-finite activations after block {bi}")
+        main.hidden = nxt
+        visitor.finish(ctx)
+        if samp is not None:
+            samp.hidden = ctx.run(samp)
         bar.update(1)
     bar.close()
-    return hidden
+    return main
 
 
-def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]):
-    return [_block_out(block(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+def _add(ctx: BlockContext, st: InputStats, x: Tensor, i: int, group) -> None:
+    tw = None if ctx.token_weights is None else ctx.token_weights[i]
+    try:
+        st.add(x, tw)
+    except FloatingPointError as e:
+        raise LowbitError(f"{e} at block {ctx.index} {group[0]}") from None
 
 
-class _Stepper:
-    """Quantizes one true-sequential group of a block from its statistics and logs a row per
-    Linear."""
-
-    def __init__(self, block, spec, bi, n_tokens, quantize_group, hessian, on_row) -> None:
-        self.block, self.spec, self.bi = block, spec, bi
-        self.linears = block_linears(block, spec)
-        self.n_tokens, self.quantize_group = n_tokens, quantize_group
-        self.hessian, self.on_row = hessian, on_row
-
-    def stats(self, group) -> InputStats:
-        return InputStats(get_weight(self.linears[group[0]], self.spec).shape[1], self.hessian)
-
-    def add(self, st: InputStats, x: torch.Tensor, tw: torch.Tensor | None, group) -> None:
-        try:
-            st.add(x, tw)
-        except FloatingPointError as e:
-            raise LowbitError(f"{e} at block {self.bi} {group[0]}") from None
-
-    def __call__(self, group, st: InputStats) -> None:
-        t0 = time.perf_counter()
-        rows = self.quantize_group(
-            self.bi, {n: self.linears[n] for n in group}, {n: st for n in group}
-        )
-        dt = (time.perf_counter() - t0) / len(group)
-        for name in group:
-            w = get_weight(self.linears[name], self.spec)
-            row = {
-                "block": self.bi,
-                "name": f"{self.spec.blocks}.{self.bi}.{name}",
-                "shape": list(w.shape),
-                "tokens": self.n_tokens,
-                "seconds": round(dt, 3),
-            }
-            row.update(rows.get(name, {}))
-            if self.on_row:
-                self.on_row(row)
+def _stats(ctx: BlockContext, group, want) -> InputStats:
+    return InputStats(ctx.in_features(group[0]), want or frozenset())
 
 
-def _block_resumed(step: _Stepper, hidden, kwargs, tw) -> list[torch.Tensor]:
+def _collect(ctx: BlockContext, group, want) -> InputStats:
+    """Run the chunks through the block up to the group's (shared) input; statistics there."""
+    st = _stats(ctx, group, want)
+    current = [0]
+
+    def hook(_mod, args):
+        _add(ctx, st, args[0], current[0], group)
+        raise _Stop
+
+    handle = ctx.linears[group[0]].register_forward_pre_hook(hook)
+    try:
+        for i, (h, kw) in enumerate(zip(ctx.main.hidden, ctx.main.kwargs, strict=True)):
+            current[0] = i
+            try:
+                ctx.block(h, **kw)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return st
+
+
+def _block_resumed(ctx: BlockContext, visitor: BlockVisitor, wants) -> list[Tensor]:
     """One block of the resumed schedule (see ``run_sequential``)."""
-    spec, block, linears = step.spec, step.block, step.linears
+    spec, block, linears = ctx.spec, ctx.block, ctx.linears
+    hidden, kwargs = ctx.main.hidden, ctx.main.kwargs
     g_attn, g_attn_out, g_mlp, g_mlp_out = spec.groups
+    w_attn, w_attn_out, w_mlp, w_mlp_out = wants
     norm = block.get_submodule(spec.mlp_path[0])
     mlp = block.get_submodule(spec.mlp_path[1])
     o_lin, down_lin = linears[g_attn_out[0]], linears[g_mlp_out[0]]
     chunks = range(len(hidden))
 
-    step(g_attn, _collect(step, g_attn, hidden, kwargs, tw))
+    def step(group, want, st):
+        if want is not None:
+            visitor.round(ctx, group, st)
+
+    if w_attn is not None:
+        step(g_attn, w_attn, _collect(ctx, g_attn, w_attn))
 
     # the attention's output Linear: its inputs, and the residual stream entering the norm
-    st = step.stats(g_attn_out)
-    a_in: list[torch.Tensor] = []
-    stream: list[torch.Tensor] = []
+    st = _stats(ctx, g_attn_out, w_attn_out)
+    a_in: list[Tensor] = []
+    stream: list[Tensor] = []
     current = [0]
 
     def at_o(_mod, args):
         a_in.append(args[0])
-        step.add(st, args[0], None if tw is None else tw[current[0]], g_attn_out)
+        _add(ctx, st, args[0], current[0], g_attn_out)
 
     def at_norm(_mod, args):
         stream.append(args[0])
@@ -222,22 +305,22 @@ def _block_resumed(step: _Stepper, hidden, kwargs, tw) -> list[torch.Tensor]:
         for h in handles:
             h.remove()
     w_old = get_weight(o_lin, spec).clone()
-    step(g_attn_out, st)
+    step(g_attn_out, w_attn_out, st)
     delta = get_weight(o_lin, spec) - w_old
     stream = [s + a @ delta.T for s, a in zip(stream, a_in, strict=True)]
     a_in.clear()
 
-    st = step.stats(g_mlp)
+    st = _stats(ctx, g_mlp, w_mlp)
     for i in chunks:
-        step.add(st, norm(stream[i]), None if tw is None else tw[i], g_mlp)
-    step(g_mlp, st)
+        _add(ctx, st, norm(stream[i]), i, g_mlp)
+    step(g_mlp, w_mlp, st)
 
-    st = step.stats(g_mlp_out)
-    d_in: list[torch.Tensor] = []
+    st = _stats(ctx, g_mlp_out, w_mlp_out)
+    d_in: list[Tensor] = []
 
     def at_down(_mod, args):
         d_in.append(args[0])
-        step.add(st, args[0], None if tw is None else tw[current[0]], g_mlp_out)
+        _add(ctx, st, args[0], current[0], g_mlp_out)
         raise _Stop
 
     handle = down_lin.register_forward_pre_hook(at_down)
@@ -250,14 +333,14 @@ def _block_resumed(step: _Stepper, hidden, kwargs, tw) -> list[torch.Tensor]:
                 pass
     finally:
         handle.remove()
-    step(g_mlp_out, st)
+    step(g_mlp_out, w_mlp_out, st)
     return [s + down_lin(d) for s, d in zip(stream, d_in, strict=True)]
 
 
 TOKEN_WEIGHTS = ("none", "residual")
 
 
-def _token_weights(hidden, mode: str, spec: ArchSpec) -> list[torch.Tensor] | None:
+def _token_weights(hidden, mode: str) -> list[Tensor] | None:
     """Per-token Hessian weights 1 / mean(h^2) of the block's residual input, normalised to
     mean 1: an error added to the residual stream reaches the next norm divided by the
     residual's RMS, so tokens with massive residuals (attention sinks) matter less per unit
@@ -271,23 +354,36 @@ def _token_weights(hidden, mode: str, spec: ArchSpec) -> list[torch.Tensor] | No
     return [x / mean for x in w]
 
 
-def _collect(step: _Stepper, group, hidden, kwargs, tw=None) -> InputStats:
-    """Run the chunks through the block up to the group's (shared) input; statistics there."""
-    st = step.stats(group)
-    current = [0]
 
-    def hook(_mod, args):
-        step.add(st, args[0], None if tw is None else tw[current[0]], group)
-        raise _Stop
+class _Observer:
+    """A visitor that changes nothing and keeps the statistics of every group's input."""
 
-    handle = step.linears[group[0]].register_forward_pre_hook(hook)
-    try:
-        for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-            current[0] = i
-            try:
-                step.block(h, **kw)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return st
+    def __init__(self, want: frozenset[str]) -> None:
+        self.want = want
+        self.stats: dict[str, InputStats] = {}
+
+    def transform(self, ctx: BlockContext) -> None:
+        pass
+
+    def wants(self, ctx: BlockContext, group) -> frozenset[str]:
+        return self.want
+
+    def round(self, ctx: BlockContext, group, stats: InputStats) -> None:
+        for n in group:
+            self.stats[ctx.full(n)] = stats
+
+    def replace(self, ctx: BlockContext) -> bool:
+        return False
+
+    def finish(self, ctx: BlockContext) -> None:
+        pass
+
+
+def observe_model(model: nn.Module, spec: ArchSpec, windows: Tensor,
+                  want: frozenset[str] | set[str], chunk: int = 8,
+                  progress: bool = True) -> dict[str, InputStats]:
+    """Statistics of every block Linear's input (Linears sharing an input share one object),
+    from one pass of the driver that leaves the weights unchanged."""
+    obs = _Observer(frozenset(want))
+    run_sequential(model, spec, windows, obs, chunk=chunk, progress=progress)
+    return obs.stats

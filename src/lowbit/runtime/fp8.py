@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.qlinear import QuantModule
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
@@ -81,7 +82,7 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Ten
     raise LowbitError(f"FP8 kernel must be scaled_mm or emulate, not {kernel!r}")
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(QuantModule):
     """A Linear computed from FP8 weights and FP8 activations (see the module docstring)."""
 
     def __init__(self, qweight: torch.Tensor, w_scale: torch.Tensor,
@@ -143,8 +144,8 @@ class FP8Linear(nn.Module):
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
-    def storage_bytes(self) -> int:
-        return self.qweight.numel() + 4 * self.w_scale.numel() + 4
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.w_scale[:, None]
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "w_scale": self.w_scale, "x_scale": self.x_scale}

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.qlinear import QuantModule
 from lowbit.runtime.int8 import Int8Weight, quantize_tokens_int8, quantize_weight_int8
 
 
@@ -37,7 +38,7 @@ def mixed_int8_linear(
     return y, cols
 
 
-class Int8MixedLinear(nn.Module):
+class Int8MixedLinear(QuantModule):
     """y = X_outlier W_outlier^T (fp32) + dequant(int8(X_rest) int8(W)^T) + b.
 
     Counts outlier columns per call (``outlier_fraction``) for reporting."""
@@ -103,9 +104,6 @@ class Int8MixedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.w_scale[:, None]
-
-    def storage_bytes(self) -> int:
-        return self.qweight.numel() + 4 * self.w_scale.numel()
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "w_scale": self.w_scale}

@@ -1,5 +1,11 @@
-"""Runtime modules for weight-only quantized Linears: packed codes dequantized on the fly
-(``QuantLinear`` for integer schemes, ``GridLinear`` for any other grid)."""
+"""The runtime Linear of weight-only quantized layers: ``QLinear`` keeps a ``GridWeight``'s
+stored tensors as buffers and decodes the weight at each call (or once, with ``cache``).
+
+Every quantized module lowbit builds (``QLinear`` here, ``W8A8Linear``, ``Int8MixedLinear``,
+``FP8Linear``) answers the same few questions: ``shape``, ``dequantized_weight()``,
+``bits_per_weight()``, ``storage_bytes()``, ``to_tensors()`` and ``layer_info()`` (what
+lowbit.json records), so saving, exporting and reporting need no type switches.
+"""
 
 from __future__ import annotations
 
@@ -7,63 +13,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.gridweight import GridWeight
-from lowbit.qweight import QuantizedWeight
-from lowbit.scheme import Scheme
+from lowbit.formats.grids import grid_info
+from lowbit.formats.weight import GridWeight
 
 
-class QuantLinear(nn.Module):
-    """y = x W_hat^T + b with W_hat rebuilt from packed codes at each call (or cached)."""
+class QuantModule(nn.Module):
+    """Shared accounting of the runtime modules (``out_features``, ``in_features`` set by
+    subclasses)."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, cache: bool = False):
-        super().__init__()
-        self.scheme: Scheme = qw.scheme
-        self.out_features, self.in_features = qw.shape
-        for k, v in qw.to_tensors().items():
-            self.register_buffer(k, v)
-        if "g_idx" not in self._buffers:
-            self.g_idx = None
-        if "zeros" not in self._buffers:
-            self.zeros = None
-        self.bias = (
-            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        )
-        self.cache = cache
-        self._w: torch.Tensor | None = None
+    out_features: int
+    in_features: int
 
-    def quantized_weight(self) -> QuantizedWeight:
-        t = {"qweight": self.qweight, "scales": self.scales}
-        if self.zeros is not None:
-            t["zeros"] = self.zeros
-        if self.g_idx is not None:
-            t["g_idx"] = self.g_idx
-        return QuantizedWeight.from_tensors(self.scheme, (self.out_features, self.in_features), t)
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
 
-    def weight_hat(self) -> torch.Tensor:
-        if self._w is not None:
-            return self._w
-        w = self.quantized_weight().dequantize()
-        if self.cache:
-            self._w = w
-        return w
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(
-            x, self.weight_hat().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
-        )
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.storage_bytes() / (self.out_features * self.in_features)
 
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme.name}"
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class GridLinear(nn.Module):
-    """y = x W_hat^T + b for a weight on a ``WeightGrid``: the stored tensors are buffers and
-    W_hat = ``GridWeight.dequantize()`` is rebuilt at each call (or cached)."""
+class QLinear(QuantModule):
+    """y = x W_hat^T + b with W_hat = ``GridWeight.dequantize()``."""
 
     def __init__(self, gw: GridWeight, bias: torch.Tensor | None = None, cache: bool = False):
         super().__init__()
         self.grid = gw.grid
-        self.code_dtype: str = gw.describe()["code_dtype"]
         self.out_features, self.in_features = gw.shape
         stored = gw.to_tensors()
         self._names = list(stored)
@@ -77,10 +60,9 @@ class GridLinear(nn.Module):
 
     def grid_weight(self) -> GridWeight:
         t = {k: getattr(self, k) for k in self._names}
-        shape = (self.out_features, self.in_features)
-        return GridWeight.from_tensors(self.grid, shape, t, self.code_dtype)
+        return GridWeight.from_tensors(self.grid, self.shape, t)
 
-    def weight_hat(self) -> torch.Tensor:
+    def dequantized_weight(self) -> torch.Tensor:
         if self._w is not None:
             return self._w
         w = self.grid_weight().dequantize()
@@ -89,9 +71,17 @@ class GridLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(
-            x, self.weight_hat().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
-        )
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def bits_per_weight(self) -> float:
+        return self.grid_weight().bits_per_weight()
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self._names}
+
+    def layer_info(self) -> dict:
+        return {"shape": list(self.shape)} | grid_info(self.grid)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, grid={self.grid.name}"

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.qlinear import QuantModule
 from lowbit.runtime.int8 import (
     Int8Weight,
     quantize_static_int8,
@@ -17,7 +18,7 @@ from lowbit.runtime.int8 import (
 ACT_MODES = ("dynamic", "static")
 
 
-class W8A8Linear(nn.Module):
+class W8A8Linear(QuantModule):
     """A Linear computed with a real int8 x int8 product (see ``lowbit.runtime.int8``)."""
 
     def __init__(
@@ -97,9 +98,6 @@ class W8A8Linear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.w_scale[:, None]
-
-    def storage_bytes(self) -> int:
-        return self.qweight.numel() + 4 * self.w_scale.numel() + 4
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "w_scale": self.w_scale, "x_scale": self.x_scale}

@@ -1,22 +1,28 @@
-"""Rebuild an int8 or FP8 W8A8 runtime module from the layer description and tensors a saved model
-holds (``lowbit.io.native``)."""
+"""Rebuild a runtime module from the layer record and tensors a saved model holds
+(``lowbit.io.native``): ``QLinear`` for grid weights, the int8 / FP8 modules by ``kind``."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.runtime.int8_mixed import Int8MixedLinear
-from lowbit.runtime.w8a8 import W8A8Linear
+from lowbit.formats.grids import grid_from_info
+from lowbit.formats.weight import GridWeight
+from lowbit.runtime.qlinear import QLinear, QuantModule
 
 
-def int8_module(info: dict, parts: dict[str, torch.Tensor], bias: torch.Tensor | None,
-                kernel: str | None = None) -> nn.Module:
-    kind = info["kind"]
+def build_module(info: dict, parts: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                 cache: bool = False, kernel: str | None = None) -> QuantModule:
+    """A runtime module from a layer record (``shape`` and ``grid``, or ``kind``)."""
+    kind = info.get("kind")
+    if kind is None:
+        gw = GridWeight.from_tensors(grid_from_info(info), tuple(info["shape"]), parts)
+        return QLinear(gw, bias, cache=cache)
     k = kernel or info.get("kernel", "auto")
     try:
         if kind == "w8a8":
+            from lowbit.runtime.w8a8 import W8A8Linear
+
             xs = parts["x_scale"] if info["act"] == "static" else None
             return W8A8Linear(parts["qweight"], parts["w_scale"], bias, info["act"], xs, k)
         if kind == "w8a8-fp8":
@@ -26,6 +32,8 @@ def int8_module(info: dict, parts: dict[str, torch.Tensor], bias: torch.Tensor |
             return FP8Linear(parts["qweight"], parts["w_scale"], bias, info["act"], xs,
                              info.get("fmt", "e4m3"), kernel or info.get("kernel", "scaled_mm"))
         if kind == "llm-int8":
+            from lowbit.runtime.int8_mixed import Int8MixedLinear
+
             return Int8MixedLinear(parts["qweight"], parts["w_scale"], bias, info["threshold"], k)
     except KeyError as e:
         raise LowbitError(f"saved {kind} layer lacks {e}") from None

@@ -1,0 +1,119 @@
+"""``GridWeight``: a weight rounded onto a ``WeightGrid`` - the one quantized-weight type.
+
+Codes (out, in) as the grid encodes them (uint8, or int8 for signed grids), the grid's stacked
+parameters (``lowbit.formats.grid_base``), and ``g_idx`` (in,) - each input column's group -
+when act-order quantized the columns in another order than their groups (grids with
+``column_groups`` only). Stored as ``qweight`` (codes packed at the grid's ``code_bits``; signed
+codes offset by 2^(bits-1) - 1: ternary {-1, 0, 1} -> {0, 1, 2}, MXINT8 [-127, 127] ->
+[0, 254]), the grid's own parameter tensors (``grid.store``) and ``g_idx`` int32. Every stored
+form decodes to exactly the in-memory parameters, so a reload is bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+from lowbit.formats import pack as packing
+from lowbit.formats.grid_base import (
+    Params,
+    WeightGrid,
+    apply_grouped,
+    group_params,
+    n_groups,
+)
+
+
+@dataclass
+class GridWeight:
+    """``W_hat[:, c] = grid.decode(codes[:, c], params of c's group)``."""
+
+    grid: WeightGrid
+    codes: Tensor
+    params: Params
+    g_idx: Tensor | None = None
+    saturated: int = 0  # elements clipped beyond the grid while encoding (not stored)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def name(self) -> str:
+        return self.grid.name
+
+    @property
+    def n_groups(self) -> int:
+        return n_groups(self.grid, self.shape[1])
+
+    def group_params(self, g: int) -> Params:
+        return group_params(self.grid, self.params, g)
+
+    def dequantize(self) -> Tensor:
+        """float32 (out, in): what the quantized model computes with."""
+        return apply_grouped(self.grid, self.grid.decode, self.codes, self.params, self.g_idx)
+
+    def split_rows(self, sizes: list[int]) -> list[GridWeight]:
+        """Row blocks of a weight rounded as one (Linears that share an input). Each part owns
+        its tensors (safetensors refuses tensors that share memory)."""
+        if not self.grid.stackable:
+            raise LowbitError(f"{self.grid.name} weights cannot be split by rows")
+        per_row = set(self.grid.group_keys) | set(self.grid.row_keys)
+        parts = []
+        start = 0
+        for n in sizes:
+            sl = slice(start, start + n)
+            params = {k: (v[sl] if k in per_row else v).clone() for k, v in self.params.items()}
+            g = None if self.g_idx is None else self.g_idx.clone()
+            parts.append(GridWeight(self.grid, self.codes[sl].clone(), params, g))
+            start += n
+        return parts
+
+    def bits_per_weight(self) -> float:
+        """The grid's accounting for this shape, plus act-order's g_idx (one int32 per column)."""
+        bpw = self.grid.bits_per_weight(*self.shape)
+        if self.g_idx is not None:
+            bpw += 32 / self.shape[0]
+        return bpw
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """The tensors stored on disk: ``qweight``, the grid's parameters, ``g_idx``."""
+        bits = self.grid.code_bits
+        codes = self.codes
+        if self.grid.signed_codes:
+            codes = codes.to(torch.int16) + _code_offset(bits)
+        out = {"qweight": packing.pack(codes, bits)}
+        out |= self.grid.store(self.params, self.shape)
+        if self.g_idx is not None:
+            out["g_idx"] = self.g_idx.to(torch.int32)
+        return {k: v.contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(
+        cls, grid: WeightGrid, shape: tuple[int, int], tensors: dict[str, Tensor]
+    ) -> GridWeight:
+        """Inverse of ``to_tensors``; LowbitError naming what is missing or mis-shaped."""
+        out_f, in_f = shape
+        try:
+            codes = packing.unpack(tensors["qweight"], grid.code_bits, in_f)
+            if tuple(codes.shape) != (out_f, in_f):
+                raise ValueError(f"codes of shape {tuple(codes.shape)}, expected {shape}")
+            if grid.signed_codes:
+                codes = (codes.to(torch.int16) - _code_offset(grid.code_bits)).to(torch.int8)
+            params = grid.load(tensors, shape)
+        except KeyError as e:
+            raise LowbitError(f"{grid.name} weight lacks the tensor {e}") from None
+        except (ValueError, RuntimeError) as e:
+            raise LowbitError(f"{grid.name} weight of shape {shape}: {e}") from None
+        g_idx = tensors.get("g_idx")
+        return cls(grid, codes, params, None if g_idx is None else g_idx.to(torch.int32))
+
+
+def _code_offset(bits: int) -> int:
+    return (1 << (bits - 1)) - 1

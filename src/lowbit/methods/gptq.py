@@ -1,0 +1,237 @@
+"""GPTQ (Frantar et al., 2022): column-by-column rounding with inverse-Hessian error feedback,
+onto any ``WeightGrid``.
+
+The weights of one Linear are rounded one input column at a time; the rounding error of a
+column is pushed onto the columns not yet rounded through the upper Cholesky factor of
+(H + lambda I)^-1 (H = 2 X^T X / n from calibration inputs). Updates are applied lazily per
+block of ``block_size`` columns (a multiple of the group size). Tensor-level parameters
+(``grid.prepare``) come from the original weight with sensitivity diag(H); per-group
+parameters are fitted when the loop reaches the group, on the already-updated weights; whole-row
+grids are fitted up front.
+
+Act-order (on by default where the grid allows arbitrary column groups, i.e. integer grids)
+rounds columns by decreasing H diagonal. Groups are then formed in that order and ``g_idx``
+records each column's group; with ``static_groups`` - and on grids whose blocks are fixed by
+the format (NF4, MX, NVFP4, ...) - the groups keep their columns and are fitted up front on the
+original weight, and only the rounding order changes.
+
+Linears that share an input share H: ``prepare_hessian`` factors it once, and Linears on the
+same stackable grid are rounded as one stacked weight (rows are independent given H).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+from lowbit.formats.grid_base import (
+    Params,
+    WeightGrid,
+    check_finite,
+    group_params,
+    n_groups,
+    stack_groups,
+)
+from lowbit.formats.weight import GridWeight
+from lowbit.methods.base import Rounder, register
+from lowbit.methods.rtn import hessian_loss, rtn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hessian:
+    """H of one shared input, prepared for GPTQ: dead inputs fixed, act-order permutation,
+    the upper Cholesky factor of the damped inverse."""
+
+    h: Tensor  # as collected (for the losses)
+    diag: Tensor  # diag(H) with dead inputs set to 1 (original column order)
+    dead: Tensor  # inputs that never fired
+    perm: Tensor | None  # act-order: columns by decreasing diag(H)
+    u: Tensor  # upper Cholesky factor of (H + lambda I)^-1, in the permuted order
+    damp: float  # lambda actually used
+
+
+def _damped_inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of (H + lambda I)^-1, raising lambda until H is positive definite."""
+    mean_diag = float(torch.diag(h).mean())
+    lam = damp * mean_diag
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for _ in range(8):
+        l_factor, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(l_factor)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return u, lam
+        new = max(lam * 10, 1e-8 * max(mean_diag, 1e-8))
+        log.warning("Cholesky failed with damping %.3g; retrying with %.3g", lam, new)
+        lam = new
+    raise LowbitError("the Hessian is not positive definite even after heavy damping")
+
+
+def prepare_hessian(h: Tensor, act_order: bool, damp: float = 0.01) -> Hessian:
+    """Factor H once for every Linear that reads the same input."""
+    check_finite(h, "Hessian")
+    H = h.detach().float().clone()
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise LowbitError(f"a Hessian must be square, got {tuple(H.shape)}")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    diag = torch.diag(H)
+    perm = torch.argsort(diag, descending=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    u, lam = _damped_inverse_cholesky(H, damp)
+    return Hessian(h.detach().float(), diag, dead, perm, u, lam)
+
+
+def gptq_quantize(
+    w: Tensor, hes: Hessian, grid: WeightGrid, block_size: int = 128,
+    static_groups: bool = False,
+) -> GridWeight:
+    """Round an (out, in) weight with GPTQ given its prepared input Hessian."""
+    check_finite(w)
+    W = w.detach().float().clone()
+    out_f, in_f = W.shape
+    if hes.diag.shape[0] != in_f:
+        raise LowbitError(f"Hessian of size {hes.diag.shape[0]} for a weight with {in_f} inputs")
+    grid.check(out_f, in_f)
+    W[:, hes.dead] = 0
+    ctx = grid.prepare(W, hes.diag)
+    gs = grid.group_size
+    perm = hes.perm
+    # groups fitted up front (on the original order): whole-row grids, and act-order with groups
+    # that must keep their columns
+    prefit = gs is None or (perm is not None and (static_groups or not grid.column_groups))
+    params: Params | None = grid.fit_all(W, hes.diag, ctx) if prefit else None
+    if gs is None:
+        gs, bs = in_f, block_size
+        col_group = torch.zeros(in_f, dtype=torch.long)
+    else:
+        bs = gs * max(1, block_size // gs)
+        col_group = torch.arange(in_f) // gs
+    if perm is not None:
+        W = W[:, perm]
+        if prefit:
+            col_group = col_group[perm]  # each column keeps its original group
+    hdiag = hes.diag if perm is None else hes.diag[perm]
+    U = hes.u
+    col_group = col_group.tolist()
+
+    fitted: list[Params | None] = [None] * n_groups(grid, in_f)
+    views: dict[int, Params] = {}
+    code_cols: list[Tensor] = []
+    saturated = torch.zeros((), dtype=torch.int64)
+    for i1 in range(0, in_f, bs):
+        i2 = min(i1 + bs, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = col_group[col]
+            p = views.get(g)
+            if p is None:
+                if prefit:
+                    p = group_params(grid, params, g)
+                else:  # first column of a group: the group lies inside this block
+                    p = fitted[g] = grid.fit(W1[:, i : i + gs], hdiag[col : col + gs], ctx=ctx,
+                                             group=g)
+                views[g] = p
+            x = W1[:, i : i + 1]
+            q = grid.encode(x, p)
+            saturated += grid.saturated(x, p)
+            code_cols.append(q)
+            err = (W1[:, i] - grid.decode(q, p)[:, 0]) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    codes = torch.cat(code_cols, 1)
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        if not prefit:  # groups formed in rounding order: record each column's group
+            g_idx = torch.tensor(col_group, dtype=torch.int32)[inv]
+    if not prefit:
+        params = stack_groups(grid, fitted)  # type: ignore[arg-type]
+    return GridWeight(grid, codes, grid.finalize(params), g_idx, int(saturated))
+
+
+def layer_losses(w: Tensor, gw: GridWeight, h: Tensor) -> dict:
+    """Layer-output loss of ``gw`` and of plain RTN of ``w`` onto the same grid, on H."""
+    w0, h0 = w.detach().float(), h.detach().float()
+    sens = torch.diag(h0) if gw.grid.needs_sensitivity else None
+    return {
+        "loss": hessian_loss(gw.dequantize() - w0, h0),
+        "rtn_loss": hessian_loss(rtn(w0, gw.grid, sens).dequantize() - w0, h0),
+    }
+
+
+@register
+@dataclass(frozen=True)
+class GPTQ(Rounder):
+    """GPTQ onto each layer's grid. ``act_order`` None = on where the grid allows column groups
+    (integer grids), off elsewhere (the measured default; BENCHMARKS.md)."""
+
+    step = "gptq"
+    act_order: bool | None = None
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.damp < 1:
+            raise LowbitError(f"gptq: damp is a fraction of the mean Hessian diagonal in [0, 1), "
+                              f"not {self.damp}")
+        if self.block_size < 1:
+            raise LowbitError(f"gptq: block_size must be positive, not {self.block_size}")
+
+    def wants(self, grid: WeightGrid) -> frozenset[str]:
+        return frozenset({"hessian"})
+
+    def act_order_for(self, grid: WeightGrid) -> bool:
+        return grid.column_groups if self.act_order is None else self.act_order
+
+    def round_layers(self, weights: dict, grids: dict, stats) -> dict:
+        """One prepared H per act-order setting; Linears on the same stackable grid are rounded
+        as one stacked weight."""
+        hessians: dict[bool, Hessian] = {}
+        batches: dict[WeightGrid, list[str]] = {}
+        singles: list[list[str]] = []
+        for name in weights:
+            g = grids[name]
+            if g.stackable:
+                batches.setdefault(g, []).append(name)
+            else:
+                singles.append([name])
+        out = {}
+        for names in [*batches.values(), *singles]:
+            t0 = time.perf_counter()
+            grid = grids[names[0]]
+            act = self.act_order_for(grid)
+            if act not in hessians:
+                hessians[act] = prepare_hessian(stats.h, act, self.damp)
+            hes = hessians[act]
+            ws = [weights[n] for n in names]
+            w = ws[0] if len(ws) == 1 else torch.cat(ws)
+            gw = gptq_quantize(w, hes, grid, self.block_size, self.static_groups)
+            parts = [gw] if len(ws) == 1 else gw.split_rows([x.shape[0] for x in ws])
+            secs = round((time.perf_counter() - t0) / len(names), 3)
+            for name, x, part in zip(names, ws, parts, strict=True):
+                info = layer_losses(x, part, stats.h) | {
+                    "damp": hes.damp, "seconds": secs,
+                    "act_order": ("static" if part.g_idx is None else "g_idx") if act else "off",
+                }
+                if len(ws) == 1:  # a stacked weight's clipped count is not split by layer
+                    info["saturated"] = part.saturated
+                out[name] = (part, info)
+        return out

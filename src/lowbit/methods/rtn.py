@@ -1,0 +1,54 @@
+"""Round-to-nearest: every weight to its nearest grid point, with the grid's own parameters."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.formats.grid_base import WeightGrid, check_finite, grouped_args
+from lowbit.formats.weight import GridWeight
+from lowbit.methods.base import Rounder, register
+
+
+def rtn(w: Tensor, grid: WeightGrid, sensitivity: Tensor | None = None) -> GridWeight:
+    """Round an (out, in) weight onto ``grid``.
+
+    ``sensitivity`` ((in,) or (out, in), e.g. the Hessian diagonal) weights SqueezeLLM's k-means
+    and the integer grids' MSE clipping search.
+    """
+    check_finite(w)
+    wf = w.detach().float()
+    grid.check(*wf.shape)
+    ctx = grid.prepare(wf, sensitivity)
+    params = grid.finalize(grid.fit_all(wf, sensitivity, ctx))
+    xv, pv = grouped_args(grid, wf, params)
+    codes = grid.encode(xv, pv).reshape(wf.shape)
+    return GridWeight(grid, codes, params, saturated=int(grid.saturated(xv, pv)))
+
+
+def hessian_loss(delta: Tensor, h: Tensor) -> float:
+    """Mean over output rows of dW H dW^T: the layer-output error GPTQ minimises."""
+    return float(((delta @ h) * delta).sum() / delta.shape[0])
+
+
+@register
+@dataclass(frozen=True)
+class RTN(Rounder):
+    """Round-to-nearest onto each layer's grid; calibration only for grids that need the
+    Hessian diagonal (SqueezeLLM)."""
+
+    step = "rtn"
+
+    def round_layers(self, weights: dict, grids: dict, stats) -> dict:
+        out = {}
+        for name, w in weights.items():
+            t0 = time.perf_counter()
+            grid = grids[name]
+            sens = torch.diag(stats.h) if grid.needs_sensitivity else None
+            gw = rtn(w, grid, sens)
+            out[name] = (gw, {"saturated": gw.saturated,
+                              "seconds": round(time.perf_counter() - t0, 3)})
+        return out

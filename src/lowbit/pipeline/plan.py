@@ -1,0 +1,308 @@
+"""Running a recipe on a model: which step owns each layer, then one pass of the driver.
+
+``make_plan`` checks, in seconds and before any long run, that the family is known, that the
+steps come in order (transforms, then rounders and replacers), that no layer has two owners,
+that every owned layer fits its grid, and whether calibration windows are needed at all.
+``execute`` then runs the transforms, rounders and replacers of every block through the one
+sequential driver (or, when no step needs data, layer by layer without any forward pass), and
+finally ``lm_head`` when a step targets it. Steps are used through their protocol only
+(``lowbit.methods.base``): this module does not know any particular method.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight, spec_for
+from lowbit.errors import LowbitError
+from lowbit.pipeline.driver import BlockContext, Stream, run_sequential
+from lowbit.pipeline.stats import InputStats
+
+HEAD = "lm_head"
+ORDER = {"transform": 0, "rounder": 1, "replacer": 1}
+
+
+@dataclass
+class Layer:
+    full: str  # full module name
+    block: int | None  # None for lm_head
+    local: str  # name inside the block (or "lm_head")
+    step: object  # the rounder or replacer that owns it
+    grid: object | None = None  # rounders: the grid it is rounded onto
+
+
+@dataclass
+class Plan:
+    spec: ArchSpec
+    steps: list
+    layers: dict[str, Layer]  # full name -> owner
+    transforms: list
+
+    @property
+    def needs_data(self) -> bool:
+        if self.transforms:
+            return True
+        return any(self.wants(layer) for layer in self.layers.values())
+
+    def wants(self, layer: Layer) -> frozenset[str]:
+        if layer.step.kind == "rounder":
+            return layer.step.wants(layer.grid)
+        return layer.step.wants()
+
+    def grid_of(self, full: str):
+        layer = self.layers.get(full)
+        return None if layer is None else layer.grid
+
+    def in_block(self, bi: int) -> list[Layer]:
+        return [la for la in self.layers.values() if la.block == bi]
+
+
+@dataclass
+class Result:
+    """What ``execute`` produced: the quantized weights (``GridWeight``) and runtime modules by
+    full module name, one log row per layer (and per transform group), the statistics steps
+    chose to keep, and the time taken."""
+
+    steps: list
+    weights: dict = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+    stats: dict[str, InputStats] = field(default_factory=dict)
+    seconds: float = 0.0
+    calibration_tokens: int = 0
+    recipe: object = None  # the Recipe that ran (set by lowbit.api.quantize)
+
+    def bits_per_weight(self) -> float:
+        n = bits = 0.0
+        for w in self.weights.values():
+            numel = w.shape[0] * w.shape[1]
+            n += numel
+            bits += w.bits_per_weight() * numel
+        return bits / max(n, 1)
+
+    def storage_bytes(self) -> int:
+        return sum(w.storage_bytes() for w in self.weights.values())
+
+
+def candidates(model: nn.Module, spec: ArchSpec) -> dict[str, tuple[int | None, str, nn.Module]]:
+    """Every quantizable layer: the blocks' Linears (from the family table) and lm_head."""
+    out: dict[str, tuple[int | None, str, nn.Module]] = {}
+    for bi, block in enumerate(get_blocks(model, spec)):
+        for local, mod in block_linears(block, spec).items():
+            out[f"{spec.blocks}.{bi}.{local}"] = (bi, local, mod)
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        out[HEAD] = (None, HEAD, head)
+    return out
+
+
+def _shape(mod: nn.Module, spec: ArchSpec, local: str) -> tuple[int, int]:
+    if local == HEAD:
+        return tuple(mod.weight.shape)  # type: ignore[return-value]
+    return tuple(get_weight(mod, spec).shape)  # type: ignore[return-value]
+
+
+def make_plan(model: nn.Module, steps: list) -> Plan:
+    """Assign every layer to at most one rounder or replacer, and check shapes and order."""
+    if not steps:
+        raise LowbitError("the recipe has no steps")
+    spec = spec_for(model)
+    for a, b in zip(steps, steps[1:], strict=False):
+        if ORDER[a.kind] > ORDER[b.kind]:
+            raise LowbitError(f"recipe order: {b.step} ({b.kind}) must come before "
+                              f"{a.step} ({a.kind}); transforms run first")
+    owners = [s for s in steps if s.kind != "transform"]
+    layers: dict[str, Layer] = {}
+    for full, (bi, local, mod) in candidates(model, spec).items():
+        mine = [s for s in owners if s.applies(full)]
+        if len(mine) > 1:
+            raise LowbitError(f"{full} is targeted by {mine[0].step} and {mine[1].step}; give "
+                              "each layer one rounder or replacer (use ignore)")
+        if not mine:
+            continue
+        step = mine[0]
+        grid = None
+        if step.kind == "rounder":
+            grid = step.grid_for(full)
+            try:
+                grid.check(*_shape(mod, spec, local))
+            except LowbitError as e:
+                raise LowbitError(f"{full}: {e}") from None
+        layers[full] = Layer(full, bi, local, step, grid)
+    if not layers:
+        raise LowbitError("the recipe's targets and ignore lists select no layer of this "
+                          f"{spec.family} model")
+    if HEAD in layers and spec.conv1d:
+        raise LowbitError("lm_head of GPT-2 (Conv1D blocks) cannot be quantized yet")
+    return Plan(spec, list(steps), layers, [s for s in steps if s.kind == "transform"])
+
+
+class _Executor:
+    """The driver's visitor: runs the plan's steps on each block."""
+
+    def __init__(self, model: nn.Module, plan: Plan, res: Result,
+                 on_row: Callable[[dict], None] | None, n_tokens: int) -> None:
+        self.model, self.plan, self.res = model, plan, res
+        self.on_row, self.n_tokens = on_row, n_tokens
+        self.pending: list[tuple[str, object, nn.Module, dict]] = []
+
+    def emit(self, row: dict) -> None:
+        self.res.rows.append(row)
+        if self.on_row:
+            self.on_row(row)
+
+    def transform(self, ctx: BlockContext) -> None:
+        for t in self.plan.transforms:
+            for row in t.transform(ctx, self.plan.grid_of):
+                self.emit({"block": ctx.index, "step": t.step} | row)
+        self.res.stats |= ctx.kept
+
+    def wants(self, ctx: BlockContext, group) -> frozenset[str] | None:
+        mine = [self.plan.layers.get(ctx.full(n)) for n in group]
+        mine = [la for la in mine if la is not None and la.step.kind == "rounder"]
+        if not mine:
+            return None
+        return frozenset().union(*(self.plan.wants(la) for la in mine))
+
+    def round(self, ctx: BlockContext, group, stats: InputStats) -> None:
+        mods = {n: ctx.linears[n] for n in group}
+        self.round_modules(ctx.index, {ctx.full(n): m for n, m in mods.items()}, stats,
+                           ctx.spec.conv1d)
+
+    def round_modules(self, bi, mods: dict[str, nn.Module], stats, conv1d: bool) -> None:
+        by_step: dict[int, list[str]] = {}
+        for full in mods:
+            la = self.plan.layers.get(full)
+            if la is not None and la.step.kind == "rounder":
+                by_step.setdefault(id(la.step), []).append(full)
+        for fulls in by_step.values():
+            step = self.plan.layers[fulls[0]].step
+            weights = {f: _weight(mods[f], conv1d) for f in fulls}
+            grids = {f: self.plan.layers[f].grid for f in fulls}
+            for full, (gw, info) in step.round_layers(weights, grids, stats).items():
+                _set(mods[full], gw.dequantize(), conv1d)
+                self.res.weights[full] = gw
+                self.emit({"block": bi, "name": full, "shape": list(gw.shape),
+                           "tokens": 0 if stats is None else stats.n, "step": step.step,
+                           "scheme": gw.grid.name} | info)
+
+    def replace(self, ctx: BlockContext) -> bool:
+        mine = [la for la in self.plan.in_block(ctx.index) if la.step.kind == "replacer"]
+        for step in {id(la.step): la.step for la in mine}.values():
+            names = [la.local for la in mine if la.step is step]
+            stats = ctx.observe(names, step.wants())[0] if step.wants() else {}
+            for n in names:
+                self.replace_module(ctx.block, n, ctx.full(n), step, stats.get(n), ctx.index,
+                                    ctx.spec.conv1d)
+        return bool(mine)
+
+    def replace_module(self, parent: nn.Module, local: str, full: str, step, stats, bi,
+                       conv1d: bool) -> None:
+        mod = parent.get_submodule(local)
+        bias = getattr(mod, "bias", None)
+        module, info = step.make(_weight(mod, conv1d), None if bias is None else bias.data,
+                                 stats)
+        owner, _, child = local.rpartition(".")
+        setattr(parent.get_submodule(owner) if owner else parent, child, module)
+        self.res.weights[full] = module
+        row = {"block": bi, "name": full, "shape": [module.out_features, module.in_features],
+               "tokens": 0 if stats is None else stats.n, "step": step.step} | info
+        self.pending.append((full, step, module, row))
+
+    def finish(self, ctx: BlockContext | None) -> None:
+        for _full, step, module, row in self.pending:
+            self.emit(row | step.finish(module))
+        self.pending.clear()
+
+
+def _weight(mod: nn.Module, conv1d: bool) -> Tensor:
+    return mod.weight.data.T if conv1d else mod.weight.data
+
+
+def _set(mod: nn.Module, w: Tensor, conv1d: bool) -> None:
+    target = mod.weight.data
+    target.copy_((w.T if conv1d else w).to(target.dtype))
+
+
+def untie_head(model: nn.Module) -> None:
+    """Give lm_head its own weight when it shares the embeddings' (it is about to change)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+
+
+@torch.no_grad()
+def execute(
+    model: nn.Module,
+    plan: Plan,
+    calib: Tensor | None,
+    chunk: int = 8,
+    progress: bool = True,
+    on_row: Callable[[dict], None] | None = None,
+    token_weight: str = "none",
+) -> Result:
+    """Quantize ``model`` in place as planned (rounded Linears keep their dequantized weights,
+    so the model evaluates as the quantized model; replaced Linears become runtime modules)."""
+    if plan.needs_data and calib is None:
+        names = sorted({la.step.step for la in plan.layers.values() if plan.wants(la)}
+                       | {t.step for t in plan.transforms})
+        raise LowbitError(f"{', '.join(names)} needs calibration windows")
+    res = Result(plan.steps)
+    t0 = time.perf_counter()
+    spec = plan.spec
+    if HEAD in plan.layers:
+        untie_head(model)
+    ex = _Executor(model, plan, res, on_row, 0 if calib is None else calib.numel())
+    if plan.needs_data:
+        res.calibration_tokens = int(calib.numel())
+        samples = [t.sample(calib) for t in plan.transforms]
+        sample = next((s for s in samples if s is not None), None)
+        last = run_sequential(model, spec, calib, ex, chunk=chunk, progress=progress,
+                              sample=sample, token_weight=token_weight)
+    else:
+        last = None
+        for bi, block in enumerate(tqdm(get_blocks(model, spec), desc="blocks", unit="block",
+                                        disable=not progress)):
+            mods = {f"{spec.blocks}.{bi}.{n}": m for n, m in block_linears(block, spec).items()}
+            ex.round_modules(bi, mods, None, spec.conv1d)
+            for la in plan.in_block(bi):
+                if la.step.kind == "replacer":
+                    ex.replace_module(block, la.local, la.full, la.step, None, bi, spec.conv1d)
+            ex.finish(None)
+    if HEAD in plan.layers:
+        _head(model, plan, ex, last)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _head(model: nn.Module, plan: Plan, ex: _Executor, last: Stream | None) -> None:
+    """lm_head, from the last block's outputs through the final norm (``head_path``)."""
+    la = plan.layers[HEAD]
+    head = model.get_output_embeddings()
+    stats = None
+    if last is not None:
+        stats = InputStats(head.in_features, plan.wants(la))
+        for h in last.hidden:
+            for path in plan.spec.head_path:
+                mod = _optional(model, path)
+                if mod is not None:
+                    h = mod(h)
+            stats.add(h)
+    if la.step.kind == "rounder":
+        ex.round_modules(None, {HEAD: head}, stats, False)
+    else:
+        ex.replace_module(model, HEAD, HEAD, la.step, stats, None, False)
+        ex.finish(None)
+
+
+def _optional(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None

@@ -1,0 +1,121 @@
+"""Statistics of a Linear's inputs, collected during calibration (observe, never apply).
+
+One collector serves every consumer: GPTQ and SqueezeLLM (the Hessian H = 2 X^T X / n),
+AWQ (mean |x| per channel), SmoothQuant and static activation scales (max |x| per channel),
+``lowbit inspect`` (all of them, plus max |x| per token), the importance matrix (diag H / 2).
+Saved as safetensors (``act_stats.safetensors``) and reusable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+
+MIN_TOKENS = 4096  # below this, per-channel maxima and means are noisy: steps warn
+WANTS = frozenset({"hessian", "absmax", "mean_abs", "token_absmax"})
+
+
+class InputStats:
+    """Running statistics of one input: token count ``n``, per-channel ``absmax`` and sum of
+    |x| (always; cheap), the Hessian ``h`` (a float32 running mean; with ``"hessian"``), and the
+    per-token max |x| (with ``"token_absmax"``)."""
+
+    def __init__(self, in_features: int, want: frozenset[str] | set[str] = frozenset()) -> None:
+        bad = set(want) - WANTS
+        if bad:
+            raise ValueError(f"unknown statistics {sorted(bad)}; known: {sorted(WANTS)}")
+        self.want = frozenset(want)
+        self.n = 0
+        self.n_h = 0.0  # total token weight behind the Hessian when tokens are weighted
+        self.h: Tensor | None = torch.zeros(in_features, in_features) if "hessian" in want else None
+        self.absmax = torch.zeros(in_features)
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
+        self.token_absmax: Tensor | None = torch.zeros(0) if "token_absmax" in want else None
+
+    def add(self, x: Tensor, token_weight: Tensor | None = None) -> None:
+        """Add a batch of inputs (..., in); ``token_weight`` (...,) weights each token's
+        contribution to the Hessian (the running mean is then over the weights)."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("non-finite values in the calibration activations")
+        b = x.shape[0]
+        total = self.n + b
+        if self.h is not None:
+            if token_weight is None:
+                self.h.mul_(self.n / total).addmm_(x.T, x, alpha=2.0 / total)
+            else:
+                tw = token_weight.reshape(-1).float()
+                tot_h = self.n_h + float(tw.sum())
+                self.h.mul_(self.n_h / tot_h).addmm_((x * tw[:, None]).T, x, alpha=2.0 / tot_h)
+                self.n_h = tot_h
+        a = x.abs()
+        self.absmax = torch.maximum(self.absmax, a.amax(0))
+        self.abs_sum += a.sum(0, dtype=torch.float64)
+        if self.token_absmax is not None:
+            self.token_absmax = torch.cat([self.token_absmax, a.amax(1)])
+        self.n = total
+
+    @property
+    def mean_abs(self) -> Tensor:
+        return (self.abs_sum / max(self.n, 1)).float()
+
+
+def save_stats(path: Path, stats: dict[str, InputStats]) -> None:
+    """Per-input statistics by Linear name (no Hessians: they are large and cheap to redo)."""
+    tensors = {}
+    for name, st in stats.items():
+        tensors[f"{name}.absmax"] = st.absmax.contiguous()
+        tensors[f"{name}.abs_sum"] = st.abs_sum.contiguous()
+        if st.token_absmax is not None:
+            tensors[f"{name}.token_absmax"] = st.token_absmax.contiguous()
+        tensors[f"{name}.n"] = torch.tensor([st.n], dtype=torch.int64)
+    save_file(tensors, str(path), metadata={"format": "lowbit-act-stats"})
+
+
+def load_stats(path: Path) -> dict[str, InputStats]:
+    try:
+        t = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise LowbitError(f"{path}: unreadable activation statistics ({e})") from None
+    out = {}
+    try:
+        for name in sorted({k.rsplit(".", 1)[0] for k in t}):
+            st = InputStats(t[f"{name}.absmax"].numel())
+            st.absmax, st.abs_sum = t[f"{name}.absmax"], t[f"{name}.abs_sum"]
+            st.token_absmax = t.get(f"{name}.token_absmax")
+            st.n = int(t[f"{name}.n"][0])
+            out[name] = st
+    except KeyError as e:
+        raise LowbitError(f"{path}: activation statistics lack {e}") from None
+    return out
+
+
+def outlier_profile(stats: dict[str, InputStats], blocks_path: str,
+                    groups: tuple[tuple[str, ...], ...], ratio: float = 20.0) -> list[dict]:
+    """Per block and shared input: the channels whose absmax is ``ratio`` times the median
+    channel's or more, and which Linears they feed."""
+    rows = []
+    for full, st in stats.items():
+        if not full.startswith(blocks_path + "."):
+            continue
+        prefix, rest = full[len(blocks_path) + 1 :].split(".", 1)
+        group = next((g for g in groups if rest in g), (rest,))
+        if rest != group[0]:
+            continue  # one row per shared input
+        med = float(st.absmax.median().clamp(min=1e-12))
+        idx = torch.nonzero(st.absmax >= ratio * med).flatten()
+        top = sorted(idx.tolist(), key=lambda j: -float(st.absmax[j]))
+        rows.append({
+            "block": int(prefix),
+            "feeds": list(group),
+            "channels": len(top),
+            "top": top[:8],
+            "max_ratio": float(st.absmax.max()) / med,
+            "median_absmax": med,
+        })
+    return rows
