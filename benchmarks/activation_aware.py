@@ -22,38 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import COLS, WIKI, base_logprobs, evaluate_against  # noqa: E402
+from variants import parse_variant  # noqa: E402
 
+import lowbit  # noqa: E402
 from lowbit import data  # noqa: E402
-from lowbit.api import quantize_model  # noqa: E402
-from lowbit.cli import format_table  # noqa: E402
+from lowbit.cli.common import format_table  # noqa: E402
 from lowbit.eval.metrics import peak_rss_bytes  # noqa: E402
-from lowbit.methods.int8_methods import outlier_fractions  # noqa: E402
 from lowbit.models import load_model  # noqa: E402
-
-FLOATS = {"alpha", "threshold"}
-INTS = {"search_windows", "search_tokens", "n_grid"}
-NO_CALIB = {"rtn", "llm-int8"}
-
-
-def parse(v: str) -> tuple[str, str, dict, dict]:
-    parts = v.split(":")
-    method, scheme = parts[0], parts[1] if len(parts) > 1 else "-"
-    kw: dict = {}
-    awq: dict = {}
-    for item in (parts[2].split(",") if len(parts) > 2 else []):
-        k, val = item.split("=")
-        if k in FLOATS:
-            kw[k] = float(val)
-        elif k in INTS:
-            awq[k] = int(val)
-        elif k == "clip":
-            awq[k] = bool(int(val))
-        else:
-            kw[k] = val
-    if awq:
-        kw["awq"] = awq
-    return method, scheme, kw, awq
-
+from lowbit.runtime.int8_mixed import Int8MixedLinear  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -74,19 +50,19 @@ def main() -> None:
     print(format_table(table, COLS), flush=True)
     out = open(a.json, "a") if a.json else None
     for v in a.variants:
-        method, scheme, kw, _ = parse(v)
+        recipe = parse_variant(v)
         model, _ = load_model("smollm2-135m")
-        static = scheme.endswith("static")
-        needs = method not in NO_CALIB and not (method == "w8a8" and not static)
+        needs = lowbit.plan(model, recipe).needs_data
         t0 = time.perf_counter()
-        res = quantize_model(model, method, scheme, cal if needs else None, progress=False, **kw)
+        res = lowbit.quantize(model, recipe, cal if needs else None, progress=False)
         secs = time.perf_counter() - t0
         t1 = time.perf_counter()
         row = {"variant": v, "calib": "wiki" if needs else "-", "bpw": res.bits_per_weight(),
                "seconds": secs, **evaluate_against(model, ev, blp),
                "eval_seconds": time.perf_counter() - t1}
-        if method == "llm-int8":
-            fr = outlier_fractions(model)
+        fr = {n: m.outlier_fraction for n, m in model.named_modules()
+              if isinstance(m, Int8MixedLinear)}
+        if fr:
             row["outlier_frac_mean"] = sum(fr.values()) / len(fr)
             row["outlier_frac_max"] = max(fr.values())
             row["outlier_frac"] = {k: round(f, 5) for k, f in fr.items()}

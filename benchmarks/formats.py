@@ -22,11 +22,12 @@ import json
 import time
 
 import torch
-from quality import WIKI, base_logprobs, calibration, evaluate_against, parse_variant
+from quality import WIKI, base_logprobs, calibration, evaluate_against
+from variants import parse_variant
 
+import lowbit
 from lowbit import data
-from lowbit.api import needs_calibration, quantize_model
-from lowbit.cli import format_table
+from lowbit.cli.common import format_table
 from lowbit.eval.metrics import peak_rss_bytes
 from lowbit.models import load_model
 
@@ -41,11 +42,12 @@ COLS = [("format", "format", ""), ("method", "method", ""), ("bpw", "bits/w", ".
 
 def quantize_variant(variant: str, model_name: str, cal: torch.Tensor | None) -> tuple:
     """(quantized model, its table row without the quality figures)."""
-    method, scheme, cfg, extra = parse_variant(variant)
+    method, scheme = variant.split(":")[:2]
+    recipe = parse_variant(variant)
     model, _ = load_model(model_name)
-    use_cal = cal if needs_calibration(method, scheme) else None
+    use_cal = cal if lowbit.plan(model, recipe).needs_data else None
     t0 = time.perf_counter()
-    res = quantize_model(model, method, scheme, use_cal, cfg, progress=False, **extra)
+    res = lowbit.quantize(model, recipe, use_cal, progress=False)
     secs = time.perf_counter() - t0
     losses = [r for r in res.rows if "rtn_loss" in r]
     row = {
@@ -54,8 +56,7 @@ def quantize_variant(variant: str, model_name: str, cal: torch.Tensor | None) ->
         "method": method,
         "bpw": res.bits_per_weight(),
         "storage_bytes": res.storage_bytes(),
-        "saturated": sum(r["saturated"] for r in res.rows)
-        if all("saturated" in r for r in res.rows) else None,  # not counted for integer schemes
+        "saturated": sum(r["saturated"] for r in res.rows),
         "below_rtn": f"{sum(r['loss'] <= r['rtn_loss'] for r in losses)}/{len(losses)}"
         if losses else None,
         "calibrated": use_cal is not None,
@@ -213,7 +214,7 @@ def main() -> None:
     ids = data.tokenize(tok, data.read_text(WIKI))
     ev = data.windows(ids, a.eval_windows, 512)
     cal = None
-    if any(needs_calibration(*parse_variant(v)[:2]) for v in variants):
+    if any(lowbit.plan(base, parse_variant(v)).needs_data for v in variants):
         cal = calibration(a.calib, base, tok, ids, a.calib_windows)
     blp = base_logprobs(base, ev)  # the base pass is shared by every variant
     base_res = evaluate_against(base, ev, None)

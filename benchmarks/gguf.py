@@ -32,8 +32,8 @@ from gguf import GGUFReader  # noqa: E402
 from lowbit import data  # noqa: E402
 from lowbit.cli import format_table  # noqa: E402
 from lowbit.eval.llamacpp import llamacpp_perplexity, llamacpp_quantize  # noqa: E402
-from lowbit.io.gguf_export import export_gguf  # noqa: E402
-from lowbit.io.imatrix import collect_imatrix, load_imatrix, save_imatrix  # noqa: E402
+from lowbit.io.gguf.export import export_gguf  # noqa: E402
+from lowbit.io.gguf.imatrix import collect_imatrix, load_imatrix, save_imatrix  # noqa: E402
 from lowbit.models import DEFAULT_MODEL, builtin_path, load_model  # noqa: E402
 
 WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"

@@ -3,7 +3,8 @@
     python benchmarks/quality.py rtn:w4g64 gptq:w4g64 gptq:w3g64:act_order=1 \
         --calib wiki --calib-windows 128 --eval-windows 64 --json out.json
 
-Each variant is ``method:scheme[:key=value,...]`` (keys: GPTQConfig fields). The base model's
+Each variant is ``method:scheme[:key=value,...]`` (``variants.py``: any step option). The base
+model's
 logits are computed once per window and shared by all variants. Calibration ``wiki`` is the
 protocol's in-domain set (WikiText-2 test windows from 100), ``pydoc`` the cross-domain set,
 ``builtin``/``self`` the product's default; evaluation is always WikiText-2 windows 0..N-1.
@@ -15,16 +16,15 @@ import argparse
 import json
 import math
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
+from variants import parse_variant
 
+import lowbit
 from lowbit import data
-from lowbit.algorithms.gptq import GPTQConfig
-from lowbit.api import quantize_model
 from lowbit.calib import calib_windows
-from lowbit.cli import format_table
+from lowbit.cli.common import format_table
 from lowbit.eval.metrics import peak_rss_bytes
 from lowbit.models import load_model
 
@@ -40,22 +40,6 @@ COLS = [
     ("seconds", "quant s", ".0f"),
     ("below_rtn", "<RTN", ""),
 ]
-
-
-def parse_variant(v: str) -> tuple[str, str, GPTQConfig, dict]:
-    parts = v.split(":")
-    method, scheme = parts[0], parts[1]
-    kw, extra = {}, {}
-    names = {f.name: f.type for f in fields(GPTQConfig)}
-    if len(parts) > 2:
-        for item in parts[2].split(","):
-            k, val = item.split("=")
-            if k in names:
-                kw[k] = bool(float(val)) if k in ("act_order", "static_groups") else type(
-                    getattr(GPTQConfig(), k))(float(val))
-            else:
-                extra[k] = val
-    return method, scheme, GPTQConfig(**kw), extra
 
 
 def calibration(kind: str, model, tok, ids, n: int) -> torch.Tensor:
@@ -148,22 +132,21 @@ def main() -> None:
     out = open(a.json, "a") if a.json else None
     cal = None
     for v in a.variants:
-        method, scheme, cfg, extra = parse_variant(v)
+        recipe = parse_variant(v)
         model, _ = load_model("smollm2-135m")
-        if method != "rtn" and cal is None:
+        needs = lowbit.plan(model, recipe).needs_data
+        if needs and cal is None:
             cal = calibration(a.calib, model, tok, ids, a.calib_windows)
             if a.time_forward:
                 fwd = forward_seconds(model, cal)
                 print(f"plain forward over the calibration windows: {fwd:.1f} s", flush=True)
         t0 = time.perf_counter()
-        res = quantize_model(
-            model, method, scheme, cal if method != "rtn" else None, cfg, progress=False, **extra
-        )
+        res = lowbit.quantize(model, recipe, cal if needs else None, progress=False)
         secs = time.perf_counter() - t0
         losses = [r for r in res.rows if "loss" in r]
         row = {
             "variant": v,
-            "calib": a.calib if method != "rtn" else "-",
+            "calib": a.calib if needs else "-",
             "bpw": res.bits_per_weight(),
             "seconds": secs,
             "below_rtn": f"{sum(r['loss'] < r['rtn_loss'] for r in losses)}/{len(losses)}"

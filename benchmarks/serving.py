@@ -20,13 +20,10 @@ from pathlib import Path
 
 import torch
 
+import lowbit
 from lowbit import data
-from lowbit.algorithms.gptq import GPTQConfig
-from lowbit.api import quantize_model
-from lowbit.cli import format_table
+from lowbit.cli.common import format_table
 from lowbit.eval.metrics import evaluate
-from lowbit.io.hf_checkpoint import write_checkpoint
-from lowbit.io.native import save_quantized
 from lowbit.models import load_model
 
 WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
@@ -73,11 +70,10 @@ def main() -> None:
     model.float()
     rows = [{"what": "base fp16 (transformers)", "loader": "-", "mib": disk_mib(base_dir)}]
 
-    res = quantize_model(model, "gptq", a.scheme, cal, GPTQConfig(static_groups=True))
-    meta = {"base_model": "smollm2-135m", "method": "gptq", "scheme": a.scheme}
-    save_quantized(work / "native", model, tok, res.qweights, meta, overwrite=True)
-    for fmt in ("compressed-tensors", "gptq", "awq"):
-        write_checkpoint(work / fmt, fmt, model, tok, res.qweights, meta, overwrite=True)
+    res = lowbit.quantize(model, [lowbit.GPTQ(scheme=a.scheme, static_groups=True)], cal)
+    meta = {"base_model": "smollm2-135m"}
+    for fmt in ("native", "compressed-tensors", "gptq", "awq"):
+        lowbit.save(work / fmt, model, tok, res, meta, fmt=fmt, overwrite=True)
     ref = evaluate(model, ev, desc="in-memory")["ppl"]
     print(f"GPTQ {a.scheme} (static groups), in memory: ppl {ref:.3f}", flush=True)
     del model

@@ -50,6 +50,26 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random Llama checkpoint with the built-in model's tokenizer (byte-level BPE, so
+    that GGUF export works), and a calibration/evaluation text file."""
+    from lowbit.models import load_model
+
+    _, tok = load_model("smollm2-135m")
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True)
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    text = d / "calib.txt"
+    text.write_text("\n".join(
+        f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(3000)))
+    return d, text
+
+
 @pytest.fixture
 def windows() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)

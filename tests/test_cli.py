@@ -1,105 +1,176 @@
-"""The command line, end to end on a tiny checkpoint, and its one-line errors."""
+"""The command line, end to end on a tiny checkpoint: quantize -> info -> eval, recipes,
+re-runs from lowbit.json, the int8 methods, inspect, and one-line errors."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+import torch
 import transformers as tf
+from cli_helpers import lowbit_cli, lowbit_process, one_line_error
+from safetensors.torch import load_file
 
-WIKI = "../shared/data/wikitext-2-raw/wiki.test.raw"
+from lowbit.io.native import load_quantized
+from lowbit.runtime.int8_mixed import Int8MixedLinear
+from lowbit.runtime.qlinear import QLinear
+from lowbit.runtime.w8a8 import W8A8Linear
 
-
-def run(*args, ok=True):
-    p = subprocess.run(
-        [sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, timeout=600
-    )
-    if ok:
-        assert p.returncode == 0, p.stderr[-2000:]
-    return p
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A tiny random Llama with the built-in model's tokenizer, saved as a checkpoint folder."""
-    from lowbit.models import load_model
-
-    _, tok = load_model("smollm2-135m")
-    cfg = tf.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    d = tmp_path_factory.mktemp("tiny")
-    tf.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    text = d / "calib.txt"
-    text.write_text(
-        "\n".join(
-            f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(3000)
-        )
-    )
-    return d, text
+SMALL = ["--calib-samples", "4", "--seq-len", "64", "--quiet"]
 
 
 def test_quantize_info_eval(tiny_ckpt, tmp_path):
     ckpt, text = tiny_ckpt
     out = tmp_path / "q"
-    run(
-        "quantize",
-        str(ckpt),
-        "--method",
-        "gptq",
-        "--scheme",
-        "w4g32",
-        "--calib",
-        str(text),
-        "--calib-samples",
-        "4",
-        "--seq-len",
-        "64",
-        "--out",
-        str(out),
-        "--json",
-        str(tmp_path / "q.json"),
-        "--quiet",
-        "--act-order",
-        "--calib-offset",
-        "8",
-    )
+    lowbit_cli("quantize", ckpt, "--method", "gptq", "--scheme", "w4g32", "--calib", text,
+               *SMALL, "--out", out, "--json", tmp_path / "q.json", "--act-order",
+               "--calib-offset", "8")
     q = json.loads((tmp_path / "q.json").read_text())
-    assert q["layers"] == 14 and q["layers_below_rtn"] == 14
+    assert q["layers"] == 14 and q["layers_below_rtn"] == 14 and q["schemes"] == {"w4g32": 14}
     assert q["bits_per_weight"] == pytest.approx(4.5 + 32 / 128, rel=0.2)
+    assert q["recipe"]["steps"][0] | {"scheme": "w4g32", "act_order": True} == \
+        q["recipe"]["steps"][0]
     rows = [json.loads(line) for line in (out / "layers.jsonl").read_text().splitlines()]
     assert len(rows) == 14 and {"name", "shape", "tokens", "loss", "seconds"} <= set(rows[0])
-    info = run("info", str(out))
-    assert "gptq w4g32" in info.stdout
-    ev = run(
-        "eval",
-        str(out),
-        "--data",
-        str(text),
-        "--windows",
-        "4",
-        "--seq-len",
-        "64",
-        "--base",
-        str(ckpt),
-        "--json",
-        str(tmp_path / "e.json"),
-        "--quiet",
-        "--speed",
-    )
-    e = json.loads((tmp_path / "e.json").read_text())
+    info = lowbit_cli("info", out)
+    assert "gptq w4g32" in info.out and "recipe: gptq w4g32" in info.out
+    e = json.loads(lowbit_cli("eval", out, "--data", text, "--windows", "4", "--seq-len", "64",
+                              "--base", ckpt, "--json", "-", "--quiet", "--speed").out)
     assert {"ppl", "kl_mean", "kl_p99", "top1", "decode_tok_s", "model_bytes"} <= set(e)
-    assert e["kl_mean"] > 0 and 0 < e["top1"] <= 1
-    assert "ppl" in ev.stdout
+    assert e["kl_mean"] > 0 and 0 < e["top1"] <= 1 and e["scheme"] == "w4g32"
     # evaluating on the calibration windows of the same text is refused
-    bad = run("eval", str(out), "--data", str(text), "--windows", "12", "--seq-len", "64", ok=False)
-    assert bad.returncode == 2 and "overlap" in bad.stderr
+    bad = lowbit_cli("eval", out, "--data", text, "--windows", "12", "--seq-len", "64", ok=False)
+    one_line_error(bad, "overlap")
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "mxfp4", "w4g32-asym"])
+def test_non_integer_schemes_save_and_reload(tiny_ckpt, tmp_path, scheme):
+    """`lowbit quantize --method rtn --scheme nf4` crashed after the whole run (issue 13)."""
+    ckpt, _ = tiny_ckpt
+    out = tmp_path / "q"
+    lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", scheme, "--out", out, "--quiet")
+    model, _ = load_quantized(out)
+    mods = [m for m in model.modules() if isinstance(m, QLinear)]
+    assert len(mods) == 14 and all(m.grid.name == scheme for m in mods)
+    assert scheme in lowbit_cli("info", out).out
+
+
+RECIPE = """
+steps:
+  - gptq:
+      scheme: w4g32
+      ignore: []
+      overrides:
+        're:.*layers\\.0\\..*down_proj': w8
+        lm_head: w8
+calibration: {samples: 4, seq_len: 64}
+"""
+
+
+def test_recipe_file_then_rerun_from_lowbit_json(tiny_ckpt, tmp_path):
+    ckpt, text = tiny_ckpt
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    a = tmp_path / "a"
+    lowbit_cli("quantize", ckpt, "--recipe", tmp_path / "r.yaml", "--calib", text, "--quiet",
+               "--out", a)
+    desc = json.loads((a / "lowbit.json").read_text())
+    assert desc["version"] == 2 and desc["method"] == "gptq"
+    assert desc["layers"]["model.layers.0.mlp.down_proj"]["grid"] == "w8"
+    assert desc["layers"]["lm_head"]["grid"] == "w8"
+    assert desc["layers"]["model.layers.1.mlp.down_proj"]["grid"] == "w4g32"
+    assert desc["calibration"]["windows"] == 4 and desc["calibration"]["seq_len"] == 64
+    # the recorded recipe re-runs, from the recorded base model and calibration, to the same
+    # tensors
+    b = tmp_path / "b"
+    lowbit_cli("quantize", "--recipe", a / "lowbit.json", "--quiet", "--out", b)
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    info = lowbit_cli("info", b)
+    assert "13 w4g32, 2 w8" in info.out
+    r = lowbit_cli("quantize", ckpt, "--recipe", a / "lowbit.json", "--scheme", "w8",
+                   "--out", tmp_path / "c", ok=False)
+    one_line_error(r, "--recipe gives the steps; drop --scheme")
+
+
+@pytest.fixture(scope="module")
+def word_ckpt(tmp_path_factory):
+    """A tiny random Llama with a tiny word-level tokenizer, and a calibration text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(200)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])},
+                                    unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    text = d / "calib.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, 200, (6000,), generator=g)))
+    return d, text
+
+
+@pytest.mark.parametrize(
+    "method,extra,cls",
+    [("smoothquant", ["--scheme", "w8a8-static", "--alpha", "0.6"], W8A8Linear),
+     ("llm-int8", ["--threshold", "2.0"], Int8MixedLinear),
+     ("awq", ["--scheme", "w4g32"], QLinear)],
+)
+def test_activation_aware_methods(word_ckpt, tmp_path, method, extra, cls):
+    ckpt, text = word_ckpt
+    out = tmp_path / "q"
+    kernel = ["--int8-kernel", "emulate"] if method != "awq" else []
+    lowbit_cli("quantize", ckpt, "--method", method, *extra, "--calib", text,
+               "--calib-samples", "8", "--calib-offset", "20", "--seq-len", "64", *kernel,
+               "--out", out, "--quiet")
+    desc = json.loads((out / "lowbit.json").read_text())
+    assert desc["method"] == {"awq": "awq+rtn"}.get(method, method.replace("smoothquant",
+                                                                            "smoothquant+w8a8"))
+    model, _ = load_quantized(out)
+    assert len([m for m in model.modules() if isinstance(m, cls)]) == 14
+    if method == "smoothquant":
+        assert (out / "act_stats.safetensors").is_file()
+        assert desc["recipe"]["steps"][0]["alpha"] == 0.6
+    p = lowbit_cli("eval", out, "--data", text, "--windows", "4", "--seq-len", "64", "--quiet")
+    assert "ppl" in p.out
+
+
+def test_inspect(word_ckpt, tmp_path):
+    ckpt, text = word_ckpt
+    png = tmp_path / "c.png"
+    p = lowbit_cli("inspect", ckpt, "--calib", text, "--calib-samples", "8", "--seq-len", "64",
+                   "--ratio", "3", "--plot", png, "--save-stats", tmp_path / "s.st",
+                   "--json", tmp_path / "o.json", "--quiet")
+    assert "block   0" in p.out and png.stat().st_size > 1000
+    rows = json.loads((tmp_path / "o.json").read_text())
+    assert len(rows) == 2 * 4  # one row per shared input per block
+    p2 = lowbit_cli("inspect", ckpt, "--stats", tmp_path / "s.st", "--ratio", "3", "--quiet")
+    assert p2.out == p.out.replace(f"wrote {png}\n", "")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "rtn", "--scheme", "w4g32", "--alpha", "0.5"],
+         "--alpha is for smoothquant; rtn does not take it"),
+        (["--method", "gptq", "--threshold", "4"], "--threshold is for llm-int8; gptq does not"),
+        (["--method", "llm-int8", "--damp", "0.1"], "--damp is for awq+gptq, gptq; llm-int8"),
+        (["--method", "rtn", "--act-order"], "--act-order is for awq+gptq, gptq; rtn"),
+        (["--method", "smoothquant", "--scheme", "w4g32"], "w8a8 takes the schemes"),
+        (["--method", "hqq", "--scheme", "nf4"], "hqq fits integer schemes"),
+        (["--method", "rtn", "--calib-samples", "0"], "--calib-samples must be at least 1"),
+        (["--method", "rtn", "--format", "onnx"], "unknown output format 'onnx'"),
+        (["--recipe", "{tmp}/missing.yaml"], "cannot read recipe"),
+    ],
+)
+def test_bad_options_fail_before_loading(word_ckpt, tmp_path, args, message):
+    ckpt, _ = word_ckpt
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = lowbit_cli("quantize", ckpt, *args, "--out", tmp_path / "x", ok=False)
+    one_line_error(r, message)
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize(
@@ -107,33 +178,18 @@ def test_quantize_info_eval(tiny_ckpt, tmp_path):
     [
         (["quantize", "no/such/model", "--out", "x"], "model not found"),
         (["quantize", "smollm2-135m", "--scheme", "w4q", "--out", "x"], "unknown scheme"),
-        (
-            [
-                "quantize",
-                "smollm2-135m",
-                "--scheme",
-                "w4g128",
-                "--method",
-                "rtn",
-                "--out",
-                "{tmp}/o",
-            ],
-            "group size 128 does not divide the input dimension 576",
-        ),
-        (
-            ["quantize", "smollm2-135m", "--calib", "{tmp}/empty.txt", "--out", "{tmp}/o"],
-            "holds no text",
-        ),
-        (
-            ["quantize", "smollm2-135m", "--calib", "{tmp}/short.txt", "--out", "{tmp}/o"],
-            "too short",
-        ),
-        (["quantize", "smollm2-135m", "--method", "rtn", "--out", "/proc/forbidden/o"], "cannot"),
-        (["quantize", "smollm2-135m", "--method", "awq9", "--out", "{tmp}/o"], "unknown method"),
-        (
-            ["quantize", "{tmp}/bert", "--method", "rtn", "--out", "{tmp}/o"],
-            "unsupported model family 'bert'",
-        ),
+        (["quantize", "smollm2-135m", "--scheme", "w4g128", "--method", "rtn",
+          "--out", "{tmp}/o"], "group size 128 does not divide the input dimension 576"),
+        (["quantize", "smollm2-135m", "--calib", "{tmp}/empty.txt", "--out", "{tmp}/o"],
+         "holds no text"),
+        (["quantize", "smollm2-135m", "--calib", "{tmp}/short.txt", "--out", "{tmp}/o"],
+         "too short"),
+        (["quantize", "smollm2-135m", "--method", "rtn", "--out", "/proc/forbidden/o"],
+         "cannot"),
+        (["quantize", "smollm2-135m", "--method", "awq9", "--out", "{tmp}/o"],
+         "unknown method"),
+        (["quantize", "{tmp}/bert", "--method", "rtn", "--out", "{tmp}/o"],
+         "unsupported model family 'bert'"),
         (["eval", "{tmp}/bert", "--windows", "2"], "beyond the model's vocabulary"),
         (["info", "{tmp}"], "lowbit.json"),
     ],
@@ -142,20 +198,18 @@ def test_errors_are_one_line(tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "short.txt").write_text("just a few words")
     if any("bert" in a for a in args):
-        cfg = tf.BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            is_decoder=True,
-        )
+        cfg = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=64, is_decoder=True)
         tf.BertLMHeadModel(cfg).save_pretrained(tmp_path / "bert")
         from lowbit.models import load_model
 
         load_model("smollm2-135m")[1].save_pretrained(tmp_path / "bert")
-    p = run(*[a.replace("{tmp}", str(tmp_path)) for a in args], ok=False)
-    assert p.returncode == 2, p.stderr[-2000:]
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-2000:]
-    assert message in lines[0]
+    r = lowbit_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], ok=False)
+    one_line_error(r, message)
+
+
+def test_the_script_exits_with_the_code_and_one_line(tmp_path):
+    """The installed entry point (a separate process): exit code 2, one line on stderr."""
+    r = lowbit_process("quantize", "no/such/model", "--out", tmp_path / "x", ok=False)
+    one_line_error(r, "model not found")
+    assert lowbit_process("--help").out.count("quantize") >= 1

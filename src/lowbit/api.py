@@ -49,15 +49,13 @@ def quantize(
     chunk: int = 8,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
-    token_weight: str = "none",
 ) -> Result:
     """Quantize ``model`` in place with ``recipe``; ``calib`` are calibration windows ((n,
     seq_len) token ids), needed when a step or a grid asks for statistics. ``result.recipe`` is
     the recipe that ran."""
     r = as_recipe(recipe)
     p = make_plan(model, list(r.steps))
-    res = execute(model, p, calib, chunk=chunk, progress=progress, on_row=on_row,
-                  token_weight=token_weight)
+    res = execute(model, p, calib, chunk=chunk, progress=progress, on_row=on_row)
     res.recipe = r
     return res
 

@@ -88,7 +88,7 @@ def load_model(
         from lowbit.io.native import load_quantized
 
         return load_quantized(path, cache_weights=cache_weights)
-    from lowbit.io.hf_checkpoint import load_checkpoint, quant_format
+    from lowbit.io.serving import load_checkpoint, quant_format
 
     if path.is_dir() and quant_format(path):  # compressed-tensors / GPTQ / AWQ checkpoint
         return load_checkpoint(path, cache_weights=cache_weights)
@@ -98,7 +98,7 @@ def load_model(
         if path.is_file():
             if path.suffix != ".gguf":
                 raise LowbitError(f"{path}: a model file must be .gguf")
-            from lowbit.io.gguf_check import check_gguf
+            from lowbit.io.gguf.check import check_gguf
 
             check_gguf(path)
             kw = dict(gguf_file=path.name, local_files_only=True)

@@ -9,31 +9,33 @@ import torch
 import transformers as tf
 from conftest import TINY, tiny_model
 
-from lowbit.api import quantize_model
-from lowbit.formats.grids import GRID_NAMES, get_grid, rtn
-from lowbit.gridweight import GridWeight
+import lowbit
+from lowbit.formats.grids import GRID_NAMES, get_grid
+from lowbit.formats.pack import unpack
+from lowbit.formats.weight import GridWeight
 from lowbit.io.native import load_quantized, save_quantized
-from lowbit.runtime.qlinear import GridLinear
+from lowbit.methods.rtn import rtn
+from lowbit.runtime.qlinear import QLinear
 
 W = torch.randn(40, 128, generator=torch.Generator().manual_seed(3)) * 0.05
 W[3, 7] = 1.5  # an outlier: saturates the MX / ternary grids
 
 
 def roundtrip(gw: GridWeight) -> GridWeight:
-    return GridWeight.from_tensors(gw.name, gw.shape, gw.to_tensors(), gw.describe()["code_dtype"])
+    return GridWeight.from_tensors(gw.grid, gw.shape, gw.to_tensors())
 
 
 @pytest.mark.parametrize(
-    "name", [*GRID_NAMES, "nf4-dq-g128", "fp4-g16", "sq2", "mxfp4-ceil", "mxfp8-e4m3-mse"]
+    "name", [*GRID_NAMES, "nf4-dq-g128", "fp4-g16", "sq2", "mxfp4-ceil", "mxfp8-e4m3-mse",
+             "w4g32", "w4g32-asym"]
 )
 def test_stored_form_is_exact_and_compact(name: str) -> None:
     grid = get_grid(name)
     sens = torch.rand(128, generator=torch.Generator().manual_seed(4)) + 0.1
-    codes, params, w_hat = rtn(W, grid, sens)
-    gw = GridWeight(grid, codes, params)
-    assert torch.equal(gw.dequantize(), w_hat)
+    gw = rtn(W, grid, sens)
+    w_hat = gw.dequantize()
     back = roundtrip(gw)
-    assert back.codes.dtype == codes.dtype and torch.equal(back.codes, codes)
+    assert back.codes.dtype == gw.codes.dtype and torch.equal(back.codes, gw.codes)
     assert torch.equal(back.dequantize(), w_hat)
     # 128 columns pack into whole bytes at any code width: the bytes are the grid's accounting
     assert gw.storage_bytes() * 8 == pytest.approx(gw.bits_per_weight() * W.numel(), rel=1e-12)
@@ -41,40 +43,34 @@ def test_stored_form_is_exact_and_compact(name: str) -> None:
 
 def test_signed_codes_are_offset() -> None:
     for name, lo, hi in (("ternary", 0, 2), ("mxint8", 0, 254)):
-        codes, params, _ = rtn(W, get_grid(name))
-        assert codes.dtype == torch.int8
-        gw = GridWeight(get_grid(name), codes, params)
+        gw = rtn(W, get_grid(name))
+        assert gw.codes.dtype == torch.int8
         stored = gw.to_tensors()["qweight"]
-        from lowbit.formats.pack import unpack
-
         u = unpack(stored, gw.grid.code_bits, W.shape[1])
         assert int(u.min()) >= lo and int(u.max()) <= hi
-        assert torch.equal(u.to(torch.int16) - (hi // 2), codes.to(torch.int16))
+        assert torch.equal(u.to(torch.int16) - (hi // 2), gw.codes.to(torch.int16))
 
 
 def test_inexact_compact_forms_fall_back_to_fp32() -> None:
-    grid = get_grid("fp4-g32")
-    codes, params, _ = rtn(W, grid)
-    params[1]["scale"] = params[1]["scale"] * (1 + 2**-20)  # not an fp16 value any more
-    gw = GridWeight(grid, codes, params)
+    gw = rtn(W, get_grid("fp4-g32"))
+    gw.params["scale"] = gw.params["scale"] * (1 + 2**-20)  # not an fp16 value any more
     assert gw.to_tensors()["scales"].dtype == torch.float32
     assert torch.equal(roundtrip(gw).dequantize(), gw.dequantize())
-    grid = get_grid("nf4-dq")
-    codes, params, _ = rtn(W, grid)
-    params[0]["absmax"] = params[0]["absmax"] + 1e-3  # no longer what the 8-bit codes decode to
-    gw = GridWeight(grid, codes, params)
+    gw = rtn(W, get_grid("nf4-dq"))
+    assert "absmax" not in gw.to_tensors()  # rebuilt from its 8-bit codes
+    gw.params["absmax"] = gw.params["absmax"] + 1e-3  # no longer what the 8-bit codes decode to
     assert "absmax" in gw.to_tensors()
     assert torch.equal(roundtrip(gw).dequantize(), gw.dequantize())
 
 
 def check_reload(tmp_path, model, res, windows, name: str) -> None:
-    out = save_quantized(tmp_path / "q", model, None, res.qweights, {"method": res.method})
+    out = save_quantized(tmp_path / "q", model, None, res.weights, {"method": "test"})
     back, _ = load_quantized(out)
-    for layer, gw in res.qweights.items():
+    for layer, gw in res.weights.items():
         mod = back.get_submodule(layer)
-        assert isinstance(mod, GridLinear)
-        assert torch.equal(mod.weight_hat(), gw.dequantize())
-        assert torch.equal(mod.weight_hat(), model.get_submodule(layer).weight.data)
+        assert isinstance(mod, QLinear)
+        assert torch.equal(mod.dequantized_weight(), gw.dequantize())
+        assert torch.equal(mod.dequantized_weight(), model.get_submodule(layer).weight.data)
     with torch.no_grad():
         assert torch.equal(model(input_ids=windows).logits, back(input_ids=windows).logits)
     desc = json.loads((out / "lowbit.json").read_text())
@@ -85,7 +81,7 @@ def check_reload(tmp_path, model, res, windows, name: str) -> None:
 @pytest.mark.parametrize("name", GRID_NAMES)
 def test_quantize_save_reload(tmp_path, windows, name: str, method: str) -> None:
     model = tiny_model("llama")
-    res = quantize_model(model, method, name, windows, progress=False)
+    res = lowbit.quantize(model, lowbit.shorthand(method, name), windows, progress=False)
     check_reload(tmp_path, model, res, windows, name)
 
 
@@ -98,5 +94,5 @@ def test_wide_blocks_on_hidden_128(tmp_path, windows, name: str) -> None:
     cfg = tf.LlamaConfig(**(TINY | {"hidden_size": 128, "intermediate_size": inter,
                                     "num_hidden_layers": 1}))
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    res = quantize_model(model, "gptq", name, windows, progress=False)
+    res = lowbit.quantize(model, lowbit.shorthand("gptq", name), windows, progress=False)
     check_reload(tmp_path, model, res, windows, name)

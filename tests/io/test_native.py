@@ -6,37 +6,42 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from lowbit.algorithms.gptq import GPTQConfig
-from lowbit.api import quantize_model
+import lowbit
 from lowbit.errors import LowbitError
 from lowbit.io import native
 from lowbit.io.native import load_quantized, save_quantized
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.runtime.qlinear import QLinear
+
+
+def quantized(model, method: str, scheme: str, windows=None, **options):
+    return lowbit.quantize(model, lowbit.shorthand(method, scheme, **options), windows,
+                           progress=False)
 
 
 @pytest.mark.parametrize(
     "family,method,scheme,act_order",
     [
         ("llama", "gptq", "w4g32", True),
-        ("llama", "rtn", "w3g32-asym", False),
+        ("llama", "rtn", "w3g32-asym", None),
         ("gpt2", "gptq", "w4g32-asym", False),
-        ("opt", "rtn", "w8", False),
+        ("opt", "rtn", "w8", None),
     ],
 )
 def test_reload_is_bit_identical(tmp_path, windows, family, method, scheme, act_order):
     model = tiny_model(family)
-    res = quantize_model(
-        model, method, scheme, windows, GPTQConfig(act_order=act_order), progress=False
-    )
+    opts = {} if act_order is None else {"act_order": act_order}
+    res = quantized(model, method, scheme, windows if method == "gptq" else None, **opts)
+    if act_order:
+        assert any(gw.g_idx is not None for gw in res.weights.values())
     out = save_quantized(
-        tmp_path / "q", model, None, res.qweights, {"method": method}, conv1d=family == "gpt2"
+        tmp_path / "q", model, None, res.weights, {"method": method}, conv1d=family == "gpt2"
     )
     back, tok = load_quantized(out)
     assert tok is None
-    for name, qw in res.qweights.items():
+    for name, gw in res.weights.items():
         mod = back.get_submodule(name)
-        assert isinstance(mod, QuantLinear)
-        assert torch.equal(mod.weight_hat(), qw.dequantize())
+        assert isinstance(mod, QLinear)
+        assert torch.equal(mod.dequantized_weight(), gw.dequantize())
     with torch.no_grad():
         a = model(input_ids=windows).logits
         b = back(input_ids=windows).logits
@@ -44,27 +49,29 @@ def test_reload_is_bit_identical(tmp_path, windows, family, method, scheme, act_
     if family != "gpt2":  # Conv1D multiplies in the other orientation: not bit-identical
         assert torch.equal(a, b)
     desc = json.loads((out / "lowbit.json").read_text())
-    assert desc["layers"][name]["scheme"]["name"] == scheme
+    assert desc["version"] == native.VERSION
+    assert desc["layers"][name]["grid"] == scheme
+    assert desc["layers"][name]["conv1d"] == (family == "gpt2")
 
 
-def test_existing_output_is_not_overwritten(tmp_path, windows):
+def test_existing_output_is_not_overwritten(tmp_path):
     model = tiny_model("llama")
-    res = quantize_model(model, "rtn", "w4g32", progress=False)
-    save_quantized(tmp_path / "q", model, None, res.qweights, {})
+    res = quantized(model, "rtn", "w4g32")
+    save_quantized(tmp_path / "q", model, None, res.weights, {})
     with pytest.raises(LowbitError, match="exists.*--overwrite"):
-        save_quantized(tmp_path / "q", model, None, res.qweights, {})
-    save_quantized(tmp_path / "q", model, None, res.qweights, {"x": 1}, overwrite=True)
+        save_quantized(tmp_path / "q", model, None, res.weights, {})
+    save_quantized(tmp_path / "q", model, None, res.weights, {"x": 1}, overwrite=True)
     assert json.loads((tmp_path / "q" / "lowbit.json").read_text())["x"] == 1
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     model = tiny_model("llama")
-    res = quantize_model(model, "rtn", "w4g32", progress=False)
+    res = quantized(model, "rtn", "w4g32")
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(native, "save_file", boom)
     with pytest.raises(OSError):
-        save_quantized(tmp_path / "q", model, None, res.qweights, {})
+        save_quantized(tmp_path / "q", model, None, res.weights, {})
     assert list(tmp_path.iterdir()) == []

@@ -3,12 +3,17 @@
 import pytest
 import torch
 from conftest import FAMILIES, tiny_model
-from driver_helpers import last_block_output
+from driver_helpers import Visitor, last_block_output
 
-from lowbit.api import quantize_model
+import lowbit
 from lowbit.arch import get_blocks, spec_for
 from lowbit.errors import LowbitError
-from lowbit.pipeline.driver import capture_inputs, clean_block_kwargs, run_sequential
+from lowbit.pipeline.driver import (
+    capture_inputs,
+    clean_block_kwargs,
+    observe_model,
+    run_sequential,
+)
 
 
 @pytest.mark.parametrize("resume", [True, False])
@@ -22,13 +27,13 @@ def test_blockwise_run_reproduces_the_model(family, resume, windows):
     ref = last_block_output(model, windows)
     seen = []
 
-    def noop(bi, modules, stats):
-        seen.append((bi, tuple(modules)))
-        assert all(s.n == windows.numel() for s in stats.values())
-        return {}
+    def noop(ctx, group, stats):
+        seen.append((ctx.index, group))
+        assert stats.n == windows.numel()
 
-    hidden = run_sequential(model, spec, windows, noop, chunk=2, progress=False, resume=resume)
-    assert torch.allclose(torch.cat(hidden), ref, atol=1e-5, rtol=1e-4)
+    out = run_sequential(model, spec, windows, Visitor(noop), chunk=2, progress=False,
+                         resume=resume)
+    assert torch.allclose(torch.cat(out.hidden), ref, atol=1e-5, rtol=1e-4)
     assert len(seen) == len(get_blocks(model, spec)) * len(spec.groups)
 
 
@@ -42,17 +47,45 @@ def test_resumed_schedule_matches_rerunning_the_block(family, windows):
         spec = spec_for(model)
         hs = []
 
-        def grab(bi, modules, st, hs=hs):
-            hs.extend(s.h.clone() for s in st.values())
-            for m in modules.values():  # a real change, so that later inputs depend on it
-                m.weight.data.mul_(0.9).add_(0.01)
-            return {}
+        def grab(ctx, group, st, hs=hs):
+            hs.append(st.h.clone())
+            for n in group:  # a real change, so that later inputs depend on it
+                ctx.linears[n].weight.data.mul_(0.9).add_(0.01)
 
-        out = run_sequential(model, spec, windows, grab, chunk=2, progress=False, resume=resume)
-        stats[resume] = (hs, torch.cat(out))
+        out = run_sequential(model, spec, windows, Visitor(grab), chunk=2, progress=False,
+                             resume=resume)
+        stats[resume] = (hs, torch.cat(out.hidden))
     for a, b in zip(stats[True][0], stats[False][0], strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
     assert torch.allclose(stats[True][1], stats[False][1], rtol=1e-4, atol=1e-4)
+
+
+def test_schedule_fallback_is_a_printed_note(windows, capsys):
+    model = tiny_model("opt")
+    run_sequential(model, spec_for(model), windows, Visitor(lambda *a: None), chunk=3,
+                   progress=False)
+    err = capsys.readouterr().err
+    assert err.count("note: opt blocks are re-run") == 1
+
+
+def test_observe_model_matches_hooks_on_the_full_model(windows):
+    """The driver's statistics of every Linear input equal hooks on one plain forward."""
+    model = tiny_model("llama")
+    stats = observe_model(model, spec_for(model), windows, {"hessian", "absmax"}, chunk=4,
+                          progress=False)
+    ref = {}
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: ref.setdefault(n, a[0]))
+               for n, m in model.named_modules() if n in stats]
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    for h in handles:
+        h.remove()
+    assert set(ref) == set(stats) and len(stats) == 14
+    for n, x in ref.items():
+        x = x.reshape(-1, x.shape[-1])
+        assert torch.allclose(stats[n].absmax, x.abs().amax(0), rtol=1e-5, atol=1e-6)
+        h = 2 * x.T @ x / x.shape[0]
+        assert torch.allclose(stats[n].h, h, rtol=1e-4, atol=1e-5 * float(h.abs().max()))
 
 
 def test_captured_kwargs_hold_no_cache(windows):
@@ -82,22 +115,33 @@ def test_clean_block_kwargs_drops_state():
 
 def test_gptq_on_tiny_model_beats_rtn_per_layer(windows):
     model = tiny_model("llama")
-    res = quantize_model(model, "gptq", "w3g32", windows, progress=False)
-    assert len(res.qweights) == 14
-    assert all(r["loss"] < r["rtn_loss"] for r in res.rows)
-    assert {"name", "shape", "tokens", "seconds", "loss"} <= set(res.rows[0])
+    res = lowbit.quantize(model, [lowbit.GPTQ(scheme="w3g32")], windows, progress=False)
+    assert len(res.weights) == 14
+    rows = [r for r in res.rows if "loss" in r]
+    assert len(rows) == 14
+    # the loss is measured against the weight before rounding, not the rounded one
+    assert all(0 < r["loss"] < r["rtn_loss"] for r in rows)
+    assert {"name", "shape", "tokens", "seconds", "loss", "damp", "act_order"} <= set(rows[0])
     # the model now computes with the quantized weights
-    name = next(iter(res.qweights))
+    name = next(iter(res.weights))
     w = model.get_submodule(name).weight
-    assert torch.equal(w, res.qweights[name].dequantize())
+    assert torch.equal(w, res.weights[name].dequantize())
 
 
-def test_nonfinite_activations_name_the_layer(windows):
+def test_nonfinite_weights_are_refused_before_any_work(windows):
     model = tiny_model("llama")
     with torch.no_grad():
-        get_blocks(model, spec_for(model))[1].self_attn.o_proj.weight.fill_(float("inf"))
+        get_blocks(model, spec_for(model))[1].self_attn.o_proj.weight[0, :3] = float("inf")
+    with pytest.raises(LowbitError, match="model.layers.1.self_attn.o_proj: .* 3 inf"):
+        lowbit.quantize(model, [lowbit.GPTQ(scheme="w4g32")], windows, progress=False)
+
+
+def test_nonfinite_activations_name_the_block(windows):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        get_blocks(model, spec_for(model))[1].post_attention_layernorm.weight.fill_(float("inf"))
     with pytest.raises(LowbitError, match="block 1"):
-        quantize_model(model, "gptq", "w4g32", windows, progress=False)
+        lowbit.quantize(model, [lowbit.GPTQ(scheme="w4g32")], windows, progress=False)
 
 
 def test_unknown_family_is_named():
@@ -113,4 +157,4 @@ def test_unknown_family_is_named():
     )
     model = tf.BertLMHeadModel(cfg)
     with pytest.raises(LowbitError, match="unsupported model family 'bert'.*llama"):
-        quantize_model(model, "rtn", "w4g32")
+        lowbit.quantize(model, [lowbit.RTN(scheme="w4g32")])

@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import tiny_model
 
+import lowbit
 from lowbit.errors import LowbitError
-from lowbit.io.native import load_quantized, save_quantized
-from lowbit.methods.int8_methods import quantize_int8
+from lowbit.io.native import load_quantized
+from lowbit.methods.w8a8 import W8A8
 from lowbit.runtime.fp8 import (
     DelayedScaling,
     FP8Linear,
@@ -117,33 +118,61 @@ def test_model_quantizes_saves_and_reloads(tmp_path, scheme):
     calib = torch.randint(0, model.config.vocab_size, (4, 16))
     with torch.no_grad():
         ref = model(input_ids=calib[:1]).logits
-    res = quantize_int8(model, "w8a8", scheme, calib, chunk=2, progress=False)
-    assert all(isinstance(m, FP8Linear) for m in res.qweights.values())
+    res = lowbit.quantize(model, [W8A8(scheme=scheme)], calib, chunk=2, progress=False)
+    assert len(res.weights) == 14  # 2 blocks x 7 Linears; lm_head is ignored by default
+    assert all(isinstance(m, FP8Linear) for m in res.weights.values())
+    assert all(model.get_submodule(n) is m for n, m in res.weights.items())
+    assert len(res.rows) == 14 and all(r["step"] == "w8a8" for r in res.rows)
     if scheme.endswith("static"):
-        assert all(r["x_scale"] > 0 for r in res.rows)
+        # clipped during calibration (delayed scaling lags the amax), counted, then reset
+        assert all(r["x_scale"] > 0 and isinstance(r["saturated"], int) for r in res.rows)
+        assert all(m.delayed is None and m.saturated == 0 for m in res.weights.values())
+        assert [r["x_scale"] for r in res.rows] == [
+            float(res.weights[r["name"]].x_scale) for r in res.rows]
     with torch.no_grad():
         got = model(input_ids=calib[:1]).logits
     assert not torch.equal(got, ref) and torch.allclose(got, ref, atol=0.1)
-    out = save_quantized(tmp_path / "q", model, None, res.qweights, {"method": "w8a8"})
+    out = lowbit.save(tmp_path / "q", model, None, res)
     back, _ = load_quantized(out)
-    for name, m in res.qweights.items():
+    for name, m in res.weights.items():
         m2 = back.get_submodule(name)
+        assert isinstance(m2, FP8Linear) and (m2.act, m2.kernel) == (m.act, m.kernel)
         assert m2.qweight.dtype == torch.float8_e4m3fn
         assert torch.equal(m2.qweight.view(torch.uint8), m.qweight.view(torch.uint8))
+        assert torch.equal(m2.w_scale, m.w_scale)
         assert torch.equal(m2.x_scale, m.x_scale)
     with torch.no_grad():
         assert torch.equal(back(input_ids=calib[:1]).logits, got)
 
 
 def test_static_needs_calibration():
-    with pytest.raises(LowbitError, match="calibration"):
-        quantize_int8(tiny_model("llama"), "w8a8", "w8a8-fp8-static", None, progress=False)
+    assert W8A8(scheme="w8a8-fp8-static").needs_data() and not W8A8(scheme="w8a8-fp8").needs_data()
+    with pytest.raises(LowbitError, match="w8a8 needs calibration windows"):
+        lowbit.quantize(tiny_model("llama"), [W8A8(scheme="w8a8-fp8-static")], None,
+                        progress=False)
+    with pytest.raises(LowbitError, match="kernel must be one of auto, scaled_mm, emulate"):
+        W8A8(scheme="w8a8-fp8", kernel="onednn")
+
+
+def test_module_accounting():
+    """The shared runtime-module interface: shape, dequantized weight, stored bytes."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 64, generator=g)
+    lin = FP8Linear.from_linear(w, act="dynamic")
+    assert lin.shape == (48, 64)
+    q, s = quantize_rows_fp8(w)
+    assert torch.equal(lin.dequantized_weight(), q.float() * s[:, None])
+    assert set(lin.to_tensors()) == {"qweight", "w_scale", "x_scale"}
+    assert lin.storage_bytes() == 48 * 64 + 4 * 48 + 4
+    assert lin.bits_per_weight() == 8 * lin.storage_bytes() / (48 * 64)
+    assert lin.layer_info() == {"kind": "w8a8-fp8", "shape": [48, 64], "act": "dynamic",
+                                "fmt": "e4m3", "kernel": "scaled_mm"}
 
 
 def test_serving_export_refuses_fp8_activations():
-    from lowbit.io.hf_checkpoint import quantized_weights
+    from lowbit.io.serving.checkpoint import quantized_weights
 
     model = tiny_model("llama")
-    quantize_int8(model, "w8a8", "w8a8-fp8", None, progress=False)
+    lowbit.quantize(model, [W8A8(scheme="w8a8-fp8")], None, progress=False)
     with pytest.raises(LowbitError, match="FP8 W8A8"):
         quantized_weights(model)

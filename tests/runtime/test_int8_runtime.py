@@ -117,3 +117,27 @@ def test_llm_int8_decomposition():
     assert torch.allclose(tiny(x), x @ wd.T + b, rtol=1e-5, atol=1e-4)
     with pytest.raises(LowbitError, match="threshold"):
         Int8MixedLinear.from_linear(w, b, threshold=0.0)
+
+
+@pytest.mark.parametrize("kind", ["w8a8", "w8a8-static", "llm-int8"])
+def test_module_accounting(kind):
+    """The shared runtime-module interface: shape, dequantized weight, stored bytes, and the
+    layer record a saved model keeps."""
+    torch.manual_seed(3)
+    w, b = torch.randn(24, 32), torch.randn(24)
+    if kind == "llm-int8":
+        m = Int8MixedLinear.from_linear(w, b, threshold=6.0, kernel="emulate")
+        stored = {"qweight", "w_scale"}
+        info = {"kind": "llm-int8", "shape": [24, 32], "threshold": 6.0, "kernel": "emulate"}
+    else:
+        act = "static" if kind.endswith("static") else "dynamic"
+        m = W8A8Linear.from_linear(w, b, act=act, x_absmax=3.0, kernel="emulate")
+        stored = {"qweight", "w_scale", "x_scale"}
+        info = {"kind": "w8a8", "shape": [24, 32], "act": act, "kernel": "emulate"}
+    q, s = quantize_weight_int8(w)
+    assert m.shape == (24, 32)
+    assert torch.equal(m.dequantized_weight(), q.float() * s[:, None])
+    assert set(m.to_tensors()) == stored
+    assert m.storage_bytes() == 24 * 32 + 4 * 24 + 4 * ("x_scale" in stored)
+    assert m.bits_per_weight() == 8 * m.storage_bytes() / (24 * 32)
+    assert m.layer_info() == info

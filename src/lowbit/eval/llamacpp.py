@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.io.gguf_presets import get_preset
+from lowbit.io.gguf.presets import get_preset
 
 
 def _llama_cpp():

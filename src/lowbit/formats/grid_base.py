@@ -68,7 +68,8 @@ class WeightGrid(Protocol):
 
     def decode(self, codes: Tensor, params: Params) -> Tensor: ...
 
-    def saturated(self, x: Tensor, params: Params) -> Tensor: ...
+    def saturated(self, x: Tensor, params: Params) -> Tensor:
+        """Mask (x's shape) of the elements the grid clips."""
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float: ...
 
@@ -216,16 +217,16 @@ def check_finite(x: Tensor, what: str = "weight") -> None:
         )
 
 
-def n_beyond(v: Tensor, lo: float, hi: float, half_lo: float, half_hi: float) -> Tensor:
-    """Elements more than half a step (half_lo / half_hi) outside [lo, hi]."""
-    return ((v > hi + half_hi) | (v < lo - half_lo)).sum()
+def beyond(v: Tensor, lo: float, hi: float, half_lo: float, half_hi: float) -> Tensor:
+    """Mask of the elements more than half a step (half_lo / half_hi) outside [lo, hi]."""
+    return (v > hi + half_hi) | (v < lo - half_lo)
 
 
 def minifloat_overflow(v: Tensor, fmt: MiniFloat) -> Tensor:
-    """Elements whose round-to-nearest would lie past the largest finite value."""
+    """Mask of the elements whose round-to-nearest would lie past the largest finite value."""
     vmax = max_value(fmt)
     half_ulp = 2.0 ** (fmt.emax - fmt.mbits) / 2
-    return (v.abs() > vmax + half_ulp).sum()
+    return v.abs() > vmax + half_ulp
 
 
 def divisors_message(in_features: int, allowed: tuple[int, ...]) -> str:

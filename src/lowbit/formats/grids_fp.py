@@ -275,7 +275,7 @@ class MxGrid(GridBase):
     def saturated(self, x: Tensor, params: Params) -> Tensor:
         v = self._scaled(x, params)
         if self.fmt is None:
-            return ((v * (1 << INT8_FRAC_BITS)).abs() > 127.5).sum()
+            return (v * (1 << INT8_FRAC_BITS)).abs() > 127.5
         return minifloat_overflow(v, self.fmt)
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:

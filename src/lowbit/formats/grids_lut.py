@@ -30,10 +30,10 @@ from lowbit.formats.codebooks import (
 from lowbit.formats.grid_base import (
     GridBase,
     Params,
+    beyond,
     check_finite,
     divisors_message,
     fp16_if_exact,
-    n_beyond,
     one_value,
     row_sensitivity,
 )
@@ -148,7 +148,7 @@ class Nf4Grid(GridBase):
         return x.detach().float() / torch.where(s != 0, s, torch.ones_like(s))
 
     def saturated(self, x: Tensor, params: Params) -> Tensor:
-        return n_beyond(self._scaled(x, params), -1.0, 1.0, *self._halves)
+        return beyond(self._scaled(x, params), -1.0, 1.0, *self._halves)
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         return lookup(codes, self.codebook) * params["absmax"]
@@ -233,7 +233,7 @@ class TernaryGrid(GridBase):
         return torch.round(v).clamp_(-1, 1).to(torch.int8)
 
     def saturated(self, x: Tensor, params: Params) -> Tensor:
-        return n_beyond(x.detach().float() / params["gamma"], -1.0, 1.0, 0.5, 0.5)
+        return beyond(x.detach().float() / params["gamma"], -1.0, 1.0, 0.5, 0.5)
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         return codes.to(torch.float32) * params["gamma"]
@@ -318,7 +318,7 @@ class SqueezeGrid(GridBase):
         return torch.searchsorted(mids, x.detach().to(torch.float64).contiguous()).to(torch.uint8)
 
     def saturated(self, x: Tensor, params: Params) -> Tensor:
-        return torch.zeros((), dtype=torch.int64)
+        return torch.zeros(x.shape, dtype=torch.bool)
 
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         return params["table"].gather(1, codes.long())

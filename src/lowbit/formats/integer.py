@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.formats import pack as packing
-from lowbit.formats.grid_base import GridBase, Params, check_finite, n_beyond, row_sensitivity
+from lowbit.formats.grid_base import GridBase, Params, beyond, check_finite, row_sensitivity
 
 Granularity = Literal["tensor", "channel", "group"]
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -166,13 +166,16 @@ class IntGrid(GridBase):
 
     def saturated(self, x: Tensor, params: Params) -> Tensor:
         v = x.detach().float() / params["scale"] + params["zero"]
-        return n_beyond(v, 0, self.qmax, 0.5, 0.5)
+        return beyond(v, 0, self.qmax, 0.5, 0.5)
 
     # -- stored form
     def store(self, params: Params, shape: tuple[int, int]) -> dict[str, Tensor]:
-        out = {"scales": params["scale"].to(SCALE_DTYPES[self.scale_dtype])}
+        scale, zero = params["scale"], params["zero"]
+        if self.granularity == "tensor":  # one scale (and zero point) for the whole tensor
+            scale, zero = scale[:1], zero[:1]
+        out = {"scales": scale.to(SCALE_DTYPES[self.scale_dtype])}
         if not self.symmetric:
-            out["zeros"] = packing.pack(params["zero"].to(torch.uint8), self.bits)
+            out["zeros"] = packing.pack(zero.to(torch.uint8), self.bits)
         return out
 
     def load(self, tensors: dict[str, Tensor], shape: tuple[int, int]) -> Params:
@@ -181,6 +184,8 @@ class IntGrid(GridBase):
             zero = packing.unpack(tensors["zeros"], self.bits, scale.shape[1]).float()
         else:
             zero = torch.full_like(scale, float(1 << (self.bits - 1)))
+        if self.granularity == "tensor" and scale.shape[0] == 1:  # (version 1 stored per row)
+            scale, zero = scale.expand(shape[0], 1).clone(), zero.expand(shape[0], 1).clone()
         return {"scale": scale, "zero": zero}
 
 

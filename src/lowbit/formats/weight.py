@@ -35,7 +35,7 @@ class GridWeight:
     codes: Tensor
     params: Params
     g_idx: Tensor | None = None
-    saturated: int = 0  # elements clipped beyond the grid while encoding (not stored)
+    saturated: Tensor | None = None  # per output row: elements clipped while encoding (not stored)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -44,6 +44,10 @@ class GridWeight:
     @property
     def name(self) -> str:
         return self.grid.name
+
+    @property
+    def n_saturated(self) -> int | None:
+        return None if self.saturated is None else int(self.saturated.sum())
 
     @property
     def n_groups(self) -> int:
@@ -68,7 +72,8 @@ class GridWeight:
             sl = slice(start, start + n)
             params = {k: (v[sl] if k in per_row else v).clone() for k, v in self.params.items()}
             g = None if self.g_idx is None else self.g_idx.clone()
-            parts.append(GridWeight(self.grid, self.codes[sl].clone(), params, g))
+            sat = None if self.saturated is None else self.saturated[sl].clone()
+            parts.append(GridWeight(self.grid, self.codes[sl].clone(), params, g, sat))
             start += n
         return parts
 

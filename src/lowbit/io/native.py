@@ -85,12 +85,12 @@ def save_quantized(
     for name, qw in qweights.items():
         for k, v in qw.to_tensors().items():
             tensors[f"{name}.{k}"] = v.contiguous()
-    skip = {f"{n}.weight" for n in qweights}
     seen: dict[int, str] = {}
     tied = {}
     for k, v in model.state_dict().items():
-        if k in skip:
-            continue
+        owner, _, leaf = k.rpartition(".")
+        if owner in qweights and leaf != "bias":
+            continue  # written above from the quantized weight
         if v.data_ptr() in seen and v.numel():
             tied[k] = seen[v.data_ptr()]
             continue

@@ -146,8 +146,9 @@ class AWQ(Transform):
         return windows[pick][:, : self.search_tokens]
 
     @torch.no_grad()
-    def transform(self, ctx, grid_of) -> list[dict]:
+    def transform(self, ctx, plan) -> list[dict]:
         t0 = time.perf_counter()
+        grid_of = plan.grid_of
         fd = [f for f in feeds(ctx.spec) if any(
             self.applies(ctx.full(n)) and grid_of(ctx.full(n)) for n in f.group)]
         layout = kv_layout(ctx.config)

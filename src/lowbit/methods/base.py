@@ -19,8 +19,8 @@ A new method is one module with a ``Step`` subclass decorated with ``@register``
 from __future__ import annotations
 
 import re
-from dataclasses import MISSING, dataclass, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 from lowbit.errors import LowbitError
 from lowbit.formats.grid_base import WeightGrid
@@ -57,6 +57,25 @@ def matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     return pattern == name
+
+
+def _check_type(step: str, key: str, value: Any, hint: Any) -> None:
+    """A recipe value against its option's annotation (bool, int, float, str, optional ones;
+    lists and mappings are checked by the step itself)."""
+    args = get_args(hint)
+    if value is None and type(None) in args:
+        return
+    kinds = [a for a in args if a is not type(None)] if args and get_origin(hint) is not tuple \
+        else [hint]
+    base = get_origin(kinds[0]) or kinds[0]
+    if base is bool and not isinstance(value, bool):
+        raise LowbitError(f"{step}: {key} must be true or false, not {value!r}")
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise LowbitError(f"{step}: {key} must be a whole number, not {value!r}")
+    if base is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise LowbitError(f"{step}: {key} must be a number, not {value!r}")
+    if base is str and not isinstance(value, str):
+        raise LowbitError(f"{step}: {key} must be a string, not {value!r}")
 
 
 def _as_tuple(value: Any, what: str) -> tuple[str, ...]:
@@ -116,18 +135,10 @@ class Step:
                 f"step {cls.step!r} has no option(s) {', '.join(map(repr, bad))}; "
                 f"its options: {', '.join(known)}"
             )
-        kw = {}
+        hints = get_type_hints(cls)
         for k, v in d.items():
-            f = known[k]
-            default = f.default if f.default is not MISSING else None
-            if isinstance(default, bool) and not isinstance(v, bool) and v is not None:
-                raise LowbitError(f"{cls.step}: {k} must be true or false, not {v!r}")
-            if isinstance(default, int | float) and not isinstance(default, bool) and not (
-                isinstance(v, int | float) and not isinstance(v, bool)
-            ):
-                raise LowbitError(f"{cls.step}: {k} must be a number, not {v!r}")
-            kw[k] = v
-        return cls(**kw)
+            _check_type(cls.step, k, v, hints[k])
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -194,10 +205,10 @@ class Transform(Step):
         """Windows for a second, small stream of block inputs (None: not needed)."""
         return None
 
-    def transform(self, ctx, grid_of) -> list[dict]:
-        """Change the block of ``ctx`` (a ``pipeline.driver.BlockContext``) in place;
-        ``grid_of(full_name)`` is the grid a layer will be rounded onto (None: not rounded).
-        Returns log rows."""
+    def transform(self, ctx, plan) -> list[dict]:
+        """Change the block of ``ctx`` (a ``pipeline.driver.BlockContext``) in place. ``plan``
+        (``pipeline.plan.Plan``) tells which layers are quantized (``plan.layers``) and onto
+        which grid they will be rounded (``plan.grid_of(full_name)``). Returns log rows."""
         raise NotImplementedError
 
 

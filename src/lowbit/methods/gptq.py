@@ -127,7 +127,7 @@ def gptq_quantize(
     fitted: list[Params | None] = [None] * n_groups(grid, in_f)
     views: dict[int, Params] = {}
     code_cols: list[Tensor] = []
-    saturated = torch.zeros((), dtype=torch.int64)
+    saturated = torch.zeros(out_f, dtype=torch.int64)
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
         W1 = W[:, i1:i2].clone()
@@ -146,7 +146,7 @@ def gptq_quantize(
                 views[g] = p
             x = W1[:, i : i + 1]
             q = grid.encode(x, p)
-            saturated += grid.saturated(x, p)
+            saturated += grid.saturated(x, p)[:, 0]
             code_cols.append(q)
             err = (W1[:, i] - grid.decode(q, p)[:, 0]) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
@@ -162,7 +162,7 @@ def gptq_quantize(
             g_idx = torch.tensor(col_group, dtype=torch.int32)[inv]
     if not prefit:
         params = stack_groups(grid, fitted)  # type: ignore[arg-type]
-    return GridWeight(grid, codes, grid.finalize(params), g_idx, int(saturated))
+    return GridWeight(grid, codes, grid.finalize(params), g_idx, saturated)
 
 
 def layer_losses(w: Tensor, gw: GridWeight, h: Tensor) -> dict:
@@ -228,10 +228,8 @@ class GPTQ(Rounder):
             secs = round((time.perf_counter() - t0) / len(names), 3)
             for name, x, part in zip(names, ws, parts, strict=True):
                 info = layer_losses(x, part, stats.h) | {
-                    "damp": hes.damp, "seconds": secs,
+                    "damp": hes.damp, "seconds": secs, "saturated": part.n_saturated,
                     "act_order": ("static" if part.g_idx is None else "g_idx") if act else "off",
                 }
-                if len(ws) == 1:  # a stacked weight's clipped count is not split by layer
-                    info["saturated"] = part.saturated
                 out[name] = (part, info)
         return out

@@ -83,6 +83,6 @@ class HQQ(Rounder):
         for name, w in weights.items():
             t0 = time.perf_counter()
             gw = rtn(w, hqq_grid(grids[name], self.iters, self.lp_norm))
-            out[name] = (gw, {"saturated": gw.saturated,
+            out[name] = (gw, {"saturated": gw.n_saturated,
                               "seconds": round(time.perf_counter() - t0, 3)})
         return out

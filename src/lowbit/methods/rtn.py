@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowbit.errors import LowbitError
 from lowbit.formats.grid_base import WeightGrid, check_finite, grouped_args
 from lowbit.formats.weight import GridWeight
 from lowbit.methods.base import Rounder, register
@@ -22,11 +23,15 @@ def rtn(w: Tensor, grid: WeightGrid, sensitivity: Tensor | None = None) -> GridW
     check_finite(w)
     wf = w.detach().float()
     grid.check(*wf.shape)
+    if sensitivity is not None and tuple(sensitivity.shape) not in ((wf.shape[1],), wf.shape):
+        raise LowbitError(f"sensitivity of shape {tuple(sensitivity.shape)} for a weight of "
+                          f"shape {tuple(wf.shape)}: give ({wf.shape[1]},) or the weight's shape")
     ctx = grid.prepare(wf, sensitivity)
     params = grid.finalize(grid.fit_all(wf, sensitivity, ctx))
     xv, pv = grouped_args(grid, wf, params)
     codes = grid.encode(xv, pv).reshape(wf.shape)
-    return GridWeight(grid, codes, params, saturated=int(grid.saturated(xv, pv)))
+    sat = grid.saturated(xv, pv).reshape(wf.shape).sum(1)
+    return GridWeight(grid, codes, params, saturated=sat)
 
 
 def hessian_loss(delta: Tensor, h: Tensor) -> float:
@@ -49,6 +54,6 @@ class RTN(Rounder):
             grid = grids[name]
             sens = torch.diag(stats.h) if grid.needs_sensitivity else None
             gw = rtn(w, grid, sens)
-            out[name] = (gw, {"saturated": gw.saturated,
+            out[name] = (gw, {"saturated": gw.n_saturated,
                               "seconds": round(time.perf_counter() - t0, 3)})
         return out

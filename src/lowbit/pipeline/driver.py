@@ -98,12 +98,10 @@ class BlockContext:
     run it (whole, or with hooks that observe Linear inputs)."""
 
     def __init__(self, index: int, block: nn.Module, spec: ArchSpec, main: Stream,
-                 sample: Stream | None, token_weights: list[Tensor] | None = None,
-                 config=None) -> None:
+                 sample: Stream | None, config=None) -> None:
         self.index, self.block, self.spec, self.config = index, block, spec, config
         self.main, self.sample = main, sample
         self.linears = block_linears(block, spec)
-        self.token_weights = token_weights
         self.kept: dict[str, InputStats] = {}  # statistics a step keeps (by full name)
 
     def full(self, name: str) -> str:
@@ -175,7 +173,6 @@ def run_sequential(
     chunk: int = 8,
     progress: bool = True,
     sample: Tensor | None = None,
-    token_weight: str = "none",
     resume: bool = True,
 ) -> Stream:
     """Visit every block in order (see the module docstring). Returns the last block's outputs.
@@ -196,8 +193,7 @@ def run_sequential(
     announced = False
     bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress)
     for bi, block in enumerate(blocks):
-        ctx = BlockContext(bi, block, spec, main, samp, _token_weights(main.hidden, token_weight),
-                           getattr(model, "config", None))
+        ctx = BlockContext(bi, block, spec, main, samp, getattr(model, "config", None))
         visitor.transform(ctx)
         wants = [visitor.wants(ctx, g) for g in spec.groups]
         nxt = None
@@ -227,10 +223,9 @@ def run_sequential(
     return main
 
 
-def _add(ctx: BlockContext, st: InputStats, x: Tensor, i: int, group) -> None:
-    tw = None if ctx.token_weights is None else ctx.token_weights[i]
+def _add(ctx: BlockContext, st: InputStats, x: Tensor, group) -> None:
     try:
-        st.add(x, tw)
+        st.add(x)
     except FloatingPointError as e:
         raise LowbitError(f"{e} at block {ctx.index} {group[0]}") from None
 
@@ -242,16 +237,14 @@ def _stats(ctx: BlockContext, group, want) -> InputStats:
 def _collect(ctx: BlockContext, group, want) -> InputStats:
     """Run the chunks through the block up to the group's (shared) input; statistics there."""
     st = _stats(ctx, group, want)
-    current = [0]
 
     def hook(_mod, args):
-        _add(ctx, st, args[0], current[0], group)
+        _add(ctx, st, args[0], group)
         raise _Stop
 
     handle = ctx.linears[group[0]].register_forward_pre_hook(hook)
     try:
-        for i, (h, kw) in enumerate(zip(ctx.main.hidden, ctx.main.kwargs, strict=True)):
-            current[0] = i
+        for h, kw in zip(ctx.main.hidden, ctx.main.kwargs, strict=True):
             try:
                 ctx.block(h, **kw)
             except _Stop:
@@ -283,11 +276,10 @@ def _block_resumed(ctx: BlockContext, visitor: BlockVisitor, wants) -> list[Tens
     st = _stats(ctx, g_attn_out, w_attn_out)
     a_in: list[Tensor] = []
     stream: list[Tensor] = []
-    current = [0]
 
     def at_o(_mod, args):
         a_in.append(args[0])
-        _add(ctx, st, args[0], current[0], g_attn_out)
+        _add(ctx, st, args[0], g_attn_out)
 
     def at_norm(_mod, args):
         stream.append(args[0])
@@ -296,7 +288,6 @@ def _block_resumed(ctx: BlockContext, visitor: BlockVisitor, wants) -> list[Tens
     handles = [o_lin.register_forward_pre_hook(at_o), norm.register_forward_pre_hook(at_norm)]
     try:
         for i in chunks:
-            current[0] = i
             try:
                 block(hidden[i], **kwargs[i])
             except _Stop:
@@ -312,7 +303,7 @@ def _block_resumed(ctx: BlockContext, visitor: BlockVisitor, wants) -> list[Tens
 
     st = _stats(ctx, g_mlp, w_mlp)
     for i in chunks:
-        _add(ctx, st, norm(stream[i]), i, g_mlp)
+        _add(ctx, st, norm(stream[i]), g_mlp)
     step(g_mlp, w_mlp, st)
 
     st = _stats(ctx, g_mlp_out, w_mlp_out)
@@ -320,13 +311,12 @@ def _block_resumed(ctx: BlockContext, visitor: BlockVisitor, wants) -> list[Tens
 
     def at_down(_mod, args):
         d_in.append(args[0])
-        _add(ctx, st, args[0], current[0], g_mlp_out)
+        _add(ctx, st, args[0], g_mlp_out)
         raise _Stop
 
     handle = down_lin.register_forward_pre_hook(at_down)
     try:
         for i in chunks:
-            current[0] = i
             try:
                 mlp(norm(stream[i]))
             except _Stop:
@@ -335,24 +325,6 @@ def _block_resumed(ctx: BlockContext, visitor: BlockVisitor, wants) -> list[Tens
         handle.remove()
     step(g_mlp_out, w_mlp_out, st)
     return [s + down_lin(d) for s, d in zip(stream, d_in, strict=True)]
-
-
-TOKEN_WEIGHTS = ("none", "residual")
-
-
-def _token_weights(hidden, mode: str) -> list[Tensor] | None:
-    """Per-token Hessian weights 1 / mean(h^2) of the block's residual input, normalised to
-    mean 1: an error added to the residual stream reaches the next norm divided by the
-    residual's RMS, so tokens with massive residuals (attention sinks) matter less per unit
-    of absolute error (experimental; see BENCHMARKS.md)."""
-    if mode == "none":
-        return None
-    if mode not in TOKEN_WEIGHTS:
-        raise LowbitError(f"unknown token weighting {mode!r}; known: {', '.join(TOKEN_WEIGHTS)}")
-    w = [1.0 / h.float().pow(2).mean(-1).clamp(min=1e-12) for h in hidden]
-    mean = torch.cat([x.flatten() for x in w]).mean()
-    return [x / mean for x in w]
-
 
 
 class _Observer:

@@ -48,7 +48,8 @@ class Plan:
     def needs_data(self) -> bool:
         if self.transforms:
             return True
-        return any(self.wants(layer) for layer in self.layers.values())
+        return any(self.wants(la) or (la.step.kind == "replacer" and la.step.needs_data())
+                   for la in self.layers.values())
 
     def wants(self, layer: Layer) -> frozenset[str]:
         if layer.step.kind == "rounder":
@@ -126,6 +127,11 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
         if not mine:
             continue
         step = mine[0]
+        w = mod.weight
+        if not bool(torch.isfinite(w).all()):
+            raise LowbitError(f"{full}: the weight holds {int(torch.isnan(w).sum())} NaN and "
+                              f"{int(torch.isinf(w).sum())} inf values; only finite weights can "
+                              "be quantized")
         grid = None
         if step.kind == "rounder":
             grid = step.grid_for(full)
@@ -158,7 +164,7 @@ class _Executor:
 
     def transform(self, ctx: BlockContext) -> None:
         for t in self.plan.transforms:
-            for row in t.transform(ctx, self.plan.grid_of):
+            for row in t.transform(ctx, self.plan):
                 self.emit({"block": ctx.index, "step": t.step} | row)
         self.res.stats |= ctx.kept
 
@@ -245,12 +251,12 @@ def execute(
     chunk: int = 8,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
-    token_weight: str = "none",
 ) -> Result:
     """Quantize ``model`` in place as planned (rounded Linears keep their dequantized weights,
     so the model evaluates as the quantized model; replaced Linears become runtime modules)."""
     if plan.needs_data and calib is None:
-        names = sorted({la.step.step for la in plan.layers.values() if plan.wants(la)}
+        names = sorted({la.step.step for la in plan.layers.values()
+                        if plan.wants(la) or la.step.needs_data()}
                        | {t.step for t in plan.transforms})
         raise LowbitError(f"{', '.join(names)} needs calibration windows")
     res = Result(plan.steps)
@@ -264,7 +270,7 @@ def execute(
         samples = [t.sample(calib) for t in plan.transforms]
         sample = next((s for s in samples if s is not None), None)
         last = run_sequential(model, spec, calib, ex, chunk=chunk, progress=progress,
-                              sample=sample, token_weight=token_weight)
+                              sample=sample)
     else:
         last = None
         for bi, block in enumerate(tqdm(get_blocks(model, spec), desc="blocks", unit="block",

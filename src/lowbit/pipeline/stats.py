@@ -31,28 +31,20 @@ class InputStats:
             raise ValueError(f"unknown statistics {sorted(bad)}; known: {sorted(WANTS)}")
         self.want = frozenset(want)
         self.n = 0
-        self.n_h = 0.0  # total token weight behind the Hessian when tokens are weighted
         self.h: Tensor | None = torch.zeros(in_features, in_features) if "hessian" in want else None
         self.absmax = torch.zeros(in_features)
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
         self.token_absmax: Tensor | None = torch.zeros(0) if "token_absmax" in want else None
 
-    def add(self, x: Tensor, token_weight: Tensor | None = None) -> None:
-        """Add a batch of inputs (..., in); ``token_weight`` (...,) weights each token's
-        contribution to the Hessian (the running mean is then over the weights)."""
+    def add(self, x: Tensor) -> None:
+        """Add a batch of inputs (..., in)."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(x).all():
             raise FloatingPointError("non-finite values in the calibration activations")
         b = x.shape[0]
         total = self.n + b
         if self.h is not None:
-            if token_weight is None:
-                self.h.mul_(self.n / total).addmm_(x.T, x, alpha=2.0 / total)
-            else:
-                tw = token_weight.reshape(-1).float()
-                tot_h = self.n_h + float(tw.sum())
-                self.h.mul_(self.n_h / tot_h).addmm_((x * tw[:, None]).T, x, alpha=2.0 / tot_h)
-                self.n_h = tot_h
+            self.h.mul_(self.n / total).addmm_(x.T, x, alpha=2.0 / total)
         a = x.abs()
         self.absmax = torch.maximum(self.absmax, a.amax(0))
         self.abs_sum += a.sum(0, dtype=torch.float64)
@@ -66,13 +58,14 @@ class InputStats:
 
 
 def save_stats(path: Path, stats: dict[str, InputStats]) -> None:
-    """Per-input statistics by Linear name (no Hessians: they are large and cheap to redo)."""
+    """Per-input statistics by Linear name (no Hessians: they are large and cheap to redo).
+    Linears that share an input share one object in memory; each gets its own copy on disk."""
     tensors = {}
     for name, st in stats.items():
-        tensors[f"{name}.absmax"] = st.absmax.contiguous()
-        tensors[f"{name}.abs_sum"] = st.abs_sum.contiguous()
+        tensors[f"{name}.absmax"] = st.absmax.clone()
+        tensors[f"{name}.abs_sum"] = st.abs_sum.clone()
         if st.token_absmax is not None:
-            tensors[f"{name}.token_absmax"] = st.token_absmax.contiguous()
+            tensors[f"{name}.token_absmax"] = st.token_absmax.clone()
         tensors[f"{name}.n"] = torch.tensor([st.n], dtype=torch.int64)
     save_file(tensors, str(path), metadata={"format": "lowbit-act-stats"})
 

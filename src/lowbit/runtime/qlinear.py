@@ -41,17 +41,23 @@ class QuantModule(nn.Module):
         raise NotImplementedError
 
 
+# stored floating-point tensors are kept as integer views of their bits, so that casting the
+# model (``model.half()``, ``.to(torch.bfloat16)``) cannot round the stored scales
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}
+
+
 class QLinear(QuantModule):
-    """y = x W_hat^T + b with W_hat = ``GridWeight.dequantize()``."""
+    """y = x W_hat^T + b with W_hat = ``GridWeight.dequantize()``, computed in x's dtype."""
 
     def __init__(self, gw: GridWeight, bias: torch.Tensor | None = None, cache: bool = False):
         super().__init__()
         self.grid = gw.grid
         self.out_features, self.in_features = gw.shape
         stored = gw.to_tensors()
-        self._names = list(stored)
+        self._dtypes = {k: v.dtype for k, v in stored.items()}
         for k, v in stored.items():
-            self.register_buffer(k, v)
+            self.register_buffer(k, v.view(_BITS[v.dtype]) if v.dtype in _BITS else v)
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         )
@@ -59,8 +65,7 @@ class QLinear(QuantModule):
         self._w: torch.Tensor | None = None
 
     def grid_weight(self) -> GridWeight:
-        t = {k: getattr(self, k) for k in self._names}
-        return GridWeight.from_tensors(self.grid, self.shape, t)
+        return GridWeight.from_tensors(self.grid, self.shape, self.to_tensors())
 
     def dequantized_weight(self) -> torch.Tensor:
         if self._w is not None:
@@ -78,7 +83,16 @@ class QLinear(QuantModule):
         return self.grid_weight().bits_per_weight()
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in self._names}
+        """The stored tensors in their own dtypes (the buffers hold their bits)."""
+        return {k: getattr(self, k).view(dt) for k, dt in self._dtypes.items()}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._w = None  # new stored tensors: decode again
+        for k, dt in self._dtypes.items():  # accept the tensors in their own dtypes too
+            t = state_dict.get(prefix + k)
+            if t is not None and t.dtype == dt and dt in _BITS:
+                state_dict[prefix + k] = t.view(_BITS[dt])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def layer_info(self) -> dict:
         return {"shape": list(self.shape)} | grid_info(self.grid)

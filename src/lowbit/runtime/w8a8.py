@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.runtime.qlinear import QuantModule
 from lowbit.runtime.int8 import (
     Int8Weight,
     quantize_static_int8,
     quantize_tokens_int8,
     quantize_weight_int8,
 )
+from lowbit.runtime.qlinear import QuantModule
 
 ACT_MODES = ("dynamic", "static")
 

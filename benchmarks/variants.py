@@ -1,0 +1,36 @@
+"""Benchmark variants as ``method:scheme[:key=value,...]``: the CLI's recipe shorthand plus any
+step option (``gptq:w4g64:act_order=0,damp=0.05``, ``awq+gptq:w3g64:search_windows=1``,
+``llm-int8:-:threshold=4,kernel=emulate``); ``-`` for no scheme. Values are typed from the
+steps' own option annotations."""
+
+from __future__ import annotations
+
+from typing import get_args, get_type_hints
+
+from lowbit.methods.base import STEPS
+from lowbit.recipe import METHODS, Recipe, shorthand
+
+
+def _typed(key: str, value: str, method: str):
+    for name in METHODS[method]:
+        hints = get_type_hints(STEPS[name])
+        if key in hints:
+            kinds = [k for k in (get_args(hints[key]) or (hints[key],)) if k is not type(None)]
+            if value.lower() == "none":
+                return None
+            kind = kinds[0]
+            if kind is bool:
+                return value.lower() in ("1", "true", "yes")
+            return kind(value)
+    return value  # shorthand refuses it with the CLI's message
+
+
+def parse_variant(v: str) -> Recipe:
+    parts = v.split(":")
+    method = parts[0]
+    scheme = parts[1] if len(parts) > 1 and parts[1] != "-" else None
+    kw = {}
+    for item in (parts[2].split(",") if len(parts) > 2 and parts[2] else []):
+        k, val = item.split("=")
+        kw[k] = _typed(k, val, method)
+    return shorthand(method, scheme, **kw)

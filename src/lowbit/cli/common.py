@@ -1,0 +1,82 @@
+"""What the commands share: JSON output, tables, notes, the calibration options."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from lowbit.errors import LowbitError
+
+
+def dump_json(path: str | None, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` (``-``: standard output)."""
+    if not path:
+        return
+    text = json.dumps(obj, indent=1, default=str) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise LowbitError(f"cannot write {path}: {e.strerror}") from None
+
+
+def note(msg: str) -> None:
+    click.echo(f"note: {msg}", err=True)
+
+
+def echo(msg: str, json_path: str | None = None) -> None:
+    """Human output; on stderr when ``--json -`` takes stdout."""
+    click.echo(msg, err=json_path == "-")
+
+
+def format_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """cols: (key, header, format spec). Missing values print as '-'."""
+    cells = [[h for _, h, _ in cols]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in cols])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = [
+        "  ".join(c[i].rjust(widths[i]) if i else c[i].ljust(widths[i]) for i in range(len(cols)))
+        for c in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def calibration_options(samples: int = 128):
+    """--calib, --calib-samples, --calib-offset, --seq-len (defaults None: the command decides
+    whether a recipe's own calibration applies)."""
+    opts = [
+        click.option("--calib", default=None,
+                     help="calibration text: builtin, self, pydoc, or a .txt/.jsonl file "
+                          "[default: builtin]"),
+        click.option("--calib-samples", type=int, default=None,
+                     help=f"calibration windows [default: {samples}]"),
+        click.option("--calib-offset", type=int, default=None,
+                     help="first calibration window in the text [default: 0]"),
+        click.option("--seq-len", type=int, default=None, help="tokens per window [default: 512]"),
+    ]
+
+    def deco(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return deco
+
+
+def calibration(calib, samples, offset, seq_len, base: dict | None = None, default_samples=128):
+    """A Calibration from the options given, else the recipe's (``base``), else defaults."""
+    from lowbit.jobs import Calibration
+
+    base = base or {}
+    given = {"source": calib, "samples": samples, "offset": offset, "seq_len": seq_len}
+    kw = {k: v if v is not None else base.get(k) for k, v in given.items()}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    kw.setdefault("samples", default_samples)
+    return Calibration(**kw)

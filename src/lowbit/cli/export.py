@@ -1,0 +1,55 @@
+"""``lowbit export``: GGUF for llama.cpp, or a serving checkpoint for vLLM / SGLang /
+transformers."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from lowbit.cli.common import dump_json, echo, note
+
+
+@click.command("export")
+@click.argument("model")
+@click.argument("out", type=click.Path())
+@click.option("--format", "fmt", default="gguf", show_default=True,
+              help="gguf, compressed-tensors, gptq or awq")
+@click.option("--type", "qtype", default="Q4_K_M", show_default=True,
+              help="GGUF type: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_K_S, Q4_0, Q3_K_M, Q2_K, F16 ...")
+@click.option("--imatrix", "imatrix_path", type=click.Path(),
+              help="importance matrix file (GGUF or legacy .dat, from `lowbit imatrix` or "
+                   "llama-imatrix)")
+@click.option("--tp", default=1, show_default=True,
+              help="serving formats: check that this tensor-parallel degree splits every layer")
+@click.option("--dtype", default="float16", show_default=True,
+              help="serving formats: dtype of the unquantized tensors (float16, bfloat16, float32)")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--json", "json_path", type=click.Path(),
+              help="write the results as JSON (- for standard output)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def command(model, out, fmt, qtype, imatrix_path, tp, dtype, overwrite, json_path, quiet):
+    """Write MODEL (a model, a .gguf, or a quantized folder) as OUT: a GGUF file for llama.cpp,
+    or (--format compressed-tensors|gptq|awq, MODEL a lowbit output folder) a checkpoint folder
+    for vLLM, SGLang and transformers."""
+    from lowbit.jobs import SERVING_FORMATS, export_job
+
+    t0 = time.perf_counter()
+    res = export_job(model, out, fmt, qtype, imatrix_path, overwrite, progress=not quiet, tp=tp,
+                     dtype=dtype, note=note)
+    if fmt in SERVING_FORMATS:
+        echo(f"wrote {out}: {fmt} {res['scheme']}, {res['layers']} quantized Linears, "
+             f"{res['tensor_bytes'] / 2**20:.1f} MiB of tensors in {len(res['shards'])} "
+             f"shard(s), {time.perf_counter() - t0:.0f} s", json_path)
+        for n in res["notes"]:
+            note(n)
+        dump_json(json_path, res)
+        return
+    mix = ", ".join(f"{r['tensors']} {t}" for t, r in sorted(res["types"].items()))
+    echo(f"wrote {out}: {res['qtype']}{' with imatrix' if res['imatrix'] else ''}, "
+         f"{res['file_bytes'] / 2**20:.1f} MiB, {res['bpw']:.3f} bits/weight "
+         f"({res['bpw_linear']:.3f} over the blocks' Linears), tensors: {mix}, "
+         f"{time.perf_counter() - t0:.0f} s", json_path)
+    if res["imatrix_missing"]:
+        note(f"the imatrix has no entry for {len(res['imatrix_missing'])} tensors")
+    dump_json(json_path, res)

@@ -1,0 +1,52 @@
+"""``lowbit info``: what a quantized folder holds."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from lowbit.cli.common import dump_json, echo
+from lowbit.errors import LowbitError
+
+
+@click.command("info")
+@click.argument("path", type=click.Path())
+@click.option("--json", "json_path", type=click.Path(),
+              help="write the description as JSON (- for standard output)")
+def command(path, json_path):
+    """What a lowbit output folder holds: recipe, schemes per layer, size, calibration."""
+    from lowbit.io.native import read_description
+    from lowbit.jobs import scheme_label
+
+    p = Path(path)
+    if not p.is_dir():
+        raise LowbitError(f"{path} is not a folder")
+    desc = read_description(p)
+    size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+    layers = desc.get("layers", {})
+    kinds = Counter(i.get("grid") or i.get("kind") or (i.get("scheme") or {}).get("name")
+                    for i in layers.values())
+    echo(f"{path}: {desc.get('method')} {scheme_label(desc)} from {desc.get('base_model')}",
+         json_path)
+    mix = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+    echo(f"  layers: {len(layers)} ({mix}), bits/weight {desc.get('bits_per_weight', 0):.3f}, "
+         f"{size / 2**20:.1f} MiB on disk", json_path)
+    steps = (desc.get("recipe") or {}).get("steps")
+    if steps:
+        echo("  recipe: " + " -> ".join(_step_label(s) for s in steps), json_path)
+    if desc.get("calibration"):
+        c = desc["calibration"]
+        echo(f"  calibration: {c['source']}, {c['windows']}x{c['seq_len']} from window "
+             f"{c['offset']}", json_path)
+    dump_json(json_path, desc | {"bytes_on_disk": size})
+
+
+def _step_label(s: dict) -> str:
+    out = s["step"]
+    if s.get("scheme"):
+        out += f" {s['scheme']}"
+    if s.get("overrides"):
+        out += f" ({len(s['overrides'])} override(s))"
+    return out

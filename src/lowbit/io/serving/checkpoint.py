@@ -1,0 +1,273 @@
+"""Serving checkpoints (compressed-tensors, GPTQ, AWQ layouts) written from lowbit's quantized
+weights, and read back into lowbit.
+
+A checkpoint is a transformers folder: safetensors shard(s) (``model.safetensors``, or
+``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json`` above the shard
+size), ``config.json`` with the format's ``quantization_config``, the tokenizer files and a
+model card (``README.md``). Quantized Linears hold the format's tensors; every other tensor
+(embeddings, norms, lm_head) is stored in ``dtype``. Writing is atomic
+(``lowbit.io.native.atomic_dir``).
+
+Every format is a ``ServingFormat`` (``lowbit.io.serving.base``) registered in ``FORMATS``;
+writing and reading go through that protocol only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.formats.weight import GridWeight
+from lowbit.io.native import atomic_dir
+from lowbit.io.serving import awq, compressed_tensors, gptq
+from lowbit.io.serving.base import ServingFormat, scheme_name, scheme_of
+from lowbit.runtime.qlinear import QLinear
+
+# each format is a module implementing the protocol
+FORMATS: dict[str, ServingFormat] = {f.name: f for f in (compressed_tensors, gptq, awq)}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MAX_SHARD_BYTES = 4 * 2**30
+
+
+def get_format(fmt: str) -> ServingFormat:
+    if fmt not in FORMATS:
+        raise LowbitError(f"unknown export format {fmt!r}; known: gguf, {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def quantized_weights(model: nn.Module) -> dict:
+    """The quantized weights of a model loaded from a lowbit folder or a serving checkpoint, by
+    full module name: the GridWeight of each QLinear, W8A8Linear modules themselves."""
+    from lowbit.runtime.fp8 import FP8Linear
+    from lowbit.runtime.int8_mixed import Int8MixedLinear
+    from lowbit.runtime.w8a8 import W8A8Linear
+
+    out: dict = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear):
+            out[name] = mod.grid_weight()
+        elif isinstance(mod, W8A8Linear):
+            out[name] = mod
+        elif isinstance(mod, FP8Linear):
+            raise LowbitError(
+                f"{name}: FP8 W8A8 layers (FP8 activations) are not exported yet; export an "
+                "FP8 weight-only model (--scheme fp8-e4m3) as compressed-tensors instead"
+            )
+        elif isinstance(mod, Int8MixedLinear):
+            raise LowbitError(
+                f"{name}: LLM.int8() layers (mixed int8/fp decomposition at run time) have no "
+                "compressed-tensors/GPTQ/AWQ layout; vLLM does not serve them"
+            )
+    return out
+
+
+def check_weights(fmt: str, weights: dict) -> None:
+    """Every weight fits the format, and all share one scheme."""
+    f = get_format(fmt)
+    schemes = set()
+    for name, w in weights.items():
+        f.check(name, w)
+        schemes.add(scheme_name(scheme_of(w)))
+    if len(schemes) > 1:
+        raise LowbitError(f"{fmt} export takes one scheme for all Linears, not {len(schemes)}")
+    if not weights:
+        raise LowbitError("the model has no quantized Linears to export")
+
+
+def _plain_tensors(model: nn.Module, qnames: set[str], dtype: torch.dtype) -> dict:
+    """Every tensor that is not part of a quantized Linear (biases stay), tied copies once."""
+    out, seen = {}, {}
+    for k, v in model.state_dict().items():
+        owner, _, leaf = k.rpartition(".")
+        if owner in qnames and leaf != "bias":
+            continue
+        if v.numel() and v.data_ptr() in seen:
+            continue
+        seen[v.data_ptr()] = k
+        out[k] = v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+    return out
+
+
+def _unquantized_linears(model: nn.Module, qnames: set[str]) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qnames]
+
+
+def _save_shards(tensors: dict, folder: Path, max_bytes: int) -> list[str]:
+    shards: list[dict] = [{}]
+    size = 0
+    ptrs: set[int] = set()
+    for k, v in tensors.items():
+        if v.numel() and v.data_ptr() in ptrs:
+            v = v.clone()  # e.g. one g_idx shared by q/k/v: safetensors stores each tensor once
+        ptrs.add(v.data_ptr())
+        nb = v.numel() * v.element_size()
+        if shards[-1] and size + nb > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nb
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, sh in enumerate(shards, 1):
+        fn = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sh, str(folder / fn), metadata={"format": "pt"})
+        names.append(fn)
+        weight_map |= dict.fromkeys(sh, fn)
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return names
+
+
+def write_checkpoint(
+    out: Path,
+    fmt: str,
+    model: nn.Module,
+    tokenizer,
+    weights: dict,
+    meta: dict,
+    overwrite: bool = False,
+    dtype: str = "float16",
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    fail_after_tensors: bool = False,
+    extra: dict[str, bytes] | None = None,
+) -> dict:
+    """Write ``model`` with ``weights`` (GridWeight or W8A8Linear, by full module name) as a
+    ``fmt`` checkpoint.
+
+    ``meta``: lowbit's description (method, recipe, calibration, measured ppl ...) for the
+    model card; ``extra``: more files (name -> bytes) written in the same atomic folder.
+    ``fail_after_tensors`` simulates a crash mid-write (tests)."""
+    from lowbit.io.serving.model_card import model_card
+
+    f = get_format(fmt)
+    if dtype not in DTYPES:
+        raise LowbitError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    check_weights(fmt, weights)
+    scheme = scheme_of(next(iter(weights.values())))
+    qnames = set(weights)
+    tensors = _plain_tensors(model, qnames, DTYPES[dtype])
+    for name, w in weights.items():
+        tensors |= f.layer_tensors(name, w)
+    qcfg = f.quantization_config(weights, _unquantized_linears(model, qnames))
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = qcfg
+    cfg["torch_dtype"] = cfg["dtype"] = dtype
+    cfg.pop("_name_or_path", None)
+    with atomic_dir(out, overwrite) as tmp:
+        files = _save_shards(tensors, tmp, max_shard_bytes)
+        if fail_after_tensors:
+            raise LowbitError("simulated failure after writing the tensors")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        for fname, text in f.extra_files(qcfg).items():
+            (tmp / fname).write_text(text)
+        if getattr(model, "generation_config", None) is not None:
+            try:
+                model.generation_config.save_pretrained(tmp)
+            except (ValueError, OSError):
+                pass
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(fmt, scheme, meta, qcfg))
+        for fname, data in (extra or {}).items():
+            (tmp / fname).write_bytes(data)
+    size = sum(p.stat().st_size for p in Path(out).iterdir() if p.suffix == ".safetensors")
+    return {"format": fmt, "out": str(out), "scheme": scheme_name(scheme),
+            "layers": len(weights), "shards": files, "tensor_bytes": size,
+            "quantization_config": qcfg}
+
+
+# ---------------------------------------------------------------- reading
+
+
+def quant_format(path: Path) -> str | None:
+    """The serving format of a checkpoint folder, from config.json's quantization_config."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    qcfg = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else None
+    return next((f.name for f in FORMATS.values() if f.quant_method == method), None)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise LowbitError(f"{path}: no .safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors |= load_file(str(path / f))
+    return tensors
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(config dict, quantized weights by module name (GridWeight, or W8A8Linear modules),
+    remaining tensors)."""
+    path = Path(path)
+    fmt = quant_format(path)
+    if fmt is None:
+        raise LowbitError(f"{path}: no compressed-tensors/gptq/awq quantization_config")
+    cfg = json.loads((path / "config.json").read_text())
+    tensors = _read_tensors(path)
+    qweights = FORMATS[fmt].read_layers(tensors, cfg["quantization_config"])
+    if not qweights:
+        raise LowbitError(f"{path}: no quantized Linears found for {fmt}")
+    return cfg, qweights, tensors
+
+
+def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module, object]:
+    """A compressed-tensors / GPTQ / AWQ folder as a lowbit model with runtime modules
+    (``QLinear`` for grid weights, ``W8A8Linear`` for int-quantized W8A8)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    _, qweights, tensors = read_checkpoint(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, qw in qweights.items():
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        shape = qw.shape
+        if not isinstance(old, nn.Linear) or tuple(old.weight.shape) != tuple(shape):
+            raise LowbitError(f"{path}: {name} {shape} does not match the model's Linear")
+        bias = tensors.pop(f"{name}.bias", None)
+        bias = None if bias is None else bias.float()
+        if isinstance(qw, nn.Module):  # a runtime module already (W8A8)
+            if bias is not None:
+                qw.bias = nn.Parameter(bias, requires_grad=False)
+            setattr(parent, child, qw)
+            continue
+        if not isinstance(qw, GridWeight):
+            raise LowbitError(f"{path}: {name}: cannot load a {type(qw).__name__}")
+        setattr(parent, child, QLinear(qw, bias, cache=cache_weights))
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    qbuf = {f"{n}.{b}" for n, m in model.named_modules() if n in qweights
+            for b, _ in m.named_buffers(recurse=False)}
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in qbuf and k not in tied]
+    if missing or unexpected:
+        raise LowbitError(f"{path}: tensors do not match the model (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    tok = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tok

@@ -1,0 +1,235 @@
+"""lowbit integer weights <-> the compressed-tensors ``pack-quantized`` layout (vLLM, SGLang,
+transformers).
+
+Per quantized Linear ``name``: ``name.weight_packed`` int32 (out, ceil(in * b / 32)),
+``name.weight_scale`` (out, groups), ``name.weight_shape`` int64 [out, in] and, for asymmetric
+schemes, ``name.weight_zero_point`` int32 packed along the output dim. The codes are written
+by the library's own ``PackedQuantizationCompressor`` (dense int32 packing) and read back by
+its ``unpack_from_int32``.
+
+The library stores signed codes q_s in [-2^(b-1), 2^(b-1) - 1] and signed zero points; lowbit
+stores unsigned codes q in [0, 2^b - 1] with zero 2^(b-1) for symmetric schemes. The map is
+q_s = q - 2^(b-1), z_s = zero - 2^(b-1), so scale * (q_s - z_s) = scale * (q - zero) exactly.
+A symmetric scheme has z_s = 0 and no zero-point tensor.
+
+Not representable with the installed library (0.20): act-order weights with a ``g_idx``
+(``actorder="group"`` was removed from its config schema; only ``"weight"``, which reorders
+during calibration only, remains): export them as GPTQ, or quantize with ``--static-groups`` /
+``--no-act-order``. lowbit's ``w*-tensor`` schemes are written as channel strategy with the
+scale repeated per row (exact).
+
+Float grids (FP8, NVFP4) are written by ``ct_float``, W8A8 modules by ``ct_int8``; a checkpoint
+holds one of these layouts (config.json's ``format``). Imported scales that are fp32 or bf16
+give an ``IntGrid`` with ``scale_dtype="float32"`` (bf16 -> fp32 is exact).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats.integer import IntGrid
+from lowbit.formats.weight import GridWeight
+from lowbit.io.serving import ct_float, ct_int8
+from lowbit.io.serving.base import first, int_weight, is_w8a8, stored_scale
+
+name = "compressed-tensors"
+quant_method = "compressed-tensors"
+FORMAT = "pack-quantized"
+_SCALE = {torch.float16: "float16", torch.float32: "float32"}
+
+
+def _lib():
+    try:
+        from compressed_tensors.compressors.pack_quantized.base import (
+            PackedQuantizationCompressor,
+        )
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+        from compressed_tensors.quantization import (
+            QuantizationArgs,
+            QuantizationConfig,
+            QuantizationScheme,
+        )
+    except ImportError:
+        raise LowbitError(
+            "the compressed-tensors format needs the library: pip install compressed-tensors"
+        ) from None
+    return PackedQuantizationCompressor, unpack_from_int32, QuantizationArgs, QuantizationScheme, \
+        QuantizationConfig
+
+
+def format_of(w) -> str:
+    """``pack-quantized`` for integer weights, ``int-quantized`` for W8A8 modules, else the
+    float format (``ct_float``)."""
+    if int_weight(w) is not None:
+        return FORMAT
+    if is_w8a8(w):
+        return ct_int8.FORMAT
+    fmt = ct_float.format_of(w) if isinstance(w, GridWeight) else None
+    if fmt is None:
+        raise LowbitError(
+            f"{getattr(w, 'name', type(w).__name__)} weights have no compressed-tensors "
+            "layout; it holds integer schemes (w2..w8), fp8-e4m3 (channel, tensor, b128), "
+            "nvfp4 and W8A8 (smoothquant, w8a8); GGUF (--format gguf) re-encodes any model"
+        )
+    return fmt
+
+
+def check(name: str, w) -> None:
+    """Raise when ``w`` cannot be written as compressed-tensors."""
+    try:
+        format_of(w)
+    except LowbitError as e:
+        raise LowbitError(f"{name}: {e}") from None
+    if int_weight(w) is not None and w.g_idx is not None:
+        raise LowbitError(
+            f"{name}: act-order weights (g_idx) are not representable in compressed-tensors "
+            "(its 'group' actorder was removed); export as --format gptq, or quantize with "
+            "--static-groups or --no-act-order"
+        )
+
+
+def quant_args(grid: IntGrid):
+    _, _, QuantizationArgs, _, _ = _lib()
+    grouped = grid.granularity == "group"
+    return QuantizationArgs(
+        num_bits=grid.bits,
+        type="int",
+        symmetric=grid.symmetric,
+        strategy="group" if grouped else "channel",
+        group_size=grid.group if grouped else None,
+    )
+
+
+def quantization_config(weights: dict, ignore: list[str]) -> dict:
+    """The ``quantization_config`` of config.json, built by the library's own classes, for the
+    layout of the weights (integer, W8A8 or float)."""
+    _, _, _, QuantizationScheme, QuantizationConfig = _lib()
+    w = first(weights)
+    acts = None
+    fmt = format_of(w)
+    if fmt == FORMAT:
+        args = quant_args(w.grid)
+    elif fmt == ct_int8.FORMAT:
+        args, acts = ct_int8.quant_args(w.act)
+    else:
+        args = ct_float.quant_args(w.grid)
+    qs = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
+    cfg = QuantizationConfig(
+        config_groups={"group_0": qs},
+        format=fmt,
+        quantization_status="compressed",
+        ignore=sorted(ignore),
+    )
+    return cfg.model_dump(mode="json")
+
+
+def extra_files(qcfg: dict) -> dict[str, str]:
+    return {}
+
+
+def layer_tensors(name: str, w) -> dict[str, torch.Tensor]:
+    """Compress one weight with the library's compressor and check it kept lowbit's codes."""
+    check(name, w)
+    if is_w8a8(w):
+        return ct_int8.layer_tensors(name, w)
+    if int_weight(w) is None:
+        return ct_float.layer_tensors(name, w)
+    Compressor, unpack, _, QuantizationScheme, _ = _lib()
+    grid: IntGrid = w.grid
+    off = 1 << (grid.bits - 1)
+    qs = QuantizationScheme(targets=["Linear"], weights=quant_args(grid))
+    scale = stored_scale(w)
+    # the exact lowbit W_hat: scale * (q - zero) is exact in float32 for b <= 8 and fp16 scales,
+    # so the library's round(W_hat / scale) + z_s gives back q_s exactly
+    sd = {"weight": w.dequantize(), "weight_scale": scale}
+    if not grid.symmetric:
+        sd["weight_zero_point"] = (w.params["zero"].to(torch.int16) - off).to(torch.int8)
+    out = Compressor.compress(sd, qs)
+    got = unpack(out["weight_packed"], grid.bits, w.shape).to(torch.int16) + off
+    if not torch.equal(got, w.codes.to(torch.int16)):
+        raise LowbitError(f"{name}: compressed-tensors packing changed the codes")
+    res = {f"{name}.{k}": v.contiguous() for k, v in out.items() if k != "weight"}
+    res[f"{name}.weight_scale"] = scale
+    return res
+
+
+def grid_of(args: dict, scale: torch.Tensor) -> IntGrid:
+    """The IntGrid for a config group's ``weights`` args (integer pack-quantized)."""
+    if args.get("type") != "int" or args.get("strategy") not in ("group", "channel"):
+        raise LowbitError(
+            f"compressed-tensors weights {args.get('type')}/{args.get('strategy')} are not "
+            "supported for import; lowbit reads int group/channel pack-quantized"
+        )
+    grouped = args["strategy"] == "group"
+    return IntGrid(
+        bits=int(args["num_bits"]),
+        granularity="group" if grouped else "channel",
+        group=int(args["group_size"]) if grouped else 0,
+        symmetric=bool(args.get("symmetric", True)),
+        scale_dtype=_SCALE.get(scale.dtype, "float32"),  # type: ignore[arg-type]
+    )
+
+
+def read_layer(name: str, t: dict[str, torch.Tensor], args: dict) -> GridWeight:
+    """One Linear's tensors (without the ``name.`` prefix) -> an integer GridWeight."""
+    _, unpack, _, _, _ = _lib()
+    scale = t["weight_scale"]
+    if scale.dtype not in _SCALE:
+        scale = scale.float()  # bfloat16 -> float32 is exact
+    if "weight_g_idx" in t:
+        raise LowbitError(f"{name}: compressed-tensors g_idx (actorder=group) is not supported")
+    grid = grid_of(args, scale)
+    shape = tuple(int(x) for x in t["weight_shape"].tolist())
+    off = 1 << (grid.bits - 1)
+    codes = (unpack(t["weight_packed"], grid.bits, shape).to(torch.int16) + off).to(torch.uint8)
+    if grid.symmetric:
+        zero = torch.full(scale.shape, float(off))
+    else:
+        zs = unpack(t["weight_zero_point"], grid.bits, scale.shape, packed_dim=0)
+        zero = (zs.to(torch.int16) + off).float()
+    return GridWeight(grid, codes, {"scale": scale.float(), "zero": zero})
+
+
+def _read_w8a8(tensors: dict, args: dict, acts: dict) -> dict:
+    if not acts:
+        raise LowbitError("int-quantized without input_activations is weight-only int8: "
+                          "lowbit reads W8A8 from int-quantized")
+    names = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
+    out = {}
+    for n in names:
+        parts = {k[len(n) + 1 :]: tensors.pop(k) for k in list(tensors)
+                 if k in (f"{n}.weight", f"{n}.weight_scale", f"{n}.input_scale")}
+        out[n] = ct_int8.read_layer(n, parts, args, acts)
+    return out
+
+
+def read_layers(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict:
+    """Every quantized Linear of a checkpoint (its tensors are popped from ``tensors``):
+    GridWeights, or W8A8Linear modules for int-quantized."""
+    fmt = qcfg.get("format")
+    if fmt not in (FORMAT, ct_float.FP8, ct_float.NVFP4, ct_int8.FORMAT):
+        raise LowbitError(
+            f"compressed-tensors format {fmt!r} is not supported for import; lowbit reads "
+            f"{FORMAT}, {ct_float.FP8}, {ct_float.NVFP4} and int-quantized (W8A8)"
+        )
+    groups = list(qcfg.get("config_groups", {}).values())
+    if len(groups) != 1 or not groups[0].get("weights"):
+        raise LowbitError("compressed-tensors import takes one weight-only config group")
+    acts = groups[0].get("input_activations")
+    if acts and fmt != ct_int8.FORMAT:
+        raise LowbitError(f"compressed-tensors {fmt} import is weight-only (no activation "
+                          "quantization); W8A8 is read from int-quantized")
+    args = groups[0]["weights"]
+    if fmt == ct_int8.FORMAT:
+        return _read_w8a8(tensors, args, acts or {})
+    # FP8 layers are the ones with a weight_scale beside a float8 weight
+    key = ".weight_scale" if fmt == ct_float.FP8 else ".weight_packed"
+    names = sorted(k[: -len(key)] for k in tensors if k.endswith(key))
+    out = {}
+    for n in names:
+        parts = {k[len(n) + 1 :]: tensors.pop(k) for k in list(tensors) if k.startswith(n + ".")
+                 and k[len(n) + 1 :].startswith("weight")}
+        out[n] = read_layer(n, parts, args) if fmt == FORMAT else ct_float.read_layer(
+            n, parts, args)
+    return out

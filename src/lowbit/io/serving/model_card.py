@@ -1,0 +1,107 @@
+"""The README.md model card written into an exported checkpoint: what was done, to what,
+with which calibration text, and what was measured (only numbers lowbit.json records)."""
+
+from __future__ import annotations
+
+import json
+
+from lowbit.formats.grid_base import WeightGrid
+from lowbit.formats.integer import IntGrid
+from lowbit.io.serving.base import W8A8_SCHEMES
+
+LOADERS = {
+    "compressed-tensors": "vLLM, SGLang and transformers (with `compressed-tensors` installed)",
+    "gptq": "vLLM (gptq / gptq_marlin), SGLang, transformers (with optimum + gptqmodel)",
+    "awq": "vLLM (awq / awq_marlin), SGLang, transformers (with gptqmodel)",
+}
+
+
+def _num(x, spec: str = ".3f") -> str:
+    return "not measured" if x is None else format(x, spec)
+
+
+def describe_scheme(grid: WeightGrid | str) -> str:
+    """One line on the number format: a WeightGrid, or a W8A8 scheme name (``w8a8``,
+    ``w8a8-static``: W8A8 modules have no grid)."""
+    if isinstance(grid, str):
+        act = W8A8_SCHEMES.get(grid, "dynamic")
+        return (f"{grid}: int8 weights per output channel, int8 activations "
+                f"({'dynamic per token' if act == 'dynamic' else 'static per tensor'})")
+    if not isinstance(grid, IntGrid):  # a float grid (fp8-e4m3, nvfp4 ...)
+        return f"{grid.name}: floating-point elements (see the quantization config below)"
+    gran = (f"groups of {grid.group}" if grid.granularity == "group"
+            else f"per {grid.granularity}")
+    return (f"{grid.name}: {grid.bits}-bit integer, {gran}, "
+            f"{'symmetric' if grid.symmetric else 'asymmetric'}, {grid.clip} range")
+
+
+def _recipe(meta: dict) -> str:
+    """The recipe for a table cell: each step of ``{"steps": [...]}`` (lowbit.json v2) as
+    ``name {options}``, in order; an older record as JSON."""
+    recipe = meta.get("recipe")
+    if isinstance(recipe, dict) and isinstance(recipe.get("steps"), list) and recipe["steps"]:
+        parts = []
+        for st in recipe["steps"]:
+            if isinstance(st, dict) and "step" in st:
+                opts = {k: v for k, v in st.items() if k != "step"}
+                parts.append(f"{st['step']} {json.dumps(opts)}")
+            else:
+                parts.append(json.dumps(st))
+        text = " -> ".join(parts)
+    else:
+        text = json.dumps(recipe or {})
+    return text.replace("|", "\\|")  # a regex target must not end the table cell
+
+
+def model_card(fmt: str, grid: WeightGrid | str, meta: dict, qcfg: dict) -> str:
+    """``grid``: the weights' grid (or W8A8 scheme name); ``meta``: lowbit.json's description
+    (``method`` such as ``awq+gptq``, ``recipe`` ``{"steps": [...]}``, ``calibration``,
+    ``eval``, ``bits_per_weight``)."""
+    cal = meta.get("calibration") or {}
+    ev = meta.get("eval") or {}
+    name = grid if isinstance(grid, str) else grid.name
+    what = describe_scheme(grid)
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [lowbit, quantized, " + fmt + "]",
+        "---",
+        "",
+        f"# {meta.get('base_model', 'model')} — {meta.get('method', '?')} {name} "
+        f"({fmt})",
+        "",
+        f"Quantized with [lowbit](https://example.invalid/lowbit) and written in the {fmt} "
+        f"layout, which {LOADERS[fmt]} load.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {meta.get('base_model', 'unknown')} |",
+        f"| method | {meta.get('method', 'unknown')} |",
+        f"| scheme | {what} |",
+        f"| bits per weight (quantized Linears) | {_num(meta.get('bits_per_weight'))} |",
+        f"| recipe | {_recipe(meta)} |",
+    ]
+    if cal:
+        lines.append(
+            f"| calibration | {cal.get('source')}: {cal.get('windows')} windows of "
+            f"{cal.get('seq_len')} tokens from window {cal.get('offset')} |"
+        )
+    else:
+        lines.append("| calibration | none (round-to-nearest) |")
+    lines += [
+        f"| perplexity | {_num(ev.get('ppl'))} |",
+        f"| KL to base (mean) | {_num(ev.get('kl_mean'), '.4f')} |",
+    ]
+    if ev:
+        lines.append(f"| evaluation | {ev.get('data', '?')}: {ev.get('windows', '?')} windows of "
+                     f"{ev.get('seq_len', '?')} tokens |")
+    lines += [
+        "",
+        "Quantization config:",
+        "",
+        "```json",
+        json.dumps(qcfg, indent=1),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""Whole jobs on paths, as the command line runs them: load a model, quantize it with a recipe and
+save it; evaluate; export; collect an importance matrix; profile activations. Each validates
+what it can before any long run and returns plain data for display."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+from lowbit.recipe import Recipe
+
+SERVING_FORMATS = ("compressed-tensors", "gptq", "awq")
+OUTPUT_FORMATS = ("native", *SERVING_FORMATS)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Which calibration windows to use: a source (``builtin``, ``self``, ``pydoc`` or a text
+    file), how many windows of how many tokens, and the first window."""
+
+    source: str = "builtin"
+    samples: int = 128
+    seq_len: int = 512
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise LowbitError(f"--calib-samples must be at least 1, not {self.samples}")
+        if self.seq_len < 2:
+            raise LowbitError(f"--seq-len must be at least 2, not {self.seq_len}")
+        if self.offset < 0:
+            raise LowbitError(f"--calib-offset must not be negative, not {self.offset}")
+
+    def windows(self, model, tokenizer, progress: bool = True):
+        from lowbit.calib import calib_windows
+
+        return calib_windows(self.source, model, tokenizer, self.samples, self.seq_len,
+                             self.offset, progress=progress)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def serving_preflight(model, plan, fmt: str, tp: int) -> list[str]:
+    """``--format`` checks on shapes, in seconds, before calibration: one grid for all layers,
+    act-order's g_idx only where the format keeps it, tensor-parallel splits. Returns notes."""
+    if fmt == "native":
+        return []
+    if fmt not in SERVING_FORMATS:
+        raise LowbitError(f"unknown output format {fmt!r}; known: {', '.join(OUTPUT_FORMATS)} "
+                          "(gguf: use lowbit export)")
+    from lowbit.io.serving.targets import check_target, model_shapes
+
+    owners = list(plan.layers.values())
+    if any(la.step.kind == "replacer" for la in owners):
+        # W8A8 / LLM.int8 / FP8 modules: the format module decides at write time
+        return []
+    grids = {la.grid for la in owners}
+    if len(grids) > 1:
+        raise LowbitError(f"--format {fmt} takes one scheme for all Linears, this recipe uses "
+                          f"{len(grids)} ({', '.join(sorted(g.name for g in grids))}); save the "
+                          "native format")
+    grid = next(iter(grids))
+    g_idx = any(
+        la.step.step == "gptq" and la.step.act_order_for(la.grid) and not la.step.static_groups
+        and la.grid.column_groups and la.grid.group_size is not None
+        for la in owners
+    )
+    shapes, heads = model_shapes(model)
+    rep = check_target(shapes, grid, fmt, tp, act_order=g_idx, heads=heads)
+    rep.raise_errors()
+    return rep.notes
+
+
+def quantize_job(
+    model_arg: str,
+    recipe: Recipe,
+    out: str | Path,
+    calibration: Calibration,
+    fmt: str = "native",
+    tp: int = 1,
+    overwrite: bool = False,
+    chunk: int = 8,
+    progress: bool = True,
+    note: Callable[[str], None] = lambda _m: None,
+):
+    """Load, plan, calibrate, quantize, save. Returns (model, tokenizer, result, meta)."""
+    from lowbit.api import describe, plan, quantize, save
+    from lowbit.io.native import check_writable
+    from lowbit.models import load_model
+
+    if fmt not in OUTPUT_FORMATS:
+        raise LowbitError(f"unknown output format {fmt!r}; known: {', '.join(OUTPUT_FORMATS)} "
+                          "(gguf: use lowbit export)")
+    if chunk < 1:
+        raise LowbitError(f"--chunk must be at least 1, not {chunk}")
+    out = Path(out)
+    check_writable(out, overwrite)
+    t0 = time.perf_counter()
+    model, tok = load_model(model_arg)
+    p = plan(model, recipe)
+    for n in serving_preflight(model, p, fmt, tp):
+        note(n)
+    windows, record = None, None
+    if p.needs_data:
+        windows, record = calibration.windows(model, tok, progress)
+        # the recipe as it ran: with the calibration it used, so that it re-runs the same
+        recipe = Recipe(recipe.steps, calibration.to_dict() | {"source": record["source"]})
+    res = quantize(model, recipe, windows, chunk=chunk, progress=progress)
+    meta = describe(res, recipe, base_model=str(model_arg), calibration=record)
+    save(out, model, tok, res, meta, fmt=fmt, overwrite=overwrite)
+    meta["seconds"] = time.perf_counter() - t0
+    return model, tok, res, meta
+
+
+def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: str | None,
+             speed: bool, progress: bool = True) -> dict:
+    """Perplexity (and KL / top-1 against a base) of a model or a quantized folder."""
+    from lowbit.calib import check_disjoint, eval_windows
+    from lowbit.eval.metrics import (
+        current_rss_bytes,
+        evaluate,
+        generation_speed,
+        model_bytes,
+        peak_rss_bytes,
+    )
+    from lowbit.io.native import read_description
+    from lowbit.models import is_lowbit_dir, load_model, resolve
+
+    if windows < 1 or seq_len < 2:
+        raise LowbitError(f"--windows must be at least 1 and --seq-len at least 2, not "
+                          f"{windows} and {seq_len}")
+    path = resolve(model_arg)
+    desc = read_description(path) if is_lowbit_dir(path) else {}
+    check_disjoint(desc.get("calibration"), data, windows, seq_len)
+    rss0 = current_rss_bytes()
+    model, tok = load_model(model_arg, cache_weights=True)
+    rss1 = current_rss_bytes()
+    ev = eval_windows(data, tok, windows, seq_len)
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(ev.max()) >= vocab:
+        raise LowbitError(f"the tokenizer produces ids beyond the model's vocabulary ({vocab})")
+    base = load_model(base_arg)[0] if base_arg else None
+    res = evaluate(model, ev, base=base, progress=progress)
+    res |= {
+        "model": str(model_arg),
+        "data": data,
+        "model_bytes": model_bytes(model),
+        "load_rss_bytes": rss1 - rss0,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    if desc:
+        res |= {"method": desc.get("method"), "scheme": scheme_label(desc),
+                "bpw": desc.get("bits_per_weight")}
+    if speed:
+        res |= generation_speed(model, ev[0, :64])
+    return res
+
+
+def scheme_label(desc: dict) -> str | None:
+    """A lowbit.json's scheme as one string (version 1 recorded a dict)."""
+    s = desc.get("scheme")
+    return s.get("name") if isinstance(s, dict) else s
+
+
+def source_gguf_of(model_arg: str, note: Callable[[str], None]) -> Path | None:
+    """The GGUF file a model argument comes from: the file itself, or a lowbit folder's base."""
+    from lowbit.models import is_lowbit_dir, resolve
+
+    path = resolve(model_arg)
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if is_lowbit_dir(path):
+        from lowbit.io.native import read_description
+
+        base = read_description(path).get("base_model")
+        if base:
+            try:
+                return source_gguf_of(base, note)
+            except LowbitError as e:
+                note(f"the base model {base} of {model_arg} is not readable ({e}); the "
+                     "tokenizer is written from the folder's own tokenizer files")
+    return None
+
+
+def export_job(model_arg: str, out: str | Path, fmt: str = "gguf", qtype: str = "Q4_K_M",
+               imatrix_path: str | None = None, overwrite: bool = False, progress: bool = True,
+               tp: int = 1, dtype: str = "float16",
+               note: Callable[[str], None] = lambda _m: None) -> dict:
+    """A model or quantized folder as GGUF for llama.cpp, or a lowbit folder as a serving
+    checkpoint (compressed-tensors, GPTQ, AWQ)."""
+    if fmt in SERVING_FORMATS:
+        return _export_serving(model_arg, Path(out), fmt, overwrite, tp, dtype)
+    if fmt != "gguf":
+        raise LowbitError(f"unknown export format {fmt!r}; known: gguf, "
+                          f"{', '.join(SERVING_FORMATS)}")
+    from lowbit.io.gguf.export import export_gguf, gguf_arch
+    from lowbit.io.gguf.imatrix import load_imatrix
+    from lowbit.io.gguf.presets import get_preset
+    from lowbit.models import load_model
+
+    get_preset(qtype)  # unknown type names fail before any loading
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LowbitError(f"{out} exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise LowbitError(f"{out} is a folder; give a file name ending in .gguf")
+    if not out.parent.is_dir():
+        raise LowbitError(f"folder {out.parent} does not exist")
+    im = load_imatrix(imatrix_path) if imatrix_path else None
+    source = source_gguf_of(model_arg, note)
+    model, tok = load_model(model_arg)
+    gguf_arch(model)
+    res = export_gguf(model, tok, out, qtype, imatrix=im, source_gguf=source, progress=progress)
+    return res | {"model": str(model_arg), "imatrix_file": imatrix_path, "source_gguf": source}
+
+
+def _export_serving(model_arg: str, out: Path, fmt: str, overwrite: bool, tp: int,
+                    dtype: str) -> dict:
+    from lowbit.io.native import check_writable, read_description
+    from lowbit.io.serving import quantized_weights, write_checkpoint
+    from lowbit.io.serving.targets import check_target, model_heads
+    from lowbit.models import is_lowbit_dir, load_model, resolve
+
+    check_writable(out, overwrite)
+    path = resolve(model_arg)
+    meta = read_description(path) if is_lowbit_dir(path) else {"base_model": str(model_arg)}
+    if meta.get("layers") and any(i.get("conv1d") for i in meta["layers"].values()):
+        raise LowbitError(f"{fmt} export is for nn.Linear models, not GPT-2's Conv1D layers")
+    model, tok = load_model(model_arg)
+    weights = quantized_weights(model)
+    if not weights:
+        raise LowbitError(
+            f"--format {fmt} exports a quantized model: give a lowbit output folder (from "
+            "`lowbit quantize`) or a compressed-tensors/GPTQ/AWQ checkpoint"
+        )
+    from lowbit.formats.weight import GridWeight
+
+    grids = {w.grid for w in weights.values() if isinstance(w, GridWeight)}
+    notes: list[str] = []
+    if len(grids) == 1:
+        act = any(w.g_idx is not None for w in weights.values() if isinstance(w, GridWeight))
+        shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        rep = check_target(shapes, next(iter(grids)), fmt, tp, act_order=act,
+                           heads=model_heads(model))
+        rep.raise_errors()
+        notes = rep.notes
+    res = write_checkpoint(out, fmt, model, tok, weights, meta, overwrite=overwrite, dtype=dtype)
+    return res | {"model": str(model_arg), "notes": notes, "tp": tp}
+
+
+def imatrix_job(model_arg: str, out: str | Path, calibration: Calibration, chunk: int = 8,
+                progress: bool = True) -> dict:
+    from lowbit.io.gguf.imatrix import collect_imatrix, save_imatrix
+    from lowbit.models import load_model
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise LowbitError(f"folder {out.parent} does not exist")
+    t0 = time.perf_counter()
+    model, tok = load_model(model_arg)
+    windows, record = calibration.windows(model, tok, progress)
+    im = collect_imatrix(model, windows, chunk=chunk, progress=progress,
+                         dataset=str(record["source"]))
+    save_imatrix(im, out)
+    return {
+        "out": str(out),
+        "format": "dat" if out.suffix == ".dat" else "gguf",
+        "entries": len(im.data),
+        "calibration": record,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def inspect_job(model_arg: str, calibration: Calibration, stats_path: str | None = None,
+                ratio: float = 20.0, chunk: int = 8, progress: bool = True):
+    """Activation statistics of every block Linear's input (collected, or read from a saved
+    file) and the outlier profile. Returns (rows, stats, spec)."""
+    from lowbit.arch import spec_for
+    from lowbit.models import load_model
+    from lowbit.pipeline.driver import observe_model
+    from lowbit.pipeline.stats import load_stats, outlier_profile
+
+    model, tok = load_model(model_arg)
+    spec = spec_for(model)
+    if stats_path:
+        stats = load_stats(Path(stats_path))
+    else:
+        windows, _ = calibration.windows(model, tok, progress)
+        stats = observe_model(model, spec, windows, {"absmax", "mean_abs", "token_absmax"},
+                              chunk=chunk, progress=progress)
+    rows = outlier_profile(stats, spec.blocks, spec.groups, ratio)
+    rows.sort(key=lambda r: (r["block"], spec.linears.index(r["feeds"][0])))
+    return rows, stats, spec
