@@ -30,16 +30,13 @@ from lowbit.methods.base import STEPS, Step
 
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "offset": int}
 
-# --method -> the steps it stands for; the scheme goes to the rounder (or W8A8)
+# --method -> the steps it stands for (the scheme goes to the rounder, or W8A8): every step
+# that works alone under its own name, and the usual pairs
 METHODS: dict[str, tuple[str, ...]] = {
-    "rtn": ("rtn",),
-    "gptq": ("gptq",),
-    "hqq": ("hqq",),
+    **{name: (name,) for name, cls in STEPS.items() if cls.kind != "transform"},
     "awq": ("awq", "rtn"),
     "awq+gptq": ("awq", "gptq"),
     "smoothquant": ("smoothquant", "w8a8"),
-    "w8a8": ("w8a8",),
-    "llm-int8": ("llm-int8",),
 }
 
 

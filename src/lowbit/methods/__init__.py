@@ -1,4 +1,8 @@
-"""The recipe steps, one module each; importing the package registers them all
-(``lowbit.methods.base.STEPS``)."""
+"""The recipe steps, one module each. Importing the package imports every module in it, which
+registers their steps (``lowbit.methods.base.STEPS``): a new method is a new module here."""
 
-from lowbit.methods import awq, gptq, hqq, rtn, smoothquant, w8a8  # noqa: F401
+import importlib
+import pkgutil
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
