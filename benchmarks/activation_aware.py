@@ -31,6 +31,7 @@ from lowbit.eval.metrics import peak_rss_bytes  # noqa: E402
 from lowbit.models import load_model  # noqa: E402
 from lowbit.runtime.int8_mixed import Int8MixedLinear  # noqa: E402
 
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("variants", nargs="+")
