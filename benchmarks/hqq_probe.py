@@ -83,7 +83,13 @@ def fit_weight(name: str, kw: dict, w: torch.Tensor, bits: int, sym: bool, group
                        clip="minmax" if name == "rtn" else "mse")
         s, z = fit_qparams(g, grid, **kw)
     elif name == "hqq":
-        f = hqq_fit(g, bits, symmetric=sym, **kw)
+        kw = dict(kw)
+        wpow = kw.pop("wpow", None)  # weight the error by |w|^wpow (data-free importance)
+        if "scan" in kw:  # scan=low/high/steps
+            lo_, hi_, n_ = str(kw["scan"]).split("/")
+            kw["scan"] = (float(lo_), float(hi_), int(n_))
+        weight = None if wpow is None else g.abs().pow(wpow)
+        f = hqq_fit(g, bits, symmetric=sym, weight=weight, **kw)
         s, z = f.scale, f.zero
     else:
         raise SystemExit(f"unknown variant {name!r}")

@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--json", help="append one JSON line per variant to this file")
+    ap.add_argument("--save-dir", help="also save each quantized variant (native) under this "
+                    "folder, one subfolder per variant")
     ap.add_argument(
         "--time-forward",
         action="store_true",
@@ -143,6 +145,9 @@ def main() -> None:
         t0 = time.perf_counter()
         res = lowbit.quantize(model, recipe, cal if needs else None, progress=False)
         secs = time.perf_counter() - t0
+        if a.save_dir:
+            lowbit.save(Path(a.save_dir) / v.replace(":", "_"), model, tok, res,
+                        overwrite=True)
         losses = [r for r in res.rows if "loss" in r]
         row = {
             "variant": v,

@@ -68,6 +68,9 @@ class WeightGrid(Protocol):
 
     def decode(self, codes: Tensor, params: Params) -> Tensor: ...
 
+    def round_trip(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+        """(codes, decoded values) of x: ``encode`` then ``decode``, in one call."""
+
     def saturated(self, x: Tensor, params: Params) -> Tensor:
         """Mask (x's shape) of the elements the grid clips."""
 
@@ -137,6 +140,10 @@ class GridBase:
     def finalize(self, params: Params) -> Params:
         """Parameters after all groups are fitted; unchanged by default."""
         return params
+
+    def round_trip(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+        codes = self.encode(x, params)
+        return codes, self.decode(codes, params)
 
     def store(self, params: Params, shape: tuple[int, int]) -> dict[str, Tensor]:
         return {f"p_{k}": v for k, v in params.items()}

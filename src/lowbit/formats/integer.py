@@ -164,6 +164,10 @@ class IntGrid(GridBase):
     def decode(self, codes: Tensor, params: Params) -> Tensor:
         return dequantize(codes.float(), params["scale"], params["zero"])
 
+    def round_trip(self, x: Tensor, params: Params) -> tuple[Tensor, Tensor]:
+        q = quantize(x.detach().float(), params["scale"], params["zero"], self.bits)
+        return q.to(torch.uint8), dequantize(q, params["scale"], params["zero"])
+
     def saturated(self, x: Tensor, params: Params) -> Tensor:
         v = x.detach().float() / params["scale"] + params["zero"]
         return beyond(v, 0, self.qmax, 0.5, 0.5)

@@ -33,6 +33,7 @@ from lowbit.formats.grid_base import (
     Params,
     WeightGrid,
     check_finite,
+    column_params,
     group_params,
     n_groups,
     stack_groups,
@@ -131,6 +132,7 @@ def gptq_quantize(
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
         W1 = W[:, i1:i2].clone()
+        X1 = torch.empty_like(W1)  # each column as it was rounded (for the clipped count)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -145,13 +147,22 @@ def gptq_quantize(
                                              group=g)
                 views[g] = p
             x = W1[:, i : i + 1]
-            q = grid.encode(x, p)
-            saturated += grid.saturated(x, p)[:, 0]
+            X1[:, i : i + 1] = x
+            q, x_hat = grid.round_trip(x, p)
             code_cols.append(q)
-            err = (W1[:, i] - grid.decode(q, p)[:, 0]) / U1[i, i]
+            err = (W1[:, i] - x_hat[:, 0]) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        groups = col_group[i1:i2]
+        if prefit:
+            block_params, local = params, groups
+        else:  # the block's groups, in order
+            first = groups[0]
+            block_params = stack_groups(grid, fitted[first : groups[-1] + 1])
+            local = [c - first for c in groups]
+        cp = column_params(grid, block_params, torch.tensor(local))
+        saturated += grid.saturated(X1, cp).sum(1)
 
     codes = torch.cat(code_cols, 1)
     g_idx = None
