@@ -136,7 +136,7 @@ def read_description(path: Path) -> dict:
 
 def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, object]:
     """Rebuild the model with runtime modules (``QLinear`` ...) holding the stored weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     desc = read_description(path)
@@ -159,15 +159,22 @@ def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, 
             raise LowbitError(f"{path}: {name}: {e}") from None
         setattr(parent, child, module)
         qbuf |= {f"{name}.{b}" for b, _ in module.named_buffers(recurse=False)}
+    return finish_load(model, path, tensors, qbuf | set(desc.get("tied", {})),
+                       bool(desc.get("tied")))
+
+
+def finish_load(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor],
+                expected_missing: set[str], tie: bool) -> tuple[nn.Module, object]:
+    """Load the remaining tensors into a model whose quantized modules are in place, check that
+    nothing else is missing or left over, tie the embeddings if asked; (model, tokenizer)."""
+    from transformers import AutoTokenizer
+
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k not in desc.get("tied", {})]
-    missing = [k for k in missing if k not in qbuf]
+    missing = [k for k in missing if k not in expected_missing]
     if missing or unexpected:
-        raise LowbitError(
-            f"{path}: tensors do not match the model (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]})"
-        )
-    if desc.get("tied"):
+        raise LowbitError(f"{path}: tensors do not match the model (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+    if tie:
         model.tie_weights()
     model.eval()
     tok = None

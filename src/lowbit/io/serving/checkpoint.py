@@ -23,7 +23,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.weight import GridWeight
-from lowbit.io.native import atomic_dir
+from lowbit.io.native import atomic_dir, finish_load
 from lowbit.io.serving import awq, compressed_tensors, gptq
 from lowbit.io.serving.base import ServingFormat, scheme_name, scheme_of
 from lowbit.runtime.qlinear import QLinear
@@ -230,7 +230,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
 def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module, object]:
     """A compressed-tensors / GPTQ / AWQ folder as a lowbit model with runtime modules
     (``QLinear`` for grid weights, ``W8A8Linear`` for int-quantized W8A8)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     _, qweights, tensors = read_checkpoint(path)
@@ -256,18 +256,7 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
             raise LowbitError(f"{path}: {name}: cannot load a {type(qw).__name__}")
         setattr(parent, child, QLinear(qw, bias, cache=cache_weights))
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
     qbuf = {f"{n}.{b}" for n, m in model.named_modules() if n in qweights
             for b, _ in m.named_buffers(recurse=False)}
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if k not in qbuf and k not in tied]
-    if missing or unexpected:
-        raise LowbitError(f"{path}: tensors do not match the model (missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]})")
-    if tied:
-        model.tie_weights()
-    model.eval()
-    tok = None
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, tok
+    return finish_load(model, path, tensors, qbuf | tied, bool(tied))
