@@ -1,6 +1,6 @@
 """HQQ with integer zero points (``lowbit.methods.hqq_math``) against RTN, on the protocol.
 
-    python benchmarks/hqq_probe.py --windows 16 --threads 2 rtn hqq hqq:zero_mode=round
+    python benchmarks/hqq_probe.py --windows 16 --threads 2 rtn hqq hqq:lp_norm=0.7
 
 Every decoder-block Linear of SmolLM2-135M is replaced by its dequantized weight (groups of
 64 along the input dimension); perplexity on the first N WikiText-2 test windows of 512

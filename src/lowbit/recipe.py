@@ -26,6 +26,7 @@ from typing import Any
 
 import lowbit.methods  # noqa: F401  (registers every step)
 from lowbit.errors import LowbitError
+from lowbit.formats.presets import preset
 from lowbit.methods.base import STEPS, Step
 
 CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "offset": int}
@@ -148,10 +149,14 @@ def load_recipe(path: str | Path) -> Recipe:
         raise LowbitError(f"recipe {p}: {e}") from None
 
 
-def shorthand(method: str, scheme: str | None = None, **options: Any) -> Recipe:
+def shorthand(method: str | None, scheme: str | None = None, **options: Any) -> Recipe:
     """The recipe ``--method M --scheme S`` stands for. ``options`` (CLI flags a user gave:
     act_order, damp, alpha, threshold, kernel ...) go to the steps that take them; one that no
-    step of the method takes is refused."""
+    step of the method takes is refused. Without a method: GPTQ, or ``w8a8`` for a preset that
+    quantizes activations (``--scheme W8A8`` / ``FP8_DYNAMIC`` alone)."""
+    if method is None:
+        p = preset(scheme.strip()) if scheme else None
+        method = p.method if p is not None and p.method else "gptq"
     if method not in METHODS:
         raise LowbitError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     names = METHODS[method]

@@ -27,7 +27,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
             raise LowbitError(f"--recipe gives the steps; drop {', '.join(extra)} (or edit the "
                               "recipe)")
         return load_recipe(recipe_path)
-    return shorthand(method or "gptq", scheme, **given)
+    return shorthand(method, scheme, **given)
 
 
 @click.command("quantize")

@@ -33,6 +33,7 @@ from lowbit.formats.grid_base import WeightGrid
 from lowbit.formats.grids_fp import FP8_ELEMENTS, MX_NAMES, Fp4Grid, Fp8Grid, MxGrid, Nvfp4Grid
 from lowbit.formats.grids_lut import Nf4Grid, SqueezeGrid, TernaryGrid
 from lowbit.formats.integer import IntGrid, int_grid_from_dict, parse_int_grid
+from lowbit.formats.presets import preset
 
 __all__ = ["GRID_NAMES", "WeightGrid", "get_grid", "grid_from_info", "grid_info"]
 GRID_NAMES: tuple[str, ...] = (
@@ -51,7 +52,8 @@ GRID_NAMES: tuple[str, ...] = (
     "sq4",
     "ternary",
 )
-_INT_HINT = "integer schemes such as w4g64, w3g64-asym, w8, w8-tensor"
+_INT_HINT = ("integer schemes such as w4g64, w3g64-asym, w8, w8-tensor, or a compressed-tensors "
+             "preset (W4A16, W4A16_ASYM, NVFP4A16, MXFP4A16 ...)")
 
 _NF = re.compile(r"nf(\d+)(-dq)?(?:-g(\d+))?")
 _FP8 = re.compile(r"fp8-([a-z0-9]+?)(?:-(tensor|b\d+))?")
@@ -72,7 +74,13 @@ def _mx(kind: str, elem: str | None, group: str | None, rounding: str | None,
 
 
 def get_grid(name: str) -> WeightGrid:
-    """The grid of a scheme name; LowbitError listing the known names for anything else."""
+    """The grid of a scheme name (lowbit's, or a weight-only compressed-tensors preset such as
+    ``W4A16``); LowbitError listing the known names for anything else."""
+    if (p := preset(name.strip())) is not None:
+        if p.method is not None:
+            raise LowbitError(f"{name} quantizes activations too: it is a scheme of the "
+                              f"{p.method} method (--method {p.method} --scheme {name})")
+        return get_grid(p.scheme)
     n = name.strip().lower()
     if m := _NF.fullmatch(n):
         if int(m.group(1)) != 4:

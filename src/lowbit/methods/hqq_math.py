@@ -26,21 +26,20 @@ of its ``s_min``, then runs the half-quadratic loop on the scale with the zero f
 projected back onto ``s >= s_min(z)``), stores the fp16 neighbour of the scale with the lower
 objective, and never returns anything worse than the min-max start.
 
-``zero_mode`` other than ``"fixed"`` runs HQQ as published (a float zero, optionally a free
-scale) and then makes the zero an integer (``round``, round and ``refit`` the scale, or
-``search`` both integer neighbours); they were measured and lose.
+Running HQQ as published (a float zero, fitted with the scale fixed) and then rounding the
+zero to an integer, rounding and refitting the scale, or searching both integer neighbours
+was measured (BENCHMARKS.md) and lost to the fixed-zero fit; those variants were removed.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from lowbit.formats.integer import dequantize, qparams_from_range, quantize
 
-ZeroMode = Literal["fixed", "round", "refit", "search"]
 _TINY = 1e-30
 _TOL = 1e-5  # slack, in scale steps, of the half-step (no clipping) test
 
@@ -193,37 +192,6 @@ def _hq_integer(
     return best_s, best
 
 
-def _hq_float(
-    w: Tensor, c: Tensor | None, o: _Opt, s: Tensor, z: Tensor, opt_scale: bool
-) -> tuple[Tensor, Tensor]:
-    """HQQ as published: a float zero (and, ``opt_scale``, the scale) by least squares on
-    ``w - W_e``; the best (scale, zero) per row by the objective with that float zero."""
-    best_s, best_z = s, z
-    best = torch.full_like(s, torch.inf)
-    beta = o.beta
-    for _ in range(o.iters):
-        q = torch.clamp(torch.round(w / s + z), 0, o.qmax)
-        r = w - s * (q - z)
-        rp = _pow(r.abs(), o.p)
-        obj = _wsum(rp, c)
-        better = obj < best
-        if not better.any():
-            break
-        best = torch.where(better, obj, best)
-        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-        t = w - _shrink_from(r, rp, beta) if o.p <= 1 else w
-        tot = _wsum(torch.ones_like(t), c)
-        mq, mt = _wsum(q, c) / tot, _wsum(t, c) / tot
-        if opt_scale:
-            dq = q - mq
-            den = _wsum(dq * dq, c)
-            a = _wsum(dq * (t - mt), c) / den.clamp(min=_TINY)
-            s = torch.where((den > 0) & (a > 0), a, s)
-        z = mq - mt / s  # w - W_e ~ s (q - z)
-        beta *= o.kappa
-    return best_s, best_z
-
-
 def hqq_fit(
     w: Tensor,
     bits: int,
@@ -231,13 +199,12 @@ def hqq_fit(
     scale_dtype: str = "float16",
     weight: Tensor | None = None,
     iters: int = 20,
-    lp_norm: float = 0.7,
+    lp_norm: float = 1.0,
     beta: float = 10.0,
     kappa: float = 1.01,
     *,
     clip: bool = False,
     scan: tuple[float, float, int] | None = (1.0, 1.15, 8),
-    zero_mode: ZeroMode = "fixed",
     opt_scale: bool = True,
 ) -> HQQFit:
     """HQQ parameters for every row of ``w`` (rows, n), with the objective they reach.
@@ -246,14 +213,12 @@ def hqq_fit(
     grid. ``scan = (low, high, steps)``: the start is the best of ``steps`` scales from
     ``low`` to ``high`` times ``s_min(z)`` for three zeros (``clip=True``: times the min-max
     scale, with centring zeros); None starts at min-max. ``opt_scale``: run the
-    half-quadratic loop on the scale. ``zero_mode``: see the module docstring.
+    half-quadratic loop on the scale.
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"integer grids take 2..8 bits, not {bits}")
     if w.dim() != 2:
         raise ValueError(f"w must be (rows, n), not {tuple(w.shape)}")
-    if zero_mode not in ("fixed", "round", "refit", "search"):
-        raise ValueError(f"zero_mode must be fixed, round, refit or search, not {zero_mode!r}")
     w = w.float()
     c = None if weight is None else weight.float().clamp(min=0).expand_as(w).contiguous()
     qmax = (1 << bits) - 1
@@ -278,25 +243,8 @@ def hqq_fit(
                 zc = (zb + dz).clamp(0, qmax)
                 refs.append((smallest_scale(zc, lo, hi, bits).clamp(min=_TINY), zc))
         s, z, _ = _scan(w, c, o, refs, factors, lo, hi)
-    if symmetric or zero_mode == "fixed":
-        if opt_scale:
-            s = _hq_integer(w, c, o, s, z, lo, hi)[0]
-    else:
-        sf, zf = _hq_float(w, c, o, s, z, opt_scale)
-        zr = torch.round(zf).clamp(0, qmax)
-        if zero_mode == "round":
-            s, z = sf, zr
-        elif zero_mode == "refit":
-            s, z = _hq_integer(w, c, o, sf, zr, lo, hi)[0], zr
-        else:  # search
-            k = w.shape[0]
-            z_lo = torch.floor(zf).clamp(0, qmax)
-            z2 = torch.cat([z_lo, (z_lo + 1).clamp(max=qmax)])
-            c2 = None if c is None else c.repeat(2, 1)
-            s2, e2 = _hq_integer(w.repeat(2, 1), c2, o, sf.repeat(2, 1), z2,
-                                 lo.repeat(2, 1), hi.repeat(2, 1))
-            up = e2[k:] < e2[:k]
-            s, z = torch.where(up, s2[k:], s2[:k]), torch.where(up, z2[k:], z2[:k])
+    if opt_scale:
+        s = _hq_integer(w, c, o, s, z, lo, hi)[0]
 
     # store the scale: the fp16 neighbour (below or above) with the lower objective; rounding
     # up keeps a scale admissible, rounding down may not
@@ -326,7 +274,7 @@ def hqq_qparams(
     scale_dtype: str = "float16",
     weight: Tensor | None = None,
     iters: int = 20,
-    lp_norm: float = 0.7,
+    lp_norm: float = 1.0,
     beta: float = 10.0,
     kappa: float = 1.01,
     **options,

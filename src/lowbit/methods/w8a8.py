@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
+from lowbit.formats.presets import preset
 from lowbit.methods.base import Replacer, register
 from lowbit.runtime.fp8 import FP8Linear
 from lowbit.runtime.int8 import KERNELS
@@ -52,9 +53,12 @@ class W8A8(Replacer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        p = preset(self.scheme.strip()) if self.scheme not in W8A8_SCHEMES else None
+        if p is not None and p.method == self.step:  # W8A8, INT8, FP8, FP8_DYNAMIC
+            object.__setattr__(self, "scheme", p.scheme)
         if self.scheme not in W8A8_SCHEMES:
-            raise LowbitError(f"w8a8 takes the schemes {', '.join(W8A8_SCHEMES)}, "
-                              f"not {self.scheme!r}")
+            raise LowbitError(f"w8a8 takes the schemes {', '.join(W8A8_SCHEMES)} and the presets "
+                              f"W8A8, INT8, FP8, FP8_DYNAMIC, not {self.scheme!r}")
         _check_kernel(self.step, self.kernel, FP8_KERNELS if self.fp8 else KERNELS)
 
     @property

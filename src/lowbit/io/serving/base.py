@@ -49,9 +49,11 @@ class ServingFormat(Protocol):
 
 
 def is_w8a8(w: Any) -> bool:
+    """A W8A8 runtime module (int8 ``W8A8Linear`` or ``FP8Linear``), written as itself."""
+    from lowbit.runtime.fp8 import FP8Linear
     from lowbit.runtime.w8a8 import W8A8Linear
 
-    return isinstance(w, W8A8Linear)
+    return isinstance(w, W8A8Linear | FP8Linear)
 
 
 def int_weight(w: Any) -> GridWeight | None:
@@ -64,7 +66,8 @@ def scheme_of(w: Any) -> WeightGrid | str:
     if isinstance(w, GridWeight):
         return w.grid
     if is_w8a8(w):
-        return "w8a8" if w.act == "dynamic" else "w8a8-static"
+        base = "w8a8-fp8" if hasattr(w, "fmt") else "w8a8"
+        return base if w.act == "dynamic" else base + "-static"
     raise LowbitError(f"{type(w).__name__} layers have no serving checkpoint layout")
 
 

@@ -51,13 +51,8 @@ def quantized_weights(model: nn.Module) -> dict:
     for name, mod in model.named_modules():
         if isinstance(mod, QLinear):
             out[name] = mod.grid_weight()
-        elif isinstance(mod, W8A8Linear):
+        elif isinstance(mod, W8A8Linear | FP8Linear):
             out[name] = mod
-        elif isinstance(mod, FP8Linear):
-            raise LowbitError(
-                f"{name}: FP8 W8A8 layers (FP8 activations) are not exported yet; export an "
-                "FP8 weight-only model (--scheme fp8-e4m3) as compressed-tensors instead"
-            )
         elif isinstance(mod, Int8MixedLinear):
             raise LowbitError(
                 f"{name}: LLM.int8() layers (mixed int8/fp decomposition at run time) have no "

@@ -64,7 +64,7 @@ def format_of(w) -> str:
     if int_weight(w) is not None:
         return FORMAT
     if is_w8a8(w):
-        return ct_int8.FORMAT
+        return ct_int8.format_of(w)
     fmt = ct_float.format_of(w) if isinstance(w, GridWeight) else None
     if fmt is None:
         raise LowbitError(
@@ -110,8 +110,8 @@ def quantization_config(weights: dict, ignore: list[str]) -> dict:
     fmt = format_of(w)
     if fmt == FORMAT:
         args = quant_args(w.grid)
-    elif fmt == ct_int8.FORMAT:
-        args, acts = ct_int8.quant_args(w.act)
+    elif is_w8a8(w):
+        args, acts = ct_int8.quant_args(w.act, "int" if fmt == ct_int8.FORMAT else "float")
     else:
         args = ct_float.quant_args(w.grid)
     qs = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
@@ -191,16 +191,17 @@ def read_layer(name: str, t: dict[str, torch.Tensor], args: dict) -> GridWeight:
     return GridWeight(grid, codes, {"scale": scale.float(), "zero": zero})
 
 
-def _read_w8a8(tensors: dict, args: dict, acts: dict) -> dict:
+def _read_w8a8(tensors: dict, args: dict, acts: dict, fp8: bool = False) -> dict:
     if not acts:
         raise LowbitError("int-quantized without input_activations is weight-only int8: "
                           "lowbit reads W8A8 from int-quantized")
+    read = ct_int8.read_fp8_layer if fp8 else ct_int8.read_layer
     names = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
     out = {}
     for n in names:
         parts = {k[len(n) + 1 :]: tensors.pop(k) for k in list(tensors)
                  if k in (f"{n}.weight", f"{n}.weight_scale", f"{n}.input_scale")}
-        out[n] = ct_int8.read_layer(n, parts, args, acts)
+        out[n] = read(n, parts, args, acts)
     return out
 
 
@@ -217,12 +218,12 @@ def read_layers(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict:
     if len(groups) != 1 or not groups[0].get("weights"):
         raise LowbitError("compressed-tensors import takes one weight-only config group")
     acts = groups[0].get("input_activations")
-    if acts and fmt != ct_int8.FORMAT:
+    if acts and fmt not in (ct_int8.FORMAT, ct_float.FP8):
         raise LowbitError(f"compressed-tensors {fmt} import is weight-only (no activation "
-                          "quantization); W8A8 is read from int-quantized")
+                          "quantization); W8A8 is read from int-quantized and float-quantized")
     args = groups[0]["weights"]
-    if fmt == ct_int8.FORMAT:
-        return _read_w8a8(tensors, args, acts or {})
+    if fmt == ct_int8.FORMAT or acts:
+        return _read_w8a8(tensors, args, acts or {}, fp8=fmt == ct_float.FP8)
     # FP8 layers are the ones with a weight_scale beside a float8 weight
     key = ".weight_scale" if fmt == ct_float.FP8 else ".weight_packed"
     names = sorted(k[: -len(key)] for k in tensors if k.endswith(key))

@@ -73,13 +73,8 @@ def check_target(
         return rep
     if isinstance(grid, str):
         key = grid.strip().lower()
-        if key in W8A8_SCHEMES or key in ("w7a8", "w7a8-static"):  # int8 codes within +-64
+        if key in W8A8_SCHEMES or key in ("w7a8", "w7a8-static") or key.startswith("w8a8-fp8"):
             return _check_w8a8(rep, shapes, key, fmt, tp, heads)
-        if key.startswith("w8a8-fp8"):
-            rep.errors.append(f"{key}: FP8 W8A8 layers (FP8 activations) are not exported yet; "
-                              "an FP8 weight-only model (--scheme fp8-e4m3) exports as "
-                              "compressed-tensors")
-            return rep
         from lowbit.formats.grids import get_grid
 
         try:
@@ -159,13 +154,13 @@ def check_target(
 def _holds(fmt: str) -> str:
     if fmt == "compressed-tensors":
         return ("integer schemes (w2..w8), fp8-e4m3 (channel, -tensor, -b128), nvfp4 and W8A8 "
-                "(w8a8, w8a8-static)")
+                "(w8a8, w8a8-static, w8a8-fp8, w8a8-fp8-static)")
     return "integer schemes (w2..w8)"
 
 
 def _check_w8a8(rep: Preflight, shapes, scheme: str, fmt: str, tp: int, heads) -> Preflight:
-    """W8A8 in compressed-tensors ``int-quantized``: int8 weights per output channel, nothing
-    packed or grouped, so only the TP splits themselves (and the heads) matter."""
+    """W8A8 in compressed-tensors ``int-quantized`` / ``float-quantized`` (FP8): 8-bit weights
+    per output channel, nothing packed or grouped, so only the TP splits themselves (and the heads) matter."""
     if fmt != "compressed-tensors":
         rep.errors.append(f"{fmt} holds {_holds(fmt)}, not {scheme}; use compressed-tensors "
                           "for w8a8, gguf for any scheme")
