@@ -160,7 +160,8 @@ def _holds(fmt: str) -> str:
 
 def _check_w8a8(rep: Preflight, shapes, scheme: str, fmt: str, tp: int, heads) -> Preflight:
     """W8A8 in compressed-tensors ``int-quantized`` / ``float-quantized`` (FP8): 8-bit weights
-    per output channel, nothing packed or grouped, so only the TP splits themselves (and the heads) matter."""
+    per output channel, nothing packed or grouped, so only the TP splits themselves (and the
+    heads) matter."""
     if fmt != "compressed-tensors":
         rep.errors.append(f"{fmt} holds {_holds(fmt)}, not {scheme}; use compressed-tensors "
                           "for w8a8, gguf for any scheme")
