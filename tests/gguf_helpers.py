@@ -1,4 +1,5 @@
-"""Tiny llama models with a real byte-level BPE tokenizer for the GGUF tests (not a test module)."""
+"""Tiny models of every family GGUF export writes, with a real byte-level BPE tokenizer, for
+the GGUF tests (not a test module)."""
 
 from __future__ import annotations
 
@@ -54,5 +55,60 @@ def tiny_llama(hidden: int = 256, tied: bool = False, seed: int = 0, vocab: int 
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+    model.eval()
+    return model
+
+
+# the families GGUF export writes, and the transformers config of each
+GGUF_FAMILIES = {
+    "llama": tf.LlamaConfig,
+    "mistral": tf.MistralConfig,
+    "qwen2": tf.Qwen2Config,
+    "qwen3": tf.Qwen3Config,
+    "gemma": tf.GemmaConfig,
+    "gemma2": tf.Gemma2Config,
+    "gemma3_text": tf.Gemma3TextConfig,
+    "phi3": tf.Phi3Config,
+}
+
+
+def tiny_family(family: str, hidden: int = 256, seed: int = 0, vocab: int = 320, **extra):
+    """A tiny model of ``family``: 4 heads of hidden/4 (2 kv heads), 2 blocks (gemma3: 6, so
+    that its 6th block attends globally with the global RoPE base), random weights and
+    non-trivial norm weights (and biases), so that a misplaced or mis-scaled tensor shows.
+    gemma2/3: query_pre_attn_scalar = head_dim, as llama.cpp scales queries; phi3: half the
+    head dimensions rotated."""
+    torch.manual_seed(seed)
+    head_dim = hidden // 4
+    kw: dict = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        head_dim=head_dim,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    if family in ("gemma2", "gemma3_text"):
+        kw["query_pre_attn_scalar"] = head_dim
+    if family == "gemma3_text":
+        kw["num_hidden_layers"] = 6
+    if family == "phi3":
+        kw["partial_rotary_factor"] = 0.5
+        del kw["head_dim"]
+    cfg = GGUF_FAMILIES[family](**(kw | extra))
+    cfg._attn_implementation = "eager"  # gemma2's logit softcapping needs it
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    low = -0.5 if family.startswith("gemma") else 0.5  # Gemma norms scale by 1 + w
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(low, low + 1.0)
+            elif name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
     model.eval()
     return model

@@ -81,7 +81,7 @@ def test_recipe_file_then_rerun_from_lowbit_json(tiny_ckpt, tmp_path):
     # tensors
     b = tmp_path / "b"
     lowbit_cli("quantize", "--recipe", a / "lowbit.json", "--quiet", "--out", b)
-    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    ta, tb = load_file(str(a / "lowbit.safetensors")), load_file(str(b / "lowbit.safetensors"))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     info = lowbit_cli("info", b)
     assert "13 w4g32, 2 w8" in info.out
@@ -213,3 +213,86 @@ def test_the_script_exits_with_the_code_and_one_line(tmp_path):
     r = lowbit_process("quantize", "no/such/model", "--out", tmp_path / "x", ok=False)
     one_line_error(r, "model not found")
     assert lowbit_process("--help").out.count("quantize") >= 1
+
+
+def test_hub_ids_resolve_from_the_cache(tiny_ckpt, tmp_path, monkeypatch):
+    """``lowbit quantize org/name`` with the model in the Hugging Face cache, offline, as
+    transformers resolves it (issue 14)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    ckpt, _ = tiny_ckpt
+    repo = tmp_path / "hub" / "models--someorg--tiny-llama"
+    snap = repo / "snapshots" / "0123abcd"
+    shutil.copytree(ckpt, snap, ignore=shutil.ignore_patterns("*.txt"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "q"
+    lowbit_cli("quantize", "someorg/tiny-llama", "--method", "rtn", "--scheme", "w4g32",
+               "--out", out, "--quiet")
+    assert json.loads((out / "lowbit.json").read_text())["recipe"]
+    missing = lowbit_cli("quantize", "someorg/other", "--method", "rtn", "--out",
+                         tmp_path / "x", ok=False)
+    one_line_error(missing, "not in the Hugging Face cache")
+
+
+@pytest.fixture(scope="module")
+def bf16_ckpt(tmp_path_factory, tiny_ckpt):
+    """The tiny checkpoint saved in bf16 (config.json dtype bfloat16), as real models ship."""
+    ckpt, text = tiny_ckpt
+    d = tmp_path_factory.mktemp("bf16")
+    m = tf.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    m.save_pretrained(d)
+    tf.AutoTokenizer.from_pretrained(ckpt).save_pretrained(d)
+    return d, text
+
+
+def test_dtype_auto_keeps_the_checkpoints_dtype(bf16_ckpt, tmp_path):
+    """--dtype auto (the default) loads and quantizes a bf16 checkpoint in bf16: unquantized
+    tensors stay bf16 in the native folder and in the serving export; --dtype fp32 widens."""
+    ckpt, text = bf16_ckpt
+    out = tmp_path / "q"
+    lowbit_cli("quantize", ckpt, "--method", "gptq", "--scheme", "w4g32", "--static-groups",
+               "--calib", text, *SMALL, "--calib-offset", "8", "--out", out)
+    assert json.loads((out / "lowbit.json").read_text())["dtype"] == "bf16"
+    t = load_file(str(out / "lowbit.safetensors"))
+    assert t["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert t["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+    e = json.loads(lowbit_cli("eval", out, "--data", text, "--windows", "2", "--seq-len", "64",
+                              "--base", ckpt, "--json", "-", "--quiet").out)
+    assert e["ppl"] > 0 and e["kl_mean"] >= 0
+    lowbit_cli("export", out, tmp_path / "ct", "--format", "compressed-tensors", "--quiet")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    ct = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    assert ct["model.embed_tokens.weight"].dtype == torch.bfloat16
+    wide = tmp_path / "q32"
+    lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", "w4g32", "--dtype", "fp32",
+               "--out", wide, "--quiet")
+    assert load_file(str(wide / "lowbit.safetensors"))["model.embed_tokens.weight"].dtype == \
+        torch.float32
+
+
+def test_eval_several_models_runs_the_base_once(tiny_ckpt, tmp_path, monkeypatch):
+    ckpt, text = tiny_ckpt
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    for scheme in ("w4g32", "w8"):
+        lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", scheme,
+                   "--out", tmp_path / scheme, "--quiet")
+    args = ["--data", text, "--windows", "3", "--seq-len", "32", "--base", ckpt, "--quiet"]
+    r = lowbit_cli("eval", tmp_path / "w4g32", tmp_path / "w8", *args, "--json", "-",
+                   "--batch", "2")
+    rows = json.loads(r.out)
+    assert [row["base_windows_run"] for row in rows] == [3, 0]
+    assert rows[0]["kl_mean"] > rows[1]["kl_mean"] > 0  # 4-bit is further from the base
+    table = r.err.splitlines()
+    assert table[0].split()[:3] == ["model", "ppl", "KL"] and len(table) == 5
+    again = json.loads(lowbit_cli("eval", tmp_path / "w8", *args, "--json", "-").out)
+    assert again["base_windows_run"] == 0
+    assert again["kl_mean"] == pytest.approx(rows[1]["kl_mean"], rel=1e-4)  # batch 1 vs 2
+    fresh = json.loads(lowbit_cli("eval", tmp_path / "w8", *args, "--no-base-cache",
+                                  "--json", "-").out)
+    assert fresh["base_windows_run"] == 3

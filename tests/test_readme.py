@@ -86,8 +86,8 @@ def test_every_readme_command_runs(tiny_ckpt, tmp_path, monkeypatch):
     assert mixed.model.layers[0].mlp.down_proj.grid.name == "w8"
     assert mixed.lm_head.grid.name == "w8"
     assert mixed.model.layers[1].mlp.down_proj.grid.name == "w4g64"
-    again = (tmp_path / "out/gptq-again/model.safetensors").read_bytes()
-    assert again == (tmp_path / "out/gptq/model.safetensors").read_bytes()
+    again = (tmp_path / "out/gptq-again/lowbit.safetensors").read_bytes()
+    assert again == (tmp_path / "out/gptq/lowbit.safetensors").read_bytes()
     assert (tmp_path / "out/gptq.gguf").stat().st_size > 0
     assert (tmp_path / "out/ct/config.json").is_file()
     assert (tmp_path / "out/channels.png").stat().st_size > 1000

@@ -107,9 +107,11 @@ def save(
         return save_quantized(Path(out), model, tokenizer, result.weights, meta,
                               overwrite=overwrite, conv1d=conv1d, extra=extra)
     from lowbit.io.serving import write_checkpoint
+    from lowbit.models import DTYPE_NAMES, model_dtype
 
+    dtype = "bfloat16" if DTYPE_NAMES.get(model_dtype(model)) == "bf16" else "float16"
     write_checkpoint(Path(out), fmt, model, tokenizer, result.weights, meta, overwrite=overwrite,
-                     extra={"layers.jsonl": rows})
+                     extra={"layers.jsonl": rows}, dtype=dtype)
     return Path(out)
 
 

@@ -86,12 +86,15 @@ def quantize_job(
     chunk: int = 8,
     progress: bool = True,
     note: Callable[[str], None] = lambda _m: None,
+    dtype: str = "auto",
 ):
-    """Load, plan, calibrate, quantize, save. Returns (model, tokenizer, result, meta)."""
+    """Load (in ``dtype``), plan, calibrate, quantize, save. Returns (model, tokenizer,
+    result, meta)."""
     from lowbit.api import describe, plan, quantize, save
     from lowbit.io.native import check_writable
-    from lowbit.models import load_model
+    from lowbit.models import DTYPE_NAMES, load_model, model_dtype, parse_dtype
 
+    parse_dtype(dtype)  # a bad name fails before loading
     if fmt not in OUTPUT_FORMATS:
         raise LowbitError(f"unknown output format {fmt!r}; known: {', '.join(OUTPUT_FORMATS)} "
                           "(gguf: use lowbit export)")
@@ -100,7 +103,7 @@ def quantize_job(
     out = Path(out)
     check_writable(out, overwrite)
     t0 = time.perf_counter()
-    model, tok = load_model(model_arg)
+    model, tok = load_model(model_arg, dtype)
     p = plan(model, recipe)
     for n in serving_preflight(model, p, fmt, tp):
         note(n)
@@ -110,16 +113,21 @@ def quantize_job(
         # the recipe as it ran: with the calibration it used, so that it re-runs the same
         recipe = Recipe(recipe.steps, calibration.to_dict() | {"source": record["source"]})
     res = quantize(model, recipe, windows, chunk=chunk, progress=progress)
-    meta = describe(res, recipe, base_model=str(model_arg), calibration=record)
+    meta = describe(res, recipe, base_model=str(model_arg), calibration=record,
+                    dtype=DTYPE_NAMES.get(model_dtype(model), "fp32"))
     save(out, model, tok, res, meta, fmt=fmt, overwrite=overwrite)
     meta["seconds"] = time.perf_counter() - t0
     return model, tok, res, meta
 
 
 def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: str | None,
-             speed: bool, progress: bool = True) -> dict:
-    """Perplexity (and KL / top-1 against a base) of a model or a quantized folder."""
+             speed: bool, progress: bool = True, dtype: str = "auto", batch: int = 1,
+             base_cache: bool = True, note: Callable[[str], None] = lambda _m: None) -> dict:
+    """Perplexity (and KL / top-1 against a base) of a model or a quantized folder. The base's
+    log-probabilities are cached on disk (``lowbit.eval.base_cache``): evaluating N models
+    against one base runs the base once."""
     from lowbit.calib import check_disjoint, eval_windows
+    from lowbit.eval.base_cache import base_logprobs, model_fingerprint
     from lowbit.eval.metrics import (
         current_rss_bytes,
         evaluate,
@@ -128,8 +136,10 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
         peak_rss_bytes,
     )
     from lowbit.io.native import read_description
-    from lowbit.models import is_lowbit_dir, load_model, resolve
+    from lowbit.models import cache_dir, is_lowbit_dir, load_model, parse_dtype, resolve
 
+    if batch < 1:
+        raise LowbitError(f"--batch must be at least 1, not {batch}")
     if windows < 1 or seq_len < 2:
         raise LowbitError(f"--windows must be at least 1 and --seq-len at least 2, not "
                           f"{windows} and {seq_len}")
@@ -137,14 +147,20 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
     desc = read_description(path) if is_lowbit_dir(path) else {}
     check_disjoint(desc.get("calibration"), data, windows, seq_len)
     rss0 = current_rss_bytes()
-    model, tok = load_model(model_arg, cache_weights=True)
+    model, tok = load_model(model_arg, dtype, cache_weights=True)
     rss1 = current_rss_bytes()
     ev = eval_windows(data, tok, windows, seq_len)
     vocab = model.get_input_embeddings().num_embeddings
     if int(ev.max()) >= vocab:
         raise LowbitError(f"the tokenizer produces ids beyond the model's vocabulary ({vocab})")
-    base = load_model(base_arg)[0] if base_arg else None
-    res = evaluate(model, ev, base=base, progress=progress)
+    base = None
+    if base_arg:
+        key = f"{model_fingerprint(resolve(base_arg))}\ndtype={parse_dtype(dtype)}"
+        base = base_logprobs(lambda: load_model(base_arg, dtype)[0], ev, vocab,
+                             key if base_cache else None, cache_dir(), note)
+    res = evaluate(model, ev, base=base, batch=batch, progress=progress)
+    if base is not None:
+        res["base_windows_run"] = base.computed
     res |= {
         "model": str(model_arg),
         "data": data,
@@ -188,10 +204,15 @@ def source_gguf_of(model_arg: str, note: Callable[[str], None]) -> Path | None:
 
 def export_job(model_arg: str, out: str | Path, fmt: str = "gguf", qtype: str = "Q4_K_M",
                imatrix_path: str | None = None, overwrite: bool = False, progress: bool = True,
-               tp: int = 1, dtype: str = "float16",
+               tp: int = 1, dtype: str = "auto",
                note: Callable[[str], None] = lambda _m: None) -> dict:
     """A model or quantized folder as GGUF for llama.cpp, or a lowbit folder as a serving
-    checkpoint (compressed-tensors, GPTQ, AWQ)."""
+    checkpoint (compressed-tensors, GPTQ, AWQ). ``dtype``: the model's load dtype (GGUF), or
+    the dtype of a serving checkpoint's unquantized tensors (``auto``: the dtype the model
+    was quantized in when it was 16-bit, else fp16)."""
+    from lowbit.models import parse_dtype
+
+    parse_dtype(dtype)
     if fmt in SERVING_FORMATS:
         return _export_serving(model_arg, Path(out), fmt, overwrite, tp, dtype)
     if fmt != "gguf":
@@ -212,7 +233,7 @@ def export_job(model_arg: str, out: str | Path, fmt: str = "gguf", qtype: str = 
         raise LowbitError(f"folder {out.parent} does not exist")
     im = load_imatrix(imatrix_path) if imatrix_path else None
     source = source_gguf_of(model_arg, note)
-    model, tok = load_model(model_arg)
+    model, tok = load_model(model_arg, dtype)
     gguf_arch(model)
     res = export_gguf(model, tok, out, qtype, imatrix=im, source_gguf=source, progress=progress)
     return res | {"model": str(model_arg), "imatrix_file": imatrix_path, "source_gguf": source}
@@ -248,12 +269,24 @@ def _export_serving(model_arg: str, out: Path, fmt: str, overwrite: bool, tp: in
                            heads=model_heads(model))
         rep.raise_errors()
         notes = rep.notes
-    res = write_checkpoint(out, fmt, model, tok, weights, meta, overwrite=overwrite, dtype=dtype)
+    res = write_checkpoint(out, fmt, model, tok, weights, meta, overwrite=overwrite,
+                           dtype=serving_dtype(dtype, meta.get("dtype")))
     return res | {"model": str(model_arg), "notes": notes, "tp": tp}
 
 
+def serving_dtype(dtype: str, recorded: str | None) -> str:
+    """write_checkpoint's dtype for unquantized tensors: the one asked for, or (``auto``) the
+    dtype the model was quantized in when it was bf16, else fp16 (what serving stacks run)."""
+    if dtype == "auto":
+        return "bfloat16" if recorded in ("bf16", "bfloat16") else "float16"
+    from lowbit.models import DTYPE_NAMES, parse_dtype
+
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[
+        DTYPE_NAMES[parse_dtype(dtype)]]
+
+
 def imatrix_job(model_arg: str, out: str | Path, calibration: Calibration, chunk: int = 8,
-                progress: bool = True) -> dict:
+                progress: bool = True, dtype: str = "auto") -> dict:
     from lowbit.io.gguf.imatrix import collect_imatrix, save_imatrix
     from lowbit.models import load_model
 
@@ -261,7 +294,7 @@ def imatrix_job(model_arg: str, out: str | Path, calibration: Calibration, chunk
     if not out.parent.is_dir():
         raise LowbitError(f"folder {out.parent} does not exist")
     t0 = time.perf_counter()
-    model, tok = load_model(model_arg)
+    model, tok = load_model(model_arg, dtype)
     windows, record = calibration.windows(model, tok, progress)
     im = collect_imatrix(model, windows, chunk=chunk, progress=progress,
                          dataset=str(record["source"]))
@@ -276,7 +309,7 @@ def imatrix_job(model_arg: str, out: str | Path, calibration: Calibration, chunk
 
 
 def inspect_job(model_arg: str, calibration: Calibration, stats_path: str | None = None,
-                ratio: float = 20.0, chunk: int = 8, progress: bool = True):
+                ratio: float = 20.0, chunk: int = 8, progress: bool = True, dtype: str = "auto"):
     """Activation statistics of every block Linear's input (collected, or read from a saved
     file) and the outlier profile. Returns (rows, stats, spec)."""
     from lowbit.arch import spec_for
@@ -284,7 +317,7 @@ def inspect_job(model_arg: str, calibration: Calibration, stats_path: str | None
     from lowbit.pipeline.driver import observe_model
     from lowbit.pipeline.stats import load_stats, outlier_profile
 
-    model, tok = load_model(model_arg)
+    model, tok = load_model(model_arg, dtype)
     spec = spec_for(model)
     if stats_path:
         stats = load_stats(Path(stats_path))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -36,17 +37,44 @@ def builtin_path(name: str) -> Path:
     return path
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def resolve(model: str | Path) -> Path:
-    """The file or folder a model argument names."""
+    """The file or folder a model argument names: a path, a built-in name, or a Hugging Face
+    Hub id (``org/name``) resolved as transformers resolves it: the local Hub cache first, the
+    Hub itself unless ``HF_HUB_OFFLINE=1``."""
     if str(model) in BUILTIN_MODELS:
         return builtin_path(str(model))
     path = Path(model)
-    if not path.exists():
-        raise LowbitError(
-            f"model not found: {model} (give a checkpoint folder, a .gguf file, a lowbit output "
-            f"folder, or a built-in name: {', '.join(BUILTIN_MODELS)})"
-        )
-    return path
+    if path.exists():
+        return path
+    if _HUB_ID.fullmatch(str(model)):
+        return hub_snapshot(str(model))
+    raise LowbitError(
+        f"model not found: {model} (give a checkpoint folder, a .gguf file, a lowbit output "
+        f"folder, a Hugging Face id org/name, or a built-in name: {', '.join(BUILTIN_MODELS)})"
+    )
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a Hub model: from the cache, else downloaded (config,
+    tokenizer and safetensors weights only) unless the Hub is offline."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
+    except Exception:  # noqa: BLE001 - not cached: the library raises several types
+        if HF_HUB_OFFLINE:
+            raise LowbitError(f"model not found: {repo_id} is not in the Hugging Face cache "
+                              f"({HF_HUB_CACHE}) and HF_HUB_OFFLINE is set") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - network, auth, unknown repo
+        raise LowbitError(f"model not found: {repo_id} is not cached and the Hub download "
+                          f"failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
 
 
 def cache_dir() -> Path:
@@ -72,11 +100,61 @@ def _quiet():
     warnings.filterwarnings("ignore", module="transformers")
 
 
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``auto`` (None), ``bf16``, ``fp16``, ``fp32`` (or the long names, or a torch dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LowbitError(f"unknown dtype {dtype!r}; known: auto, bf16, fp16, fp32")
+    return DTYPES[dtype]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's unquantized floating-point weights (embeddings, norms)."""
+    emb = model.get_input_embeddings()
+    return emb.weight.dtype if emb is not None else torch.float32
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating-point parameters and buffers of every module that is not a quantized
+    runtime module (their codes, scales and FP8 weights keep their own dtypes)."""
+    from lowbit.runtime.qlinear import QuantModule
+
+    quantized = {id(m) for q in model.modules() if isinstance(q, QuantModule)
+                 for m in q.modules()}
+    for mod in model.modules():
+        if id(mod) in quantized:
+            continue
+        for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
+            if t is not None and t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.to(dtype)
+    return model
+
+
 def load_model(
-    model: str | Path, dtype: torch.dtype = torch.float32, cache_weights: bool = False
+    model: str | Path, dtype: str | torch.dtype | None = "auto", cache_weights: bool = False
 ) -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer). A lowbit folder loads its quantized runtime model;
-    ``cache_weights`` keeps each dequantized weight after first use (fast, fp32-sized)."""
+    """(model in eval mode, tokenizer). ``dtype``: ``auto`` loads a checkpoint folder in its
+    own dtype (config.json), a GGUF file and quantized folders in fp32; ``bf16``/``fp16``/
+    ``fp32`` cast (a quantized folder: its unquantized tensors only). A lowbit folder loads its
+    quantized runtime model; ``cache_weights`` keeps each dequantized weight after first use
+    (fast, fp32-sized)."""
+    want = parse_dtype(dtype)
+    m, tok = _load(model, want, cache_weights)
+    if want is not None and model_dtype(m) != want:
+        cast_unquantized(m, want)
+    return m, tok
+
+
+def _load(model: str | Path, dtype: torch.dtype | None, cache_weights: bool
+          ) -> tuple[nn.Module, object]:
     path = resolve(model)
     _quiet()
     cached = None
@@ -103,7 +181,9 @@ def load_model(
             check_gguf(path)
             kw = dict(gguf_file=path.name, local_files_only=True)
             tok = AutoTokenizer.from_pretrained(path.parent, **kw)
-            m = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kw)
+            # always fp32 here (GGUF tensors are dequantized; the cache is written from this
+            # model): a requested dtype is applied by load_model afterwards
+            m = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
             m.config.quantization_config = None
             if hasattr(m, "hf_quantizer"):
                 m.hf_quantizer = None
@@ -111,7 +191,8 @@ def load_model(
             if not (path / "config.json").is_file():
                 raise LowbitError(f"{path}: no config.json (not a transformers checkpoint folder)")
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
+                                                     local_files_only=True)
         if cached is not None and path.is_file():
             _save_cache(m, tok, cached)
     except LowbitError:

@@ -75,3 +75,21 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_quantized(tmp_path / "q", model, None, res.weights, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_transformers_refuses_a_native_folder(tmp_path):
+    """transformers loaded version-1 folders with every quantized Linear randomly initialised
+    (issue 14); version 2 has no model.safetensors, so it refuses."""
+    import transformers as tf
+
+    from lowbit.formats.grids import get_grid
+    from lowbit.io.native import save_quantized
+    from lowbit.methods.rtn import rtn
+
+    m = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2))
+    w = m.model.layers[0].mlp.down_proj.weight.detach()
+    save_quantized(tmp_path / "q", m, None,
+                   {"model.layers.0.mlp.down_proj": rtn(w, get_grid("w4g32"))}, {})
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path / "q")

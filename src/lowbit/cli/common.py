@@ -48,6 +48,15 @@ def format_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
+
+
+def dtype_option(help_text: str = "dtype to load the model in: auto = the checkpoint's own "
+                 "(config.json; GGUF files and quantized folders load in fp32)"):
+    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto",
+                        show_default=True, help=help_text)
+
+
 def calibration_options(samples: int = 128):
     """--calib, --calib-samples, --calib-offset, --seq-len (defaults None: the command decides
     whether a recipe's own calibration applies)."""

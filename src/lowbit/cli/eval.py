@@ -1,35 +1,46 @@
-"""``lowbit eval``: perplexity of a model or quantized folder, KL and top-1 against a base."""
+"""``lowbit eval``: perplexity of models or quantized folders, KL and top-1 against a base."""
 
 from __future__ import annotations
 
 import click
 
-from lowbit.cli.common import dump_json, echo
+from lowbit.cli.common import dtype_option, dump_json, echo, format_table, note
+
+COLS = [("model", "model", ""), ("ppl", "ppl", ".3f"), ("kl_mean", "KL", ".4f"),
+        ("kl_p99", "KL p99", ".3f"), ("top1", "top-1", ".3f"), ("decode_tok_s", "tok/s", ".1f"),
+        ("mib", "MiB", ".1f")]
 
 
 @click.command("eval")
-@click.argument("model", default="smollm2-135m")
+@click.argument("models", nargs=-1)
 @click.option("--data", default="builtin", show_default=True,
               help="evaluation text: builtin, pydoc, or a .txt/.jsonl file")
 @click.option("--windows", default=64, show_default=True)
 @click.option("--seq-len", default=512, show_default=True)
+@click.option("--batch", default=1, show_default=True, help="windows per forward pass")
 @click.option("--base", "base_arg", help="base model for KL divergence and top-1 agreement")
+@click.option("--base-cache/--no-base-cache", default=True, show_default=True,
+              help="keep the base's log-probabilities on disk (LOWBIT_CACHE) and reuse them")
 @click.option("--speed", is_flag=True, help="also measure batch-1 decoding speed")
 @click.option("--json", "json_path", type=click.Path(),
-              help="write the results as JSON (- for standard output)")
+              help="write the results as JSON (- for standard output): an object for one "
+                   "model, a list for several")
 @click.option("--quiet", is_flag=True)
-def command(model, data, windows, seq_len, base_arg, speed, json_path, quiet):
-    """Perplexity of MODEL (a model or a quantized folder), and KL/top-1 against --base."""
+@dtype_option()
+def command(models, data, windows, seq_len, batch, base_arg, base_cache, speed, json_path,
+            quiet, dtype):
+    """Perplexity of each MODEL (models or quantized folders; default: the built-in model),
+    and KL/top-1 against --base, whose log-probabilities are computed once for all."""
     from lowbit.jobs import eval_job
 
-    res = eval_job(model, data, windows, seq_len, base_arg, speed, progress=not quiet)
-    parts = [f"ppl {res['ppl']:.3f}"]
-    if "kl_mean" in res:
-        parts += [f"KL {res['kl_mean']:.4f}", f"KL p99 {res['kl_p99']:.4f}",
-                  f"top-1 {res['top1']:.3f}"]
-    if "decode_tok_s" in res:
-        parts.append(f"{res['decode_tok_s']:.1f} tok/s")
-    parts.append(f"model {res['model_bytes'] / 2**20:.1f} MiB")
-    echo(f"{model}: " + ", ".join(parts) + f" ({res['windows']}x{res['seq_len']} tokens)",
-         json_path)
-    dump_json(json_path, res)
+    results = []
+    for model in models or ("smollm2-135m",):
+        res = eval_job(model, data, windows, seq_len, base_arg, speed, progress=not quiet,
+                       dtype=dtype, batch=batch, base_cache=base_cache, note=note)
+        results.append(res | {"mib": res["model_bytes"] / 2**20})
+    first = results[0]
+    echo(format_table(results, [c for c in COLS if any(c[0] in r for r in results)]) +
+         f"\n({first['windows']} windows x {first['seq_len']} tokens of {data})", json_path)
+    for r in results:
+        r.pop("mib")
+    dump_json(json_path, results[0] if len(results) == 1 else results)

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from lowbit.cli.common import dump_json, echo, note
+from lowbit.cli.common import dtype_option, dump_json, echo, note
 
 
 @click.command("export")
@@ -22,8 +22,8 @@ from lowbit.cli.common import dump_json, echo, note
                    "llama-imatrix)")
 @click.option("--tp", default=1, show_default=True,
               help="serving formats: check that this tensor-parallel degree splits every layer")
-@click.option("--dtype", default="float16", show_default=True,
-              help="serving formats: dtype of the unquantized tensors (float16, bfloat16, float32)")
+@dtype_option("GGUF: dtype to load the model in; serving formats: dtype of the unquantized "
+              "tensors (auto = bf16 if the model was quantized in bf16, else fp16)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "json_path", type=click.Path(),
               help="write the results as JSON (- for standard output)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lowbit.cli.common import calibration, calibration_options, dump_json, echo
+from lowbit.cli.common import calibration, calibration_options, dtype_option, dump_json, echo
 
 
 @click.command("imatrix")
@@ -16,12 +16,14 @@ from lowbit.cli.common import calibration, calibration_options, dump_json, echo
 @click.option("--json", "json_path", type=click.Path(),
               help="write the results as JSON (- for standard output)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def command(model, out, calib, calib_samples, calib_offset, seq_len, chunk, json_path, quiet):
+@dtype_option()
+def command(model, out, calib, calib_samples, calib_offset, seq_len, chunk, json_path, quiet,
+            dtype):
     """Collect an importance matrix (per input column mean of x^2) for llama.cpp quantization."""
     from lowbit.jobs import imatrix_job
 
     cal = calibration(calib, calib_samples, calib_offset, seq_len)
-    res = imatrix_job(model, out, cal, chunk, progress=not quiet)
+    res = imatrix_job(model, out, cal, chunk, progress=not quiet, dtype=dtype)
     echo(f"wrote {res['out']}: {res['entries']} entries ({res['format']}), "
          f"{cal.samples}x{cal.seq_len} tokens, {res['seconds']:.0f} s", json_path)
     dump_json(json_path, res)

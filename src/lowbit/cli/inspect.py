@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from lowbit.cli.common import calibration, calibration_options, dump_json, echo
+from lowbit.cli.common import calibration, calibration_options, dtype_option, dump_json, echo
 from lowbit.errors import LowbitError
 
 
@@ -24,15 +24,17 @@ from lowbit.errors import LowbitError
 @click.option("--json", "json_path", type=click.Path(),
               help="write the profile as JSON (- for standard output)")
 @click.option("--quiet", is_flag=True)
+@dtype_option()
 def command(model, calib, calib_samples, calib_offset, seq_len, stats_path, ratio, plot, layer,
-            save_stats, json_path, quiet):
+            save_stats, json_path, quiet, dtype):
     """Outlier channels of MODEL's activations, per block: how many, how far above the median
     channel, which Linears they feed."""
     from lowbit.jobs import inspect_job
     from lowbit.pipeline.stats import save_stats as write_stats
 
     cal = calibration(calib, calib_samples, calib_offset, seq_len, default_samples=32)
-    rows, stats, _ = inspect_job(model, cal, stats_path, ratio, progress=not quiet)
+    rows, stats, _ = inspect_job(model, cal, stats_path, ratio, progress=not quiet,
+                                 dtype=dtype)
     if save_stats:
         write_stats(Path(save_stats), stats)
     for r in rows:

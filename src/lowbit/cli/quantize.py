@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from lowbit.cli.common import calibration, calibration_options, dump_json, echo, note
+from lowbit.cli.common import calibration, calibration_options, dtype_option, dump_json, echo, note
 from lowbit.errors import LowbitError
 
 # flags that configure a method's step: CLI option name -> step option
@@ -66,9 +66,11 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
 @click.option("--json", "json_path", type=click.Path(),
               help="write the results as JSON (- for standard output)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
+@dtype_option("dtype to load and quantize the model in (statistics are fp32): auto = the "
+              "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
             act_order, static_groups, damp, alpha, threshold, int8_kernel, chunk, out, fmt, tp,
-            overwrite, json_path, quiet):
+            overwrite, json_path, quiet, dtype):
     """Quantize MODEL (default: the built-in smollm2-135m, or the base model of a --recipe
     lowbit.json) and save it to --out."""
     from lowbit.eval.metrics import peak_rss_bytes
@@ -82,7 +84,7 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
     calib_req = calibration(calib, calib_samples, calib_offset, seq_len, recipe.calibration)
     _, _, res, meta = quantize_job(model, recipe, out, calib_req, fmt=fmt, tp=tp,
                                    overwrite=overwrite, chunk=chunk, progress=not quiet,
-                                   note=note)
+                                   note=note, dtype=dtype)
     losses = [r for r in res.rows if "loss" in r and "rtn_loss" in r]
     schemes = Counter(w.grid.name for w in res.weights.values() if hasattr(w, "grid"))
     summary = meta | {

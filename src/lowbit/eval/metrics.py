@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.eval.base_cache import BaseLogprobs
+
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits.float()
@@ -19,14 +21,17 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def evaluate(
     model: nn.Module,
     windows: torch.Tensor,
-    base: nn.Module | None = None,
+    base: nn.Module | BaseLogprobs | None = None,
     batch: int = 1,
     progress: bool = True,
     desc: str = "eval",
 ) -> dict:
     """Perplexity over every predicted token (positions 1..L-1 of each window, each from its
-    own window's prefix); with ``base``: mean KL(base || model), its 99th percentile over
-    tokens, and top-1 agreement, on the same positions."""
+    own window's prefix); with ``base`` (a model, or its log-probabilities computed once:
+    ``BaseLogprobs``): mean KL(base || model), its 99th percentile over tokens, and top-1
+    agreement, on the same positions. ``batch`` windows go through the model at a time."""
+    if isinstance(base, nn.Module):
+        base = BaseLogprobs(base, windows)
     nll_sum, n_tok = 0.0, 0
     kls: list[torch.Tensor] = []
     agree = 0
@@ -37,7 +42,7 @@ def evaluate(
         nll_sum += float(-lp.gather(-1, tgt[..., None]).sum())
         n_tok += tgt.numel()
         if base is not None:
-            blp = torch.log_softmax(_logits(base, ids)[:, :-1], dim=-1)
+            blp = torch.cat([base[j] for j in range(i, i + ids.shape[0])])
             kls.append((blp.exp() * (blp - lp)).sum(-1).flatten())
             agree += int((blp.argmax(-1) == lp.argmax(-1)).sum())
         del lp

@@ -1,11 +1,15 @@
-"""lowbit's native format: one safetensors file with every quantized layer's stored tensors
-(``GridWeight.to_tensors`` or a runtime module's ``to_tensors``), the model's config and
-tokenizer, and ``lowbit.json`` describing each layer, the recipe and the calibration.
+"""lowbit's native format: one safetensors file (``lowbit.safetensors``) with every quantized
+layer's stored tensors (``GridWeight.to_tensors`` or a runtime module's ``to_tensors``), the
+model's config and tokenizer, and ``lowbit.json`` describing each layer, the recipe and the
+calibration. The weights file is deliberately not ``model.safetensors``: transformers refuses
+the folder ("no file named model.safetensors") instead of loading the model with every
+quantized Linear missing and randomly initialised (it did with version 1).
 
 ``lowbit.json`` (format ``lowbit-native``, version 2) records per layer its ``shape`` and either
 ``grid`` (a scheme name; ``scale_dtype`` for integer grids with fp32 scales) or ``kind`` (an
 int8 / FP8 runtime module), plus ``conv1d``; at the top the full ``recipe``. Version 1 folders
-(integer layers recorded as a ``scheme`` dict) load unchanged: the stored tensors are the same.
+(integer layers recorded as a ``scheme`` dict, weights in ``model.safetensors``) load
+unchanged: the stored tensors are the same.
 
 Writing is atomic: everything goes to a temporary folder beside the target, renamed into
 place at the end; an existing output is replaced only when asked.
@@ -32,6 +36,7 @@ from lowbit.runtime.modules import build_module
 FORMAT = "lowbit-native"
 VERSION = 2
 READS = (1, 2)  # versions this lowbit loads
+WEIGHTS = "lowbit.safetensors"  # v1: model.safetensors
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
@@ -104,7 +109,9 @@ def save_quantized(
         **meta,
     }
     with atomic_dir(out, overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        # not model.safetensors: transformers must refuse the folder ("no file named
+        # model.safetensors"), not load it with every quantized Linear randomly initialised
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         cfg = model.config
         cfg.save_pretrained(tmp)
         if tokenizer is not None:
@@ -140,7 +147,7 @@ def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, 
 
     path = Path(path)
     desc = read_description(path)
-    tensors = load_file(str(path / "model.safetensors"))
+    tensors = load_file(str(path / (WEIGHTS if desc["version"] >= 2 else "model.safetensors")))
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config)
     qbuf = set()

@@ -29,7 +29,7 @@ class HqqGrid(IntGrid):
     name, same stored form)."""
 
     iters: int = 20
-    lp_norm: float = 1.0
+    lp_norm: float = 0.7
 
     def __repr__(self) -> str:
         return f"HqqGrid({self.name!r})"
@@ -53,7 +53,7 @@ class HqqGrid(IntGrid):
         return {"scale": scale, "zero": zero}
 
 
-def hqq_grid(grid: IntGrid, iters: int = 20, lp_norm: float = 1.0) -> HqqGrid:
+def hqq_grid(grid: IntGrid, iters: int = 20, lp_norm: float = 0.7) -> HqqGrid:
     return HqqGrid(grid.bits, grid.granularity, grid.group, grid.symmetric, grid.clip,
                    grid.scale_dtype, iters, lp_norm)
 
@@ -65,7 +65,7 @@ class HQQ(Rounder):
 
     step = "hqq"
     iters: int = 20
-    lp_norm: float = 1.0
+    lp_norm: float = 0.7
 
     def __post_init__(self) -> None:
         super().__post_init__()

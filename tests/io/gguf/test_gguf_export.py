@@ -1,5 +1,6 @@
 """GGUF export: metadata, tokenizer, tensor names/types/bytes, q/k permutation, presets,
-importance matrices, and the reader's handling of corrupt files (no llama.cpp needed)."""
+every model family's tensors and keys, importance matrices, and the reader's handling of
+corrupt files (no llama.cpp needed)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,21 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
-from gguf_helpers import CHAT_TEMPLATE, SPECIALS, tiny_llama, tiny_tokenizer
+from gguf_helpers import (
+    CHAT_TEMPLATE,
+    GGUF_FAMILIES,
+    SPECIALS,
+    tiny_family,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lowbit.errors import LowbitError
 from lowbit.formats import ggml
 from lowbit.io.gguf.check import check_gguf, open_gguf, read_tensor
-from lowbit.io.gguf.export import export_gguf, gguf_name, permute_qk, unpermute_qk
+from lowbit.io.gguf.export import export_gguf, permute_qk, unpermute_qk
 from lowbit.io.gguf.imatrix import Imatrix, collect_imatrix, load_imatrix, save_imatrix
 from lowbit.io.gguf.presets import PRESETS, fallback, get_preset, tensor_types, use_more_bits
 
@@ -310,6 +318,162 @@ def test_bad_inputs(tmp_path, tok, model):
     assert not list(tmp_path.glob(".x.gguf*")) and not (tmp_path / "x.gguf").exists()
 
 
+# ----------------------------------------------------------------------------- every family
+
+_LLAMA_BLOCK = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate",
+                "ffn_up", "ffn_down")  # fmt: skip
+_GEMMA2_BLOCK = (*_LLAMA_BLOCK, "post_attention_norm", "post_ffw_norm")
+# llama.cpp's tensors of one block (".weight" unless a suffix is given), and the model's own
+# module each comes from
+BLOCK_TENSORS = {
+    "llama": _LLAMA_BLOCK,
+    "mistral": _LLAMA_BLOCK,
+    "qwen2": (*_LLAMA_BLOCK, "attn_q.bias", "attn_k.bias", "attn_v.bias"),
+    "qwen3": (*_LLAMA_BLOCK, "attn_q_norm", "attn_k_norm"),
+    "gemma": _LLAMA_BLOCK,
+    "gemma2": _GEMMA2_BLOCK,
+    "gemma3_text": (*_GEMMA2_BLOCK, "attn_q_norm", "attn_k_norm"),
+    "phi3": ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"),
+}
+HF_MODULE = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+        "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}  # fmt: skip
+# architecture keys beyond the ones every family gets
+EXTRA_KEYS = {
+    "gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "attention.sliding_window": 4096},  # fmt: skip
+    "gemma3_text": {"attention.sliding_window": 4096, "rope.freq_base_swa": 10000.0},
+    "phi3": {"attention.sliding_window": 0, "rope.scaling.original_context_length": 4096},
+}
+
+
+def _hf_tensor(model, family: str, name: str) -> np.ndarray:
+    """The transformers tensor behind a llama.cpp tensor name, as llama.cpp wants it (Gemma
+    norms + 1, llama/mistral q/k rows permuted), worked out here independently of the writer."""
+    m, cfg = model.model, model.config
+    if name == "token_embd.weight":
+        t = m.embed_tokens.weight
+    elif name == "output.weight":
+        t = model.lm_head.weight
+    elif name == "output_norm.weight":
+        t = m.norm.weight
+    else:
+        _, i, kind, param = name.split(".")
+        layer = m.layers[int(i)]
+        module = HF_MODULE.get(kind, "")
+        if kind == "ffn_norm":  # gemma2/3 have a norm before and after each half-block
+            gemma23 = family in ("gemma2", "gemma3_text")
+            module = "pre_feedforward_layernorm" if gemma23 else "post_attention_layernorm"
+        if (family, kind) == ("phi3", "ffn_up"):
+            module = "mlp.gate_up_proj"  # gate rows, then up rows
+        t = getattr(layer.get_submodule(module), param)
+    w = t.detach().float().numpy().copy()
+    if family.startswith("gemma") and name.endswith("norm.weight"):
+        w = w + 1
+    if family in ("llama", "mistral") and ".attn_q." in name:
+        w = permute_qk(w, cfg.num_attention_heads)
+    if family in ("llama", "mistral") and ".attn_k." in name:
+        w = permute_qk(w, cfg.num_key_value_heads)
+    return w
+
+
+@pytest.mark.parametrize("family", list(GGUF_FAMILIES))
+def test_every_family_exports_llama_cpp_names_and_keys(tmp_path, tok, family):
+    """Each family's Q8_0 file holds llama.cpp's tensor names and architecture keys, norms as F32
+    (Gemma's + 1), and each weight as the Q8_0 bytes of the (permuted) transformers weight."""
+    model = tiny_family(family, hidden=64)
+    out = tmp_path / f"{family}.gguf"
+    res = export_gguf(model, tok, out, "Q8_0", progress=False)
+    r = GGUFReader(out)
+    arch = ARCH[family]
+    cfg = model.config
+    n_layer = cfg.num_hidden_layers
+    tied = cfg.tie_word_embeddings
+    want = {"token_embd.weight", "output_norm.weight"} | ({"output.weight"} if not tied else set())
+    for i in range(n_layer):
+        want |= {f"blk.{i}.{n}" if "." in n else f"blk.{i}.{n}.weight"
+                 for n in BLOCK_TENSORS[family]}  # fmt: skip
+    assert {t.name for t in r.tensors} == want == set(res["tensor_types"])
+    keys = {
+        "block_count": n_layer, "context_length": 256, "embedding_length": 64,
+        "feed_forward_length": 128, "attention.head_count": 4, "attention.head_count_kv": 2,
+        "attention.key_length": 16, "attention.value_length": 16, "vocab_size": 320,
+        "rope.dimension_count": 8 if family == "phi3" else 16,
+        "rope.freq_base": 1e6 if family == "gemma3_text" else 10000.0,
+        "attention.layer_norm_rms_epsilon": cfg.rms_norm_eps,
+    } | EXTRA_KEYS.get(family, {})  # fmt: skip
+    assert _field(r, "general.architecture") == arch
+    assert {k: _field(r, f"{arch}.{k}") for k in keys} == pytest.approx(keys)
+    assert not [k for k in r.fields if k.startswith(f"{arch}.") and k[len(arch) + 1 :] not in keys]
+    for t in r.tensors:
+        w = _hf_tensor(model, family, t.name)
+        assert tuple(reversed(t.shape.tolist())) == w.shape, t.name
+        data = np.asarray(t.data)
+        if w.ndim == 1:
+            assert t.tensor_type.name == "F32", t.name
+            np.testing.assert_array_equal(data.reshape(w.shape), w, err_msg=t.name)
+        else:
+            assert t.tensor_type.name == "Q8_0", t.name
+            np.testing.assert_array_equal(data, ggml.quantize("Q8_0", w), err_msg=t.name)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "phi3"])
+def test_every_family_imatrix_names_are_the_exported_ones(tmp_path, tok, family):
+    """The importance matrix is keyed by the names of the exported weight matrices (phi3:
+    `attn_qkv`, `ffn_up` = gate and up), so export finds an entry for every one."""
+    model = tiny_family(family, hidden=64)
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    im = collect_imatrix(model, ids, progress=False)
+    res = export_gguf(model, tok, tmp_path / "i.gguf", "Q4_K_M", imatrix=im, progress=False)
+    matrices = {n for n in res["tensor_types"] if n.startswith("blk.") and "norm" not in n
+                and n.endswith(".weight")}  # fmt: skip
+    assert set(im.data) == matrices and not res["imatrix_missing"]
+    if family == "phi3":
+        assert im.data["blk.0.attn_qkv.weight"].shape == (64,)
+
+
+@pytest.mark.parametrize("family,extra,msg", [
+    ("gemma2", {"query_pre_attn_scalar": 32}, r"scales queries by 1/sqrt\(16\).*scalar 32"),
+    ("gemma3_text", {"query_pre_attn_scalar": 256}, r"1/sqrt\(16\).*scalar 256"),
+    ("gemma2", {"attn_logit_softcapping": None}, "always applies attn_logit_softcapping"),
+    ("gemma3_text", {"attn_logit_softcapping": 50.0}, "does not apply attn_logit_softcapping"),
+    ("gemma3_text", {"layer_types": ["full_attention"] * 6}, "layers SSSSSF; .* has FFFFFF"),
+    ("gemma2", {"layer_types": ["sliding_attention"] * 2}, "layers SF; .* has SS"),
+    ("gemma", {"tie_word_embeddings": False}, "lm_head.weight has no tensor in llama.cpp's gemma"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
+     "RoPE scaling of type 'yarn'"),
+])  # fmt: skip
+def test_export_refuses_what_llama_cpp_computes_differently(tmp_path, tok, family, extra, msg):
+    model = tiny_family(family, hidden=64, **extra)
+    with pytest.raises(LowbitError, match=msg) as e:
+        export_gguf(model, tok, tmp_path / "x.gguf", "F32", progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_refused_families_say_so_in_one_line(tmp_path, tok):
+    from conftest import tiny_model
+
+    for family in ("opt", "gpt2"):
+        with pytest.raises(LowbitError, match=f"does not support model type '{family}'.*phi3"):
+            export_gguf(tiny_model(family), tok, tmp_path / "x.gguf", "F32", progress=False)
+        with pytest.raises(LowbitError, match="does not support model type"):
+            collect_imatrix(tiny_model(family), torch.zeros(1, 4, dtype=torch.long))
+
+
 # ----------------------------------------------------------------------------- imatrix
 
 
@@ -321,9 +485,8 @@ def imatrix(model):
 
 def test_imatrix_is_mean_square_input(model, imatrix):
     im, ids = imatrix
-    assert set(im.data) == {gguf_name(i, n) for i in range(2) for n in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}  # fmt: skip
+    assert set(im.data) == {f"blk.{i}.{n}.weight" for i in range(2) for n in (
+        "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}  # fmt: skip
     seen = {}
     mods = {
         "attn_k": model.model.layers[1].self_attn.k_proj,

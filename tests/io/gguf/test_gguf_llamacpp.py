@@ -1,5 +1,13 @@
 """The real client: llama.cpp (through llama-cpp-python) loads lowbit's GGUF files and agrees
-with lowbit's own evaluation of the same dequantized weights. CI's second step (-m slow)."""
+with lowbit's own evaluation of the same dequantized weights, and with transformers' logits
+for a tiny model of every family GGUF export writes. CI's second step (-m slow).
+
+Conditions of the per-family logit check (`test_tiny_hf_logits_match`): sequences stay below
+every sliding window (llama.cpp attends to the whole context of mistral, qwen2 and phi3,
+where transformers would slide); gemma2/gemma3 models have query_pre_attn_scalar = head_dim
+(llama.cpp scales queries by 1/sqrt(head_dim) except for the 27B models); gemma3 has 6
+blocks so that one attends globally with the global RoPE base; the byte-level BPE
+tokenizer of `gguf_helpers` serves every family."""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from gguf_helpers import TEXT, tiny_llama, tiny_tokenizer
+from gguf_helpers import GGUF_FAMILIES, TEXT, tiny_family, tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 pytest.importorskip(
@@ -101,14 +109,17 @@ def test_tokenizer_built_from_transformers_loads_in_llamacpp(tmp_path, real):
     )
 
 
-def test_tiny_hf_llama_logits_match(tmp_path):
-    """A transformers llama (q/k permutation, norms, rope, untied output) exported as F32 gives
-    llama.cpp logits equal to transformers' own."""
-    model, tok = tiny_llama(hidden=256), tiny_tokenizer()
-    out = tmp_path / "tiny.gguf"
+@pytest.mark.parametrize("family", list(GGUF_FAMILIES))
+def test_tiny_hf_logits_match(tmp_path, family):
+    """A transformers model of each family (norms, Gemma's 1 + w norms, q/k permutation or
+    NEOX RoPE, partial rotary, biases, q/k norms, logit caps, gemma3's global layer and its
+    two RoPE bases, phi3's fused matrices, tied or untied output) exported as F32 gives
+    llama.cpp logits equal to transformers' own. 48 tokens: below every sliding window."""
+    model, tok = tiny_family(family), tiny_tokenizer()
+    out = tmp_path / f"{family}.gguf"
     export_gguf(model, tok, out, "F32", progress=False)
     ids = tok(TEXT, add_special_tokens=False)["input_ids"][:48]
-    llm = load_llama(out, n_ctx=64)
+    llm = load_llama(out, n_ctx=64, n_threads=1)
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False)[:48] == ids
     llm.eval(ids)
     theirs = np.asarray(llm.scores[: len(ids)])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+import yaml
 from conftest import tiny_model
 from safetensors.torch import load_file
 
@@ -340,6 +341,29 @@ def test_extra_files_and_model_card(tmp_path):
     assert '| recipe | awq {"targets": ["Linear"]' in card and ' -> gptq {' in card
     assert "| calibration | builtin: 8 windows of 64 tokens from window 0 |" in card
     assert f"| bits per weight (quantized Linears) | {res.bits_per_weight():.3f} |" in card
+    assert "perplexity" not in card and "not measured" not in card  # nothing was evaluated
+    head = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in head  # "tiny" is a local name, not a Hub id
+    assert head["library_name"] == "transformers" and "awq+gptq" in head["tags"]
+
+
+@pytest.mark.parametrize("base,hub", [
+    ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ("someorg/some-model", "someorg/some-model"),
+    ("/root/.cache/huggingface/hub/models--org--m/snapshots/abc", "org/m"),
+    ("./local/folder", None),
+])
+def test_model_card_front_matter(tmp_path, base, hub):
+    m, res = quantized("w4g32")
+    meta = {"method": "rtn", "base_model": base, "eval": {"ppl": 12.5, "kl_mean": 0.25,
+                                                          "data": "wiki", "windows": 4,
+                                                          "seq_len": 64}}
+    write_checkpoint(tmp_path / "c", "gptq", m, None, res.weights, meta)
+    card = (tmp_path / "c" / "README.md").read_text()
+    head = yaml.safe_load(card.split("---")[1])
+    assert head.get("base_model") == hub
+    assert head.get("base_model_relation") == ("quantized" if hub else None)
+    assert "| perplexity | 12.500 |" in card and "| KL to base (mean) | 0.2500 |" in card
 
 
 def test_formats_share_one_protocol():

@@ -1,10 +1,13 @@
-"""Write a transformers model of the llama family as a GGUF file that llama.cpp loads.
+"""Write a transformers model as a GGUF file that llama.cpp loads: llama, mistral, qwen2,
+qwen3, gemma, gemma2, gemma3 (text) and phi3 (`lowbit.io.gguf.archs` holds what differs).
 
-Tensors get llama.cpp's names (`blk.N.attn_q.weight` ...), q/k rows are permuted from the
-transformers rotate-half layout into the interleaved pairs llama.cpp's RoPE expects, and each
-weight is encoded by lowbit's own ggml quantizers (`lowbit.formats.ggml`) with the type the
-preset gives it (`lowbit.io.gguf.presets`), weighted by an importance matrix when one is given.
-The tokenizer comes from a source GGUF file when there is one, else from the transformers
+Tensor names are llama.cpp's (`blk.N.attn_q.weight` ...), found by the `gguf` package's name
+tables from the model's own parameter names; q/k rows are permuted from the transformers
+rotate-half layout into the interleaved pairs of llama.cpp's normal RoPE where the
+architecture uses it (llama, mistral); Gemma norms are stored as ``w + 1``. Each weight is
+encoded by lowbit's own ggml quantizers (`lowbit.formats.ggml`) with the type the preset gives
+it (`lowbit.io.gguf.presets`), weighted by an importance matrix when one is given. The
+tokenizer comes from a source GGUF file when there is one, else from the transformers
 tokenizer. The model may be a lowbit output folder (GPTQ, W8A8, LLM.int8, FP8 ...): the
 dequantized weights of its runtime modules are what gets encoded.
 """
@@ -17,42 +20,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.arch import get_blocks, spec_for
 from lowbit.errors import LowbitError
 from lowbit.formats import ggml
+from lowbit.io.gguf.archs import GGUFArch, arch_for, arch_kv, dims
 from lowbit.io.gguf.presets import NEEDS_IMATRIX, get_preset, tensor_types, type_nbytes
 from lowbit.io.gguf.vocab import KV, hf_tokenizer_kv, source_kv
 from lowbit.runtime.qlinear import QuantModule
 
-# lowbit family -> llama.cpp architecture (mistral is written as llama, as llama.cpp's convert does)
-GGUF_ARCH = {"llama": "llama", "mistral": "llama"}
-# module inside a block -> llama.cpp tensor name
-BLOCK_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 # types whose llama.cpp quantizer ignores the importance matrix; so do we, so that the files
 # match (quantize_q8_0 takes no quant_weights)
 IMATRIX_IGNORED = {"Q8_0"}
-
-
-def gguf_name(block: int, module: str, param: str = "weight") -> str:
-    """llama.cpp's name for a block's module: (3, "mlp.down_proj") -> blk.3.ffn_down.weight."""
-    return f"blk.{block}.{BLOCK_NAMES[module]}.{param}"
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -72,73 +57,24 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def gguf_arch(model: nn.Module) -> str:
-    """The llama.cpp architecture to write, or a clear error for a family we cannot map."""
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    try:
-        family = spec_for(model).family
-    except LowbitError:
-        family = None
-    if family not in GGUF_ARCH:
-        raise LowbitError(
-            f"GGUF export does not support model type {mtype!r}; it writes llama.cpp's llama "
-            f"architecture, for model families {', '.join(sorted(GGUF_ARCH))}"
-        )
-    return GGUF_ARCH[family]
+    """The llama.cpp architecture to write, or a one-line error for a model we cannot map."""
+    return arch_for(model).name
 
 
-@dataclass(frozen=True)
-class _Dims:
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    hidden: int
+def tensor_namer(model: nn.Module, ga: GGUFArch | None = None) -> Callable[[str], str]:
+    """transformers parameter name -> llama.cpp tensor name, from the `gguf` package's tables
+    ("model.layers.3.mlp.down_proj.weight" -> "blk.3.ffn_down.weight"); a name llama.cpp's
+    architecture has no tensor for is a LowbitError."""
+    ga = ga or arch_for(model)
+    tmap = gguf.get_tensor_name_map(ga.arch, dims(model.config).n_layer)
 
+    def name(hf_name: str) -> str:
+        out = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if out is None:
+            raise LowbitError(f"{hf_name} has no tensor in llama.cpp's {ga.name} architecture")
+        return out
 
-def _dims(cfg) -> _Dims:
-    n_head = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    return _Dims(cfg.num_hidden_layers, n_head, n_kv, head_dim, cfg.hidden_size)
-
-
-def _rope(cfg) -> tuple[float, dict | None]:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    scaling = getattr(cfg, "rope_scaling", None) or params
-    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind in (None, "default"):
-        return float(theta), None
-    if kind == "linear":
-        return float(theta), {"type": "linear", "factor": float(scaling["factor"])}
-    raise LowbitError(f"GGUF export does not support RoPE scaling of type {kind!r}")
-
-
-def arch_kv(model: nn.Module, arch: str) -> list[KV]:
-    """Architecture hyperparameters under `{arch}.*`."""
-    cfg = model.config
-    d = _dims(cfg)
-    theta, scaling = _rope(cfg)
-    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
-    kv: list[KV] = [
-        (f"{arch}.block_count", d.n_layer, u32, None),
-        (f"{arch}.context_length", int(cfg.max_position_embeddings), u32, None),
-        (f"{arch}.embedding_length", d.hidden, u32, None),
-        (f"{arch}.feed_forward_length", int(cfg.intermediate_size), u32, None),
-        (f"{arch}.attention.head_count", d.n_head, u32, None),
-        (f"{arch}.attention.head_count_kv", d.n_head_kv, u32, None),
-        (f"{arch}.rope.freq_base", theta, f32, None),
-        (f"{arch}.attention.layer_norm_rms_epsilon", float(cfg.rms_norm_eps), f32, None),
-        (f"{arch}.vocab_size", int(model.get_input_embeddings().num_embeddings), u32, None),
-        (f"{arch}.rope.dimension_count", d.head_dim, u32, None),
-    ]
-    if d.head_dim * d.n_head != d.hidden:
-        kv.append((f"{arch}.attention.key_length", d.head_dim, u32, None))
-        kv.append((f"{arch}.attention.value_length", d.head_dim, u32, None))
-    if scaling:
-        kv.append((f"{arch}.rope.scaling.type", scaling["type"], GGUFValueType.STRING, None))
-        kv.append((f"{arch}.rope.scaling.factor", scaling["factor"], f32, None))
-    return kv
+    return name
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -162,41 +98,44 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def model_entries(model: nn.Module) -> list[_Entry]:
-    """Every tensor of the GGUF file, in llama.cpp's usual order, read lazily."""
-    spec = spec_for(model)
-    d = _dims(model.config)
-    emb = model.get_input_embeddings()
-    out = [_Entry("token_embd.weight", tuple(emb.weight.shape), lambda m=emb: _np(m.weight), emb)]
-    for i, block in enumerate(get_blocks(model, spec)):
-        for mod_name in BLOCK_NAMES:
-            mod = block.get_submodule(mod_name)
-            heads = {"self_attn.q_proj": d.n_head, "self_attn.k_proj": d.n_head_kv}.get(mod_name, 0)
-            shape = (
-                (mod.out_features, mod.in_features)
-                if hasattr(mod, "out_features")
-                else tuple(mod.weight.shape)
-            )
+def _params(model: nn.Module):
+    """(transformers name, module, parameter name, tensor or None for a runtime module's
+    dequantized weight) for every tensor the model computes with, tied ones once."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for mod_name, mod in model.named_modules():
+        items: list[tuple[str, torch.Tensor | None]] = list(mod.named_parameters(recurse=False))
+        if isinstance(mod, QuantModule):
+            items = [("weight", None), *(i for i in items if i[0] != "weight")]
+        for pname, p in items:
+            if p is not None:
+                key = (p.data_ptr(), tuple(p.shape))
+                if key in seen:
+                    continue
+                seen.add(key)
+            yield (f"{mod_name}.{pname}" if mod_name else pname), mod, pname, p
+
+
+def model_entries(model: nn.Module, ga: GGUFArch | None = None) -> list[_Entry]:
+    """Every tensor of the GGUF file, in the model's order, read lazily."""
+    ga = ga or arch_for(model)
+    d = dims(model.config)
+    to_gguf = tensor_namer(model, ga)
+    heads = {"attn_q": d.n_head, "attn_k": d.n_head_kv} if ga.permute_qk else {}
+    out = []
+    for hf_name, mod, pname, p in _params(model):
+        name = to_gguf(hf_name)
+        n_head = heads.get(name.split(".")[-2], 0) if name.startswith("blk.") else 0
+        if p is None:  # a lowbit runtime module's weight
+            shape: tuple[int, ...] = (mod.out_features, mod.in_features)
             get = lambda m=mod: _np(_weight(m))  # noqa: E731
-            out.append(_Entry(gguf_name(i, mod_name), shape, get, mod, heads))
-            bias = getattr(mod, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                out.append(
-                    _Entry(
-                        gguf_name(i, mod_name, "bias"),
-                        tuple(bias.shape),
-                        lambda b=bias: _np(b),
-                        None,
-                        heads,
-                    )
-                )
-    norm = model.get_submodule("model.norm")
-    out.append(_Entry("output_norm.weight", tuple(norm.weight.shape), lambda m=norm: _np(m.weight)))
-    head = model.get_output_embeddings()
-    if head is not None and head.weight.data_ptr() != emb.weight.data_ptr():
-        out.append(
-            _Entry("output.weight", tuple(head.weight.shape), lambda m=head: _np(m.weight), head)
-        )
+        else:
+            shape = tuple(p.shape)
+            if ga.norm_offset and hf_name.endswith("norm.weight"):  # Gemma: w + 1
+                get = lambda t=p, o=ga.norm_offset: _np(t) + np.float32(o)  # noqa: E731
+            else:
+                get = lambda t=p: _np(t)  # noqa: E731
+        module = mod if pname == "weight" and len(shape) == 2 else None
+        out.append(_Entry(name, shape, get, module, n_head))
     return out
 
 
@@ -264,12 +203,13 @@ def export_gguf(
     """
     t0 = time.perf_counter()
     preset = get_preset(qtype)
-    arch = gguf_arch(model)
+    ga = arch_for(model)
+    arch = ga.name
     imatrix = getattr(imatrix, "data", imatrix)  # an Imatrix object or a plain mapping
     if preset.name in NEEDS_IMATRIX and not imatrix:
         raise LowbitError(f"{preset.name} needs an importance matrix (--imatrix), as in llama.cpp")
-    d = _dims(model.config)
-    entries = model_entries(model)
+    d = dims(model.config)
+    entries = model_entries(model, ga)
     types = tensor_types(
         preset.name,
         {e.name: e.shape for e in entries},
@@ -277,7 +217,7 @@ def export_gguf(
         n_gqa=d.n_head // d.n_head_kv,
         has_imatrix=bool(imatrix),
     )
-    kv = arch_kv(model, arch) + _kv(model, tokenizer, arch, source_gguf)
+    kv = arch_kv(model, ga) + _kv(model, tokenizer, arch, source_gguf)
     out_path = Path(out_path)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     try:

