@@ -169,10 +169,17 @@ def test_module_accounting():
                                 "fmt": "e4m3", "kernel": "scaled_mm"}
 
 
-def test_serving_export_refuses_fp8_activations():
+def test_serving_export_takes_fp8_activations_not_e5m2():
+    """FP8 W8A8 modules are serving weights (compressed-tensors float-quantized; the round trip
+    is tested in tests/io/serving/test_ct_int8.py); E5M2 has no compressed-tensors scheme."""
     from lowbit.io.serving.checkpoint import quantized_weights
+    from lowbit.io.serving.compressed_tensors import layer_tensors
 
     model = tiny_model("llama")
     lowbit.quantize(model, [W8A8(scheme="w8a8-fp8")], None, progress=False)
-    with pytest.raises(LowbitError, match="FP8 W8A8"):
-        quantized_weights(model)
+    qw = quantized_weights(model)
+    assert qw and all(isinstance(m, FP8Linear) for m in qw.values())
+    name, mod = next(iter(qw.items()))
+    mod.fmt = "e5m2"
+    with pytest.raises(LowbitError, match="E4M3 only"):
+        layer_tensors(name, mod)

@@ -191,17 +191,16 @@ def read_layer(name: str, t: dict[str, torch.Tensor], args: dict) -> GridWeight:
     return GridWeight(grid, codes, {"scale": scale.float(), "zero": zero})
 
 
-def _read_w8a8(tensors: dict, args: dict, acts: dict, fp8: bool = False) -> dict:
+def _read_w8a8(tensors: dict, args: dict, acts: dict) -> dict:
     if not acts:
         raise LowbitError("int-quantized without input_activations is weight-only int8: "
                           "lowbit reads W8A8 from int-quantized")
-    read = ct_int8.read_fp8_layer if fp8 else ct_int8.read_layer
     names = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
     out = {}
     for n in names:
         parts = {k[len(n) + 1 :]: tensors.pop(k) for k in list(tensors)
                  if k in (f"{n}.weight", f"{n}.weight_scale", f"{n}.input_scale")}
-        out[n] = read(n, parts, args, acts)
+        out[n] = ct_int8.read_layer(n, parts, args, acts)
     return out
 
 
@@ -223,7 +222,7 @@ def read_layers(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict:
                           "quantization); W8A8 is read from int-quantized and float-quantized")
     args = groups[0]["weights"]
     if fmt == ct_int8.FORMAT or acts:
-        return _read_w8a8(tensors, args, acts or {}, fp8=fmt == ct_float.FP8)
+        return _read_w8a8(tensors, args, acts or {})
     # FP8 layers are the ones with a weight_scale beside a float8 weight
     key = ".weight_scale" if fmt == ct_float.FP8 else ".weight_packed"
     names = sorted(k[: -len(key)] for k in tensors if k.endswith(key))

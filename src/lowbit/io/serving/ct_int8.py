@@ -67,41 +67,33 @@ def layer_tensors(name: str, mod: W8A8Linear | FP8Linear) -> dict[str, torch.Ten
     return res
 
 
-def read_fp8_layer(name: str, t: dict[str, torch.Tensor], weights: dict,
-                   acts: dict) -> FP8Linear:
-    if weights.get("strategy") != "channel" or int(acts.get("num_bits", 0)) != 8 or \
-            acts.get("type") != "float":
-        raise LowbitError(f"{name}: float-quantized W8A8 import takes FP8 per-channel weights "
-                          f"and FP8 activations, not {weights} / {acts}")
-    w = t["weight"]
-    if w.dtype != torch.float8_e4m3fn:
-        raise LowbitError(f"{name}: FP8 weight stored as {w.dtype}, expected float8_e4m3fn")
-    scale = t["weight_scale"].float().reshape(-1)
-    if acts.get("dynamic") and acts.get("strategy") == "token":
-        return FP8Linear(w, scale, act="dynamic")
-    if not acts.get("dynamic") and acts.get("strategy") == "tensor" and "input_scale" in t:
-        return FP8Linear(w, scale, act="static", x_scale=float(t["input_scale"].float()))
-    raise LowbitError(f"{name}: FP8 activations {acts.get('strategy')}/"
-                      f"{'dynamic' if acts.get('dynamic') else 'static'} are not supported; "
-                      "lowbit reads dynamic per-token or static per-tensor")
+# weight / activation type -> (stored weight dtype, runtime module)
+_KINDS = {"int": (torch.int8, W8A8Linear), "float": (torch.float8_e4m3fn, FP8Linear)}
 
 
-def read_layer(name: str, t: dict[str, torch.Tensor], weights: dict, acts: dict) -> W8A8Linear:
-    if weights.get("type") != "int" or int(weights.get("num_bits", 0)) != 8 or \
+def read_layer(name: str, t: dict[str, torch.Tensor], weights: dict,
+               acts: dict) -> W8A8Linear | FP8Linear:
+    """One W8A8 Linear: int8 (``int-quantized``) or FP8 E4M3 (``float-quantized`` with FP8
+    activations), symmetric per-channel weights, dynamic per-token or static per-tensor
+    activations."""
+    kind = weights.get("type")
+    if kind not in _KINDS or int(weights.get("num_bits", 0)) != 8 or \
             weights.get("strategy") != "channel" or not weights.get("symmetric", True):
-        raise LowbitError(f"{name}: int-quantized import takes int8 symmetric per-channel "
+        raise LowbitError(f"{name}: W8A8 import takes int8 or FP8 symmetric per-channel "
                           f"weights, not {weights}")
-    if int(acts.get("num_bits", 0)) != 8 or acts.get("type") != "int" or \
+    if int(acts.get("num_bits", 0)) != 8 or acts.get("type") != kind or \
             not acts.get("symmetric", True):
-        raise LowbitError(f"{name}: int-quantized import takes int8 symmetric activations")
+        raise LowbitError(f"{name}: W8A8 import takes 8-bit symmetric {kind} activations")
+    dtype, cls = _KINDS[kind]
     w = t["weight"]
-    if w.dtype != torch.int8:
-        raise LowbitError(f"{name}: int-quantized weight stored as {w.dtype}, expected int8")
+    if w.dtype != dtype:
+        raise LowbitError(f"{name}: W8A8 weight stored as {w.dtype}, expected {dtype}")
     scale = t["weight_scale"].float().reshape(-1)
     if acts.get("dynamic") and acts.get("strategy") == "token":
-        return W8A8Linear(w, scale, act="dynamic")
+        return cls(w, scale, act="dynamic")
     if not acts.get("dynamic") and acts.get("strategy") == "tensor" and "input_scale" in t:
-        return W8A8Linear(w, scale, act="static", x_scale=t["input_scale"].float().reshape(1))
+        x = t["input_scale"].float().reshape(1)
+        return cls(w, scale, act="static", x_scale=float(x) if kind == "float" else x)
     raise LowbitError(f"{name}: activations {acts.get('strategy')}/"
                       f"{'dynamic' if acts.get('dynamic') else 'static'} are not supported; "
-                      "lowbit reads dynamic per-token or static per-tensor int8")
+                      "lowbit reads dynamic per-token or static per-tensor")
