@@ -296,3 +296,29 @@ def test_eval_several_models_runs_the_base_once(tiny_ckpt, tmp_path, monkeypatch
     fresh = json.loads(lowbit_cli("eval", tmp_path / "w8", *args, "--no-base-cache",
                                   "--json", "-").out)
     assert fresh["base_windows_run"] == 3
+
+
+def test_quantize_eval_records_the_figures_in_json_and_card(tiny_ckpt, tmp_path, monkeypatch):
+    """--eval measures the result against the model as it was before quantizing; the figures
+    equal `lowbit eval --base` on the same windows and reach lowbit.json and the model card."""
+    ckpt, text = tiny_ckpt
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "q"
+    r = lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", "w4g32", "--seq-len", "32",
+                   "--eval", "3", "--eval-data", text, "--out", out, "--quiet")
+    assert "eval on 3x32 tokens" in r.out
+    rec = json.loads((out / "lowbit.json").read_text())["eval"]
+    again = json.loads(lowbit_cli("eval", out, "--data", text, "--windows", "3", "--seq-len",
+                                  "32", "--base", ckpt, "--json", "-", "--quiet").out)
+    assert rec["ppl"] == pytest.approx(again["ppl"], rel=1e-6)
+    assert rec["kl_mean"] == pytest.approx(again["kl_mean"], rel=1e-6)
+    assert rec["top1"] == again["top1"]
+    ct = tmp_path / "ct"
+    lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", "w4g32", "--seq-len", "32",
+               "--eval", "3", "--eval-data", text, "--format", "compressed-tensors",
+               "--out", ct, "--quiet")
+    card = (ct / "README.md").read_text()
+    assert f"| perplexity | {rec['ppl']:.3f} |" in card
+    bad = lowbit_cli("quantize", ckpt, "--method", "rtn", "--eval", "-1", "--out",
+                     tmp_path / "x", ok=False)
+    one_line_error(bad, "--eval takes")

@@ -87,10 +87,16 @@ def quantize_job(
     progress: bool = True,
     note: Callable[[str], None] = lambda _m: None,
     dtype: str = "auto",
+    eval_windows: int = 0,
+    eval_data: str = "builtin",
 ):
     """Load (in ``dtype``), plan, calibrate, quantize, save. Returns (model, tokenizer,
-    result, meta)."""
+    result, meta). ``eval_windows`` > 0: perplexity, KL and top-1 of the quantized model on
+    that many windows of ``eval_data``, against the base log-probabilities taken from the same
+    model before quantizing (no second copy in memory); recorded as ``eval`` in lowbit.json
+    and the model card."""
     from lowbit.api import describe, plan, quantize, save
+    from lowbit.eval.base_cache import BaseLogprobs
     from lowbit.io.native import check_writable
     from lowbit.models import DTYPE_NAMES, load_model, model_dtype, parse_dtype
 
@@ -100,6 +106,8 @@ def quantize_job(
                           "(gguf: use lowbit export)")
     if chunk < 1:
         raise LowbitError(f"--chunk must be at least 1, not {chunk}")
+    if eval_windows < 0:
+        raise LowbitError(f"--eval takes a number of windows (0: no evaluation), not {eval_windows}")
     out = Path(out)
     check_writable(out, overwrite)
     t0 = time.perf_counter()
@@ -112,12 +120,38 @@ def quantize_job(
         windows, record = calibration.windows(model, tok, progress)
         # the recipe as it ran: with the calibration it used, so that it re-runs the same
         recipe = Recipe(recipe.steps, calibration.to_dict() | {"source": record["source"]})
+    base_lp, ev = None, None
+    if eval_windows > 0:
+        from lowbit.calib import check_disjoint
+        from lowbit.calib import eval_windows as read_eval_windows
+
+        seq = calibration.seq_len
+        check_disjoint(record, eval_data, eval_windows, seq)
+        ev = read_eval_windows(eval_data, tok, eval_windows, seq)
+        lp = BaseLogprobs(model, ev)
+        base_lp = [lp[i].half() for i in range(eval_windows)]  # fp16, as the disk cache keeps
     res = quantize(model, recipe, windows, chunk=chunk, progress=progress)
     meta = describe(res, recipe, base_model=str(model_arg), calibration=record,
                     dtype=DTYPE_NAMES.get(model_dtype(model), "fp32"))
+    if base_lp is not None:
+        from lowbit.eval.metrics import evaluate
+
+        r = evaluate(model, ev, base=_HalfLogprobs(base_lp), progress=progress)
+        meta["eval"] = {k: r[k] for k in ("ppl", "kl_mean", "kl_p99", "top1")} | {
+            "data": eval_data, "windows": eval_windows, "seq_len": seq}
     save(out, model, tok, res, meta, fmt=fmt, overwrite=overwrite)
     meta["seconds"] = time.perf_counter() - t0
     return model, tok, res, meta
+
+
+class _HalfLogprobs:
+    """fp16 log-probabilities by window, read back as float32 (what ``evaluate`` takes)."""
+
+    def __init__(self, lps: list) -> None:
+        self.lps = lps
+
+    def __getitem__(self, i: int):
+        return self.lps[i].float()
 
 
 def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: str | None,

@@ -56,6 +56,12 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
                    "[default: 6.0]")
 @click.option("--int8-kernel", default=None,
               help="w8a8, smoothquant, llm-int8: auto, onednn, int_mm or emulate [default: auto]")
+@click.option("--eval", "eval_windows", type=int, default=0, show_default=True,
+              help="also evaluate the result on this many windows of --eval-data (perplexity, "
+                   "KL and top-1 against the model before quantizing); recorded in lowbit.json "
+                   "and the model card")
+@click.option("--eval-data", default="builtin", show_default=True,
+              help="evaluation text for --eval: builtin, pydoc, or a .txt/.jsonl file")
 @click.option("--chunk", default=8, show_default=True, help="windows per forward pass")
 @click.option("--out", required=True, type=click.Path(), help="output folder")
 @click.option("--format", "fmt", default="native", show_default=True,
@@ -69,8 +75,8 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
 @dtype_option("dtype to load and quantize the model in (statistics are fp32): auto = the "
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
-            act_order, static_groups, damp, alpha, threshold, int8_kernel, chunk, out, fmt, tp,
-            overwrite, json_path, quiet, dtype):
+            act_order, static_groups, damp, alpha, threshold, int8_kernel, eval_windows,
+            eval_data, chunk, out, fmt, tp, overwrite, json_path, quiet, dtype):
     """Quantize MODEL (default: the built-in smollm2-135m, or the base model of a --recipe
     lowbit.json) and save it to --out."""
     from lowbit.eval.metrics import peak_rss_bytes
@@ -84,7 +90,8 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
     calib_req = calibration(calib, calib_samples, calib_offset, seq_len, recipe.calibration)
     _, _, res, meta = quantize_job(model, recipe, out, calib_req, fmt=fmt, tp=tp,
                                    overwrite=overwrite, chunk=chunk, progress=not quiet,
-                                   note=note, dtype=dtype)
+                                   note=note, dtype=dtype, eval_windows=eval_windows,
+                                   eval_data=eval_data)
     losses = [r for r in res.rows if "loss" in r and "rtn_loss" in r]
     schemes = Counter(w.grid.name for w in res.weights.values() if hasattr(w, "grid"))
     summary = meta | {
@@ -102,6 +109,10 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
     if losses:
         echo(f"layer loss below RTN's in {summary['layers_below_rtn']}/{len(losses)} layers",
              json_path)
+    if "eval" in meta:
+        e = meta["eval"]
+        echo(f"eval on {e['windows']}x{e['seq_len']} tokens of {e['data']}: ppl {e['ppl']:.3f}, "
+             f"KL {e['kl_mean']:.4f}, top-1 {e['top1']:.3f}", json_path)
     dump_json(json_path, summary)
 
 
