@@ -107,7 +107,7 @@ def quantize_job(
     if chunk < 1:
         raise LowbitError(f"--chunk must be at least 1, not {chunk}")
     if eval_windows < 0:
-        raise LowbitError(f"--eval takes a number of windows (0: no evaluation), not {eval_windows}")
+        raise LowbitError(f"--eval takes a number of windows (0: none), not {eval_windows}")
     out = Path(out)
     check_writable(out, overwrite)
     t0 = time.perf_counter()
