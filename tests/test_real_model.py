@@ -62,7 +62,8 @@ def test_gptq_beats_rtn_and_reloads(tmp_path, wiki_ids):
 
 
 def test_demo_end_to_end(tmp_path):
-    """`lowbit demo` (small sizes): the table's two rows, the JSON, a folder that reloads."""
+    """`lowbit demo` (small sizes): the table's rows (base, RTN, GPTQ), the JSON, a folder that
+    reloads."""
     import json
     import subprocess
     import sys
@@ -77,8 +78,10 @@ def test_demo_end_to_end(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"quantized model written to {out}" in p.stdout
-    base, q = json.loads(js.read_text())["rows"]
-    assert (base["method"], q["method"], q["scheme"]) == ("base", "gptq", DEMO_SCHEME)
+    base, rtn, q = json.loads(js.read_text())["rows"]
+    assert (base["method"], rtn["method"], q["method"]) == ("base", "rtn", "gptq")
+    assert rtn["scheme"] == q["scheme"] == DEMO_SCHEME
+    assert q["kl_mean"] < rtn["kl_mean"]
     assert 4.0 < q["bpw"] < 4.5 and q["kl_mean"] > 0 and 0 < q["top1"] < 1
     assert base["ppl"] < q["ppl"] < 2 * base["ppl"]
     from lowbit.runtime.qlinear import QLinear
