@@ -38,25 +38,8 @@ def tiny_tokenizer(vocab: int = 300):
 
 def tiny_llama(hidden: int = 256, tied: bool = False, seed: int = 0, vocab: int = 320):
     """2 blocks, 4 heads of 64 (2 kv heads); hidden 256 lets every K-quant fit."""
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tied,
-        rope_theta=10000.0,
-    )
-    model = tf.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # non-trivial norms, so a misplaced tensor shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.eval()
-    return model
+    return tiny_family("llama", hidden, seed, vocab, tie_word_embeddings=tied,
+                       rope_theta=10000.0, pad_token_id=None)
 
 
 # the families GGUF export writes, and the transformers config of each
