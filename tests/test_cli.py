@@ -322,3 +322,12 @@ def test_quantize_eval_records_the_figures_in_json_and_card(tiny_ckpt, tmp_path,
     bad = lowbit_cli("quantize", ckpt, "--method", "rtn", "--eval", "-1", "--out",
                      tmp_path / "x", ok=False)
     one_line_error(bad, "--eval takes")
+
+
+def test_a_folder_without_tokenizer_is_a_one_line_error(tmp_path):
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    r = lowbit_cli("quantize", tmp_path / "m", "--method", "rtn", "--out", tmp_path / "q",
+                   ok=False)
+    one_line_error(r, "cannot load model from")

@@ -198,7 +198,7 @@ def _load(model: str | Path, dtype: torch.dtype | None, cache_weights: bool
     except LowbitError:
         raise
     except (OSError, ValueError, KeyError) as e:
-        raise LowbitError(f"cannot load model from {path}: {e}") from None
+        raise LowbitError(f"cannot load model from {path}: {' '.join(str(e).split())}") from None
     m.eval()
     return m, tok
 

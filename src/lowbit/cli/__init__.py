@@ -31,8 +31,8 @@ def run(args: list[str]) -> int:
     """Run one command line; the exit code (0, 2 for a lowbit error, 130 when aborted)."""
     try:
         cli.main(args=args, prog_name="lowbit", standalone_mode=False)
-    except LowbitError as e:
-        click.echo(f"error: {e}", err=True)
+    except LowbitError as e:  # one line, whatever a library put into the message
+        click.echo(f"error: {' '.join(str(e).split())}", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
