@@ -96,7 +96,7 @@ def quantize_job(
     model before quantizing (no second copy in memory); recorded as ``eval`` in lowbit.json
     and the model card."""
     from lowbit.api import describe, plan, quantize, save
-    from lowbit.eval.base_cache import BaseLogprobs
+    from lowbit.eval.base_cache import HeldLogprobs
     from lowbit.io.native import check_writable
     from lowbit.models import DTYPE_NAMES, load_model, model_dtype, parse_dtype
 
@@ -128,30 +128,19 @@ def quantize_job(
         seq = calibration.seq_len
         check_disjoint(record, eval_data, eval_windows, seq)
         ev = read_eval_windows(eval_data, tok, eval_windows, seq)
-        lp = BaseLogprobs(model, ev)
-        base_lp = [lp[i].half() for i in range(eval_windows)]  # fp16, as the disk cache keeps
+        base_lp = HeldLogprobs(model, ev)
     res = quantize(model, recipe, windows, chunk=chunk, progress=progress)
     meta = describe(res, recipe, base_model=str(model_arg), calibration=record,
                     dtype=DTYPE_NAMES.get(model_dtype(model), "fp32"))
     if base_lp is not None:
         from lowbit.eval.metrics import evaluate
 
-        r = evaluate(model, ev, base=_HalfLogprobs(base_lp), progress=progress)
+        r = evaluate(model, ev, base=base_lp, progress=progress)
         meta["eval"] = {k: r[k] for k in ("ppl", "kl_mean", "kl_p99", "top1")} | {
             "data": eval_data, "windows": eval_windows, "seq_len": seq}
     save(out, model, tok, res, meta, fmt=fmt, overwrite=overwrite)
     meta["seconds"] = time.perf_counter() - t0
     return model, tok, res, meta
-
-
-class _HalfLogprobs:
-    """fp16 log-probabilities by window, read back as float32 (what ``evaluate`` takes)."""
-
-    def __init__(self, lps: list) -> None:
-        self.lps = lps
-
-    def __getitem__(self, i: int):
-        return self.lps[i].float()
 
 
 def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: str | None,

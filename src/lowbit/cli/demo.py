@@ -40,7 +40,7 @@ def command(model_arg, scheme, out, windows, calib_samples, seq_len, json_path, 
     scheme, both evaluated against the base (whose log-probabilities are computed once)."""
     import lowbit
     from lowbit.calib import eval_windows
-    from lowbit.eval.base_cache import BaseLogprobs
+    from lowbit.eval.base_cache import HeldLogprobs
     from lowbit.eval.metrics import evaluate
     from lowbit.jobs import Calibration, quantize_job
     from lowbit.models import DTYPE_NAMES, load_model, model_dtype
@@ -52,14 +52,8 @@ def command(model_arg, scheme, out, windows, calib_samples, seq_len, json_path, 
     click.echo(f"evaluating on {windows}x{seq_len} tokens of the built-in evaluation text; "
                f"calibrating GPTQ on {calib_samples}x{seq_len} tokens sampled from the model")
     t0 = time.perf_counter()
-    base_lp = BaseLogprobs(base, ev)
-    cached = [base_lp[i].half() for i in range(windows)]
-
-    class _Base:  # the base's log-probabilities, computed once for every row
-        def __getitem__(self, i: int):
-            return cached[i].float()
-
-    nll = -sum(float(cached[i].float().gather(-1, ev[i : i + 1, 1:, None]).sum())
+    base_lp = HeldLogprobs(base, ev)  # computed once for every row
+    nll = -sum(float(base_lp[i].gather(-1, ev[i : i + 1, 1:, None]).sum())
                for i in range(windows))
     rows = [{
         "method": "base", "scheme": DTYPE_NAMES[model_dtype(base)],
@@ -72,12 +66,12 @@ def command(model_arg, scheme, out, windows, calib_samples, seq_len, json_path, 
     res = lowbit.quantize(base, shorthand("rtn", scheme), None, progress=False)
     secs = time.perf_counter() - t0
     rows.append({"method": "rtn", "scheme": scheme, "bpw": res.bits_per_weight(),
-                 **evaluate(base, ev, base=_Base()), "seconds": secs})
+                 **evaluate(base, ev, base=base_lp), "seconds": secs})
     del base, res
     model, _, res, meta = quantize_job(model_arg, shorthand("gptq", scheme), out,
                                        Calibration(samples=calib_samples, seq_len=seq_len),
                                        overwrite=True, dtype=dtype)
-    q = evaluate(model, ev, base=_Base())
+    q = evaluate(model, ev, base=base_lp)
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
     rows.append({"method": "gptq", "scheme": scheme, "bpw": res.bits_per_weight(), **q,
                  "size_mb": size / 1e6, "seconds": meta["seconds"]})

@@ -82,6 +82,18 @@ class BaseLogprobs:
         return lp
 
 
+class HeldLogprobs:
+    """Every window's base log-probabilities computed now and held in memory as float16 (as
+    the disk cache keeps them): for a base model about to be quantized in place."""
+
+    def __init__(self, base: nn.Module, windows: torch.Tensor):
+        lp = BaseLogprobs(base, windows)
+        self.lps = [lp[i].half() for i in range(len(lp))]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.lps[i].float()
+
+
 def base_logprobs(base: nn.Module | Callable[[], nn.Module], windows: torch.Tensor, vocab: int,
                   key: str | None, cache_root: Path | None,
                   note: Callable[[str], None] = lambda _m: None) -> BaseLogprobs:
