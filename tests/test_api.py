@@ -44,7 +44,7 @@ def test_rtn_needs_no_calibration(name: str) -> None:
     assert len(res.weights) == N_LINEARS
     assert all("loss" not in r and r["saturated"] >= 0 for r in res.rows)
     for layer, q in res.weights.items():
-        assert torch.equal(model.get_submodule(layer).weight.data, q.dequantize())
+        assert torch.equal(model.get_submodule(layer).dequantized_weight(), q.dequantize())
 
 
 def test_squeezellm_rtn_uses_the_hessian_diagonal(windows) -> None:
@@ -58,7 +58,12 @@ def test_squeezellm_rtn_uses_the_hessian_diagonal(windows) -> None:
 
 def test_integer_schemes_are_grids_with_act_order(windows) -> None:
     res = lowbit.quantize(tiny_model("llama"), [lowbit.GPTQ(scheme="w4g32")], windows,
-                          progress=False)
+                          progress=False)  # default: act-order with static groups
+    assert all(isinstance(q.grid, IntGrid) and q.g_idx is None for q in res.weights.values())
+    assert all(r["act_order"] == "static" for r in res.rows)
+    res = lowbit.quantize(tiny_model("llama"), [lowbit.GPTQ(scheme="w4g32",
+                                                            static_groups=False)],
+                          windows, progress=False)
     assert all(isinstance(q.grid, IntGrid) and q.g_idx is not None
                for q in res.weights.values())
     res = lowbit.quantize(tiny_model("llama"), [lowbit.GPTQ(scheme="nf4")], windows,
@@ -103,7 +108,7 @@ def test_overrides_give_mixed_precision(windows, tmp_path) -> None:
     assert not model.config.tie_word_embeddings
     emb = tiny_model("llama").get_input_embeddings().weight
     assert torch.equal(model.get_input_embeddings().weight, emb)
-    assert torch.equal(model.lm_head.weight, res.weights["lm_head"].dequantize())
+    assert torch.equal(model.lm_head.dequantized_weight(), res.weights["lm_head"].dequantize())
     lowbit.save(tmp_path / "q", model, None, res)
     back, _ = load_quantized(tmp_path / "q")
     with torch.no_grad():

@@ -9,7 +9,7 @@ import transformers as tf
 from cli_helpers import lowbit_cli, lowbit_process, one_line_error
 from safetensors.torch import load_file
 
-from lowbit.io.native import load_quantized
+from lowbit.models import load_model
 from lowbit.runtime.int8_mixed import Int8MixedLinear
 from lowbit.runtime.qlinear import QLinear
 from lowbit.runtime.w8a8 import W8A8Linear
@@ -47,7 +47,7 @@ def test_non_integer_schemes_save_and_reload(tiny_ckpt, tmp_path, scheme):
     ckpt, _ = tiny_ckpt
     out = tmp_path / "q"
     lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", scheme, "--out", out, "--quiet")
-    model, _ = load_quantized(out)
+    model, _ = load_model(out)
     mods = [m for m in model.modules() if isinstance(m, QLinear)]
     assert len(mods) == 14 and all(m.grid.name == scheme for m in mods)
     assert scheme in lowbit_cli("info", out).out
@@ -128,10 +128,11 @@ def test_activation_aware_methods(word_ckpt, tmp_path, method, extra, cls):
     desc = json.loads((out / "lowbit.json").read_text())
     assert desc["method"] == {"awq": "awq+rtn"}.get(method, method.replace("smoothquant",
                                                                             "smoothquant+w8a8"))
-    model, _ = load_quantized(out)
+    model, _ = load_model(out)
     assert len([m for m in model.modules() if isinstance(m, cls)]) == 14
     if method == "smoothquant":
-        assert (out / "act_stats.safetensors").is_file()
+        # the serving checkpoint's shards are the model's only; statistics stay in native
+        assert not (out / "act_stats.safetensors").exists()
         assert desc["recipe"]["steps"][0]["alpha"] == 0.6
     p = lowbit_cli("eval", out, "--data", text, "--windows", "4", "--seq-len", "64", "--quiet")
     assert "ppl" in p.out
@@ -256,7 +257,7 @@ def test_dtype_auto_keeps_the_checkpoints_dtype(bf16_ckpt, tmp_path):
     ckpt, text = bf16_ckpt
     out = tmp_path / "q"
     lowbit_cli("quantize", ckpt, "--method", "gptq", "--scheme", "w4g32", "--static-groups",
-               "--calib", text, *SMALL, "--calib-offset", "8", "--out", out)
+               "--calib", text, *SMALL, "--calib-offset", "8", "--format", "native", "--out", out)
     assert json.loads((out / "lowbit.json").read_text())["dtype"] == "bf16"
     t = load_file(str(out / "lowbit.safetensors"))
     assert t["model.embed_tokens.weight"].dtype == torch.bfloat16
@@ -271,7 +272,7 @@ def test_dtype_auto_keeps_the_checkpoints_dtype(bf16_ckpt, tmp_path):
     assert ct["model.embed_tokens.weight"].dtype == torch.bfloat16
     wide = tmp_path / "q32"
     lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", "w4g32", "--dtype", "fp32",
-               "--out", wide, "--quiet")
+               "--format", "native", "--out", wide, "--quiet")
     assert load_file(str(wide / "lowbit.safetensors"))["model.embed_tokens.weight"].dtype == \
         torch.float32
 

@@ -5,10 +5,12 @@
                                           overrides={"re:.*layers\\.0\\..*down_proj": "w8"})],
                       calib)                       # calib: (n, seq_len) token ids, or None
     save("out/q", model, tokenizer, result)        # lowbit's native folder
+    save("out/ct", model, tokenizer, result, fmt="compressed-tensors")
 
-``quantize`` works in place: rounded Linears keep their dequantized weights (so the model
-evaluates as the quantized model), replaced Linears become runtime modules; ``result.weights``
-holds what is saved.
+``quantize`` works in place: every quantized Linear becomes a runtime module (rounded ones a
+``QLinear`` holding packed codes, swapped in as each block ends, which frees the float weights
+as it goes), so the model evaluates as the quantized model; ``result.weights`` reads each layer
+as its ``GridWeight`` (or runtime module) and is what is saved.
 """
 
 from __future__ import annotations
@@ -72,6 +74,14 @@ def describe(result: Result, recipe: Recipe, **meta: Any) -> dict:
     }
 
 
+def checkpoint_dtype(model: nn.Module) -> str:
+    """The dtype a serving checkpoint stores the unquantized tensors of ``model`` in: bfloat16
+    for a bf16 model, else float16 (what serving stacks run)."""
+    from lowbit.models import DTYPE_NAMES, model_dtype
+
+    return "bfloat16" if DTYPE_NAMES.get(model_dtype(model)) == "bf16" else "float16"
+
+
 def save(
     out: str | Path,
     model: nn.Module,
@@ -104,14 +114,12 @@ def save(
         from lowbit.io.native import save_quantized
 
         conv1d = spec_for(model).conv1d
-        return save_quantized(Path(out), model, tokenizer, result.weights, meta,
+        return save_quantized(Path(out), model, tokenizer, result.weights.modules(), meta,
                               overwrite=overwrite, conv1d=conv1d, extra=extra)
     from lowbit.io.serving import write_checkpoint
-    from lowbit.models import DTYPE_NAMES, model_dtype
 
-    dtype = "bfloat16" if DTYPE_NAMES.get(model_dtype(model)) == "bf16" else "float16"
     write_checkpoint(Path(out), fmt, model, tokenizer, result.weights, meta, overwrite=overwrite,
-                     extra={"layers.jsonl": rows}, dtype=dtype)
+                     extra={"layers.jsonl": rows}, dtype=checkpoint_dtype(model))
     return Path(out)
 
 

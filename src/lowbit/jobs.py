@@ -13,7 +13,7 @@ from lowbit.errors import LowbitError
 from lowbit.recipe import Recipe
 
 SERVING_FORMATS = ("compressed-tensors", "gptq", "awq")
-OUTPUT_FORMATS = ("native", *SERVING_FORMATS)
+OUTPUT_FORMATS = ("auto", "native", *SERVING_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ class Calibration:
 
 def serving_preflight(model, plan, fmt: str, tp: int) -> list[str]:
     """``--format`` checks on shapes, in seconds, before calibration: one grid for all layers,
-    act-order's g_idx only where the format keeps it, tensor-parallel splits. Returns notes."""
+    act-order's g_idx only where the format keeps it, W8A8 schemes only where the format has
+    their layout, tensor-parallel splits. Returns notes."""
     if fmt == "native":
         return []
     if fmt not in SERVING_FORMATS:
@@ -55,8 +56,17 @@ def serving_preflight(model, plan, fmt: str, tp: int) -> list[str]:
     from lowbit.io.serving.targets import check_target, model_shapes
 
     owners = list(plan.layers.values())
-    if any(la.step.kind == "replacer" for la in owners):
-        # W8A8 / LLM.int8 / FP8 modules: the format module decides at write time
+    shapes, heads = model_shapes(model)
+    replacers = {la.step for la in owners if la.step.kind == "replacer"}
+    for step in replacers:
+        if step.step != "w8a8":
+            raise LowbitError(f"{fmt} has no layout for {step.step} layers; save the native "
+                              "format")
+        check_target(shapes, step.scheme, fmt, tp, heads=heads).raise_errors()
+    if replacers:
+        if len(replacers) < len({la.step for la in owners}) or len(replacers) > 1:
+            raise LowbitError(f"--format {fmt} takes one scheme for all Linears; save the "
+                              "native format")
         return []
     grids = {la.grid for la in owners}
     if len(grids) > 1:
@@ -69,10 +79,29 @@ def serving_preflight(model, plan, fmt: str, tp: int) -> list[str]:
         and la.grid.column_groups and la.grid.group_size is not None
         for la in owners
     )
-    shapes, heads = model_shapes(model)
     rep = check_target(shapes, grid, fmt, tp, act_order=g_idx, heads=heads)
     rep.raise_errors()
     return rep.notes
+
+
+def choose_format(model, plan, fmt: str, tp: int,
+                  note: Callable[[str], None] = lambda _m: None) -> str:
+    """The output format, checked before calibration. ``auto``: compressed-tensors (which
+    transformers, vLLM and SGLang load) when it holds the recipe, else lowbit's native folder,
+    saying why; with ``--tp`` above 1 the checkpoint is for serving, so compressed-tensors must
+    hold it."""
+    if fmt == "auto" and tp == 1:
+        try:
+            # kernel notes (Marlin) are for those who asked for a serving format
+            serving_preflight(model, plan, "compressed-tensors", tp)
+        except LowbitError as e:
+            note(f"format: native (compressed-tensors cannot hold this recipe: {e})")
+            return "native"
+        return "compressed-tensors"
+    fmt = "compressed-tensors" if fmt == "auto" else fmt
+    for n in serving_preflight(model, plan, fmt, tp):
+        note(n)
+    return fmt
 
 
 def quantize_job(
@@ -80,7 +109,7 @@ def quantize_job(
     recipe: Recipe,
     out: str | Path,
     calibration: Calibration,
-    fmt: str = "native",
+    fmt: str = "auto",
     tp: int = 1,
     overwrite: bool = False,
     chunk: int = 8,
@@ -113,8 +142,7 @@ def quantize_job(
     t0 = time.perf_counter()
     model, tok = load_model(model_arg, dtype)
     p = plan(model, recipe)
-    for n in serving_preflight(model, p, fmt, tp):
-        note(n)
+    fmt = choose_format(model, p, fmt, tp, note)
     windows, record = None, None
     if p.needs_data:
         windows, record = calibration.windows(model, tok, progress)
@@ -132,8 +160,14 @@ def quantize_job(
     res = quantize(model, recipe, windows, chunk=chunk, progress=progress)
     meta = describe(res, recipe, base_model=str(model_arg), calibration=record,
                     dtype=DTYPE_NAMES.get(model_dtype(model), "fp32"))
+    meta["output_format"] = fmt
     if base_lp is not None:
+        from lowbit.api import checkpoint_dtype
         from lowbit.eval.metrics import evaluate
+        from lowbit.io.serving.checkpoint import round_unquantized
+
+        if fmt != "native":
+            round_unquantized(model, set(res.weights), checkpoint_dtype(model))
 
         r = evaluate(model, ev, base=base_lp, progress=progress)
         meta["eval"] = {k: r[k] for k in ("ppl", "kl_mean", "kl_p99", "top1")} | {

@@ -95,6 +95,7 @@ def _cached_builtin(name: str, gguf: Path) -> Path:
 
 
 def is_lowbit_dir(path: Path) -> bool:
+    """A folder lowbit wrote (native, or a serving checkpoint with its ``lowbit.json``)."""
     return path.is_dir() and (path / "lowbit.json").is_file()
 
 
@@ -169,9 +170,9 @@ def _load(model: str | Path, dtype: torch.dtype | None, cache_weights: bool
         cached = _cached_builtin(str(model), path)
         if (cached / "config.json").is_file():
             path = cached
-    if is_lowbit_dir(path):
-        from lowbit.io.native import load_quantized
+    from lowbit.io.native import is_native, load_quantized
 
+    if is_lowbit_dir(path) and is_native(path):
         return load_quantized(path, cache_weights=cache_weights)
     from lowbit.io.serving import load_checkpoint, quant_format
 

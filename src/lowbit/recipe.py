@@ -102,7 +102,9 @@ def recipe_from_data(data: Any) -> Recipe:
     """A Recipe from a list of steps, a ``{steps, calibration}`` mapping, or a lowbit.json."""
     if isinstance(data, Recipe):
         return data
-    if isinstance(data, dict) and data.get("format") == "lowbit-native":
+    from lowbit.io.native import FORMAT, SERVING_RECORDS
+
+    if isinstance(data, dict) and data.get("format") in (FORMAT, *SERVING_RECORDS):
         if "recipe" not in data:
             raise LowbitError("this lowbit.json records no recipe (written by an older lowbit); "
                               "pass --method/--scheme")

@@ -29,7 +29,8 @@ def quantized(model, method: str, scheme: str, windows=None, **options):
 )
 def test_reload_is_bit_identical(tmp_path, windows, family, method, scheme, act_order):
     model = tiny_model(family)
-    opts = {} if act_order is None else {"act_order": act_order}
+    # act-order with a g_idx (static groups, the default, store none)
+    opts = {} if act_order is None else {"act_order": act_order, "static_groups": not act_order}
     res = quantized(model, method, scheme, windows if method == "gptq" else None, **opts)
     if act_order:
         assert any(gw.g_idx is not None for gw in res.weights.values())

@@ -213,10 +213,11 @@ def test_step_rounds_linears_that_share_an_input_as_one():
         grid = grids[name]
         act = step.act_order_for(grid)
         assert act == (name != "o")  # default: act-order where the grid has column groups
-        alone = gptq_quantize(ws[name], prepare_hessian(stats.h, act, step.damp), grid, 32)
+        alone = gptq_quantize(ws[name], prepare_hessian(stats.h, act, step.damp), grid, 32,
+                              static_groups=True)
         assert torch.equal(gw.codes, alone.codes), name
         assert torch.equal(gw.dequantize(), alone.dequantize()), name
-        assert info["act_order"] == ("g_idx" if act else "off")
+        assert info["act_order"] == ("static" if act else "off")
         assert info["saturated"] == alone.n_saturated
         assert info["loss"] < info["rtn_loss"] and info["damp"] > 0
         assert info == info | layer_losses(ws[name], gw, stats.h)

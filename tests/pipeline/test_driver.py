@@ -122,9 +122,9 @@ def test_gptq_on_tiny_model_beats_rtn_per_layer(windows):
     # the loss is measured against the weight before rounding, not the rounded one
     assert all(0 < r["loss"] < r["rtn_loss"] for r in rows)
     assert {"name", "shape", "tokens", "seconds", "loss", "damp", "act_order"} <= set(rows[0])
-    # the model now computes with the quantized weights
+    # the model now computes with the quantized weights (a QLinear in the Linear's place)
     name = next(iter(res.weights))
-    w = model.get_submodule(name).weight
+    w = model.get_submodule(name).dequantized_weight()
     assert torch.equal(w, res.weights[name].dequantize())
 
 

@@ -46,7 +46,8 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
               help="gptq: round columns by decreasing Hessian diagonal [default: on for "
                    "integer schemes]")
 @click.option("--static-groups/--no-static-groups", default=None,
-              help="gptq with act-order: groups keep their columns (no g_idx) [default: off]")
+              help="gptq with act-order: groups keep their columns, no g_idx, every format "
+                   "holds it [default: on; off keeps a g_idx, --format gptq only]")
 @click.option("--damp", type=float, default=None,
               help="gptq: damping, fraction of the mean Hessian diagonal [default: 0.01]")
 @click.option("--alpha", type=float, default=None,
@@ -64,8 +65,10 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
               help="evaluation text for --eval: builtin, pydoc, or a .txt/.jsonl file")
 @click.option("--chunk", default=8, show_default=True, help="windows per forward pass")
 @click.option("--out", required=True, type=click.Path(), help="output folder")
-@click.option("--format", "fmt", default="native", show_default=True,
-              help="native (lowbit), compressed-tensors, gptq or awq")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              help="auto: compressed-tensors (loads in transformers, vLLM, SGLang) when it holds "
+                   "the recipe, else native (lowbit's own folder; says why); or native, "
+                   "compressed-tensors, gptq, awq")
 @click.option("--tp", default=1, show_default=True,
               help="with --format: tensor-parallel degree the checkpoint must split into")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
@@ -104,7 +107,8 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
     if losses:
         summary["layers_below_rtn"] = sum(r["loss"] <= r["rtn_loss"] for r in losses)
     mix = ", ".join(f"{n} {s}" for s, n in schemes.most_common()) or recipe.scheme
-    echo(f"wrote {out}: {recipe.name}, {len(res.weights)} layers ({mix}), "
+    echo(f"wrote {out} ({meta['output_format']}): {recipe.name}, {len(res.weights)} layers "
+         f"({mix}), "
          f"{res.bits_per_weight():.3f} bits/weight, {meta['seconds']:.0f} s", json_path)
     if losses:
         echo(f"layer loss below RTN's in {summary['layers_below_rtn']}/{len(losses)} layers",

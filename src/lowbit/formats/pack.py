@@ -22,18 +22,37 @@ def _check(bits: int) -> None:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., n) integer codes in [0, 2^bits) -> (..., ceil(n*bits/8)) uint8."""
+    """(..., n) integer codes in [0, 2^bits) -> (..., ceil(n*bits/8)) uint8. Widths dividing 8
+    are OR-ed into bytes directly; others go through a bit stream, a bounded number of rows
+    at a time (the stream takes 8 bytes per bit)."""
     _check(bits)
-    codes = codes.to(torch.int64)
-    if codes.numel() and (codes.min() < 0 or codes.max() >= (1 << bits)):
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits} bits")
     *lead, n = codes.shape
-    shifts = torch.arange(bits)
-    stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(*lead, n * bits)
     nbytes = packed_bytes(n, bits)
+    if 8 % bits == 0:
+        per = 8 // bits
+        c = torch.nn.functional.pad(codes.to(torch.uint8), (0, nbytes * per - n))
+        c = c.reshape(*lead, nbytes, per)
+        out = c[..., 0].clone()
+        for k in range(1, per):
+            out |= c[..., k] << (k * bits)
+        return out
+    flat = codes.reshape(-1, n)
+    out = torch.empty(flat.shape[0], nbytes, dtype=torch.uint8)
+    rows = max(1, (1 << 20) // max(n * bits, 1))
+    for i in range(0, flat.shape[0], rows):
+        out[i:i + rows] = _pack_stream(flat[i:i + rows], bits, nbytes)
+    return out.reshape(*lead, nbytes)
+
+
+def _pack_stream(codes: torch.Tensor, bits: int, nbytes: int) -> torch.Tensor:
+    rows, n = codes.shape
+    shifts = torch.arange(bits)
+    stream = ((codes.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
     stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - n * bits))
     weights = 1 << torch.arange(8)
-    return (stream.reshape(*lead, nbytes, 8) * weights).sum(-1).to(torch.uint8)
+    return (stream.reshape(rows, nbytes, 8) * weights).sum(-1).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

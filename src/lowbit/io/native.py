@@ -37,6 +37,7 @@ FORMAT = "lowbit-native"
 VERSION = 2
 READS = (1, 2)  # versions this lowbit loads
 WEIGHTS = "lowbit.safetensors"  # v1: model.safetensors
+SERVING_RECORDS = ("compressed-tensors", "gptq", "awq")  # lowbit.json of serving checkpoints
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
@@ -129,16 +130,35 @@ def _layer_info(q, conv1d: bool) -> dict:
 
 
 def read_description(path: Path) -> dict:
+    """The ``lowbit.json`` of a folder lowbit wrote: a native folder (checked: version), or a
+    serving checkpoint, which records the same description under its format's name."""
     try:
         desc = json.loads((Path(path) / "lowbit.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LowbitError(f"{path}: unreadable lowbit.json ({e})") from None
+    if desc.get("format") in SERVING_RECORDS:
+        return desc
     if desc.get("format") != FORMAT:
         raise LowbitError(f"{path}: not a {FORMAT} folder")
     if desc.get("version") not in READS:
         raise LowbitError(f"{path}: {FORMAT} version {desc.get('version')!r}; this lowbit reads "
                           f"versions {', '.join(map(str, READS))} (a newer lowbit wrote it?)")
     return desc
+
+
+def is_native(path: Path) -> bool:
+    """A lowbit native folder (loaded by ``load_quantized``; a serving checkpoint with a
+    ``lowbit.json`` loads through its format)."""
+    return (Path(path) / "lowbit.json").is_file() and \
+        read_description(path).get("format") == FORMAT
+
+
+def serving_record(fmt: str, weights: dict, meta: dict) -> bytes:
+    """``lowbit.json`` for a serving checkpoint: the description (recipe, calibration, base
+    model, measured figures) and each quantized layer's grid, under the checkpoint's format."""
+    keep = {k: v for k, v in meta.items() if k not in ("format", "version", "layers", "tied")}
+    layers = {n: _layer_info(q, False) for n, q in weights.items()}
+    return json.dumps({"format": fmt, "layers": layers, **keep}, indent=1, default=str).encode()
 
 
 def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, object]:

@@ -190,11 +190,16 @@ def layer_losses(w: Tensor, gw: GridWeight, h: Tensor) -> dict:
 @dataclass(frozen=True)
 class GPTQ(Rounder):
     """GPTQ onto each layer's grid. ``act_order`` None = on where the grid allows column groups
-    (integer grids), off elsewhere (the measured default; BENCHMARKS.md)."""
+    (integer grids), off elsewhere (the measured default; BENCHMARKS.md). ``static_groups``
+    (default): act-order's rounding order with each group's parameters fitted on its own
+    contiguous columns before rounding, so no ``g_idx`` is stored and every serving format and
+    kernel holds the result; off, groups follow the rounding order and a ``g_idx`` maps
+    columns to groups (GPTQ layout only). Static groups measured as good or better (BENCHMARKS.md,
+    issue 14)."""
 
     step = "gptq"
     act_order: bool | None = None
-    static_groups: bool = False
+    static_groups: bool = True
     damp: float = 0.01
     block_size: int = 128
 

@@ -4,7 +4,7 @@ A transform step: on each block, the max |x| of every Linear input is observed, 
 group of Linears fed by a norm the scales ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` are
 folded into the norm (x / s) and the group's input columns (W s): the full-precision model
 computes the same function, with flatter activations. The statistics it observed are kept
-(``act_stats.safetensors`` beside the output; ``lowbit inspect --stats`` reads them).
+(``act_stats.safetensors`` in a native output folder; ``lowbit inspect --stats`` reads them).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ finally ``lm_head`` when a step targets it. Steps are used through their protoco
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight, spec_for
 from lowbit.errors import LowbitError
 from lowbit.pipeline.driver import BlockContext, Stream, run_sequential
+from lowbit.pipeline.release import page_out, release
 from lowbit.pipeline.stats import InputStats
+from lowbit.runtime.qlinear import QLinear
 
 HEAD = "lm_head"
 ORDER = {"transform": 0, "rounder": 1, "replacer": 1}
@@ -64,6 +66,37 @@ class Plan:
         return [la for la in self.layers.values() if la.block == bi]
 
 
+class QuantizedLayers(Mapping):
+    """The quantized layers by full module name. Rounded Linears are held as the model's
+    ``QLinear`` (packed codes) and read as their ``GridWeight`` (decoded on each access, so the
+    unpacked codes of all layers never sit in memory at once); replaced Linears are the
+    runtime modules themselves. ``modules()`` gives the runtime modules without decoding."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, object] = {}
+
+    def __getitem__(self, name: str):
+        item = self._items[name]
+        return item.grid_weight() if isinstance(item, QLinear) else item
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __setitem__(self, name: str, item) -> None:
+        self._items[name] = item
+
+    def modules(self) -> dict[str, object]:
+        """Each layer as held: ``QLinear``, runtime modules, or (until its block ends) the
+        ``GridWeight`` just rounded."""
+        return dict(self._items)
+
+
 @dataclass
 class Result:
     """What ``execute`` produced: the quantized weights (``GridWeight``) and runtime modules by
@@ -71,7 +104,7 @@ class Result:
     chose to keep, and the time taken."""
 
     steps: list
-    weights: dict = field(default_factory=dict)
+    weights: QuantizedLayers = field(default_factory=QuantizedLayers)
     rows: list[dict] = field(default_factory=list)
     stats: dict[str, InputStats] = field(default_factory=dict)
     seconds: float = 0.0
@@ -80,14 +113,14 @@ class Result:
 
     def bits_per_weight(self) -> float:
         n = bits = 0.0
-        for w in self.weights.values():
+        for w in self.weights.modules().values():
             numel = w.shape[0] * w.shape[1]
             n += numel
             bits += w.bits_per_weight() * numel
         return bits / max(n, 1)
 
     def storage_bytes(self) -> int:
-        return sum(w.storage_bytes() for w in self.weights.values())
+        return sum(w.storage_bytes() for w in self.weights.modules().values())
 
 
 def candidates(model: nn.Module, spec: ArchSpec) -> dict[str, tuple[int | None, str, nn.Module]]:
@@ -132,6 +165,7 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
             raise LowbitError(f"{full}: the weight holds {int(torch.isnan(w).sum())} NaN and "
                               f"{int(torch.isinf(w).sum())} inf values; only finite weights can "
                               "be quantized")
+        page_out([w.data])  # the check read it all: give back what a checkpoint map holds
         grid = None
         if step.kind == "rounder":
             grid = step.grid_for(full)
@@ -156,6 +190,7 @@ class _Executor:
         self.model, self.plan, self.res = model, plan, res
         self.on_row, self.n_tokens = on_row, n_tokens
         self.pending: list[tuple[str, object, nn.Module, dict]] = []
+        self.rounded: list[str] = []  # rounded in this block, swapped for QLinear at its end
 
     def emit(self, row: dict) -> None:
         self.res.rows.append(row)
@@ -193,6 +228,7 @@ class _Executor:
             for full, (gw, info) in step.round_layers(weights, grids, stats).items():
                 _set(mods[full], gw.dequantize(), conv1d)
                 self.res.weights[full] = gw
+                self.rounded.append(full)
                 self.emit({"block": bi, "name": full, "shape": list(gw.shape),
                            "tokens": 0 if stats is None else stats.n, "step": step.step,
                            "scheme": gw.grid.name} | info)
@@ -215,6 +251,7 @@ class _Executor:
                                  stats)
         owner, _, child = local.rpartition(".")
         setattr(parent.get_submodule(owner) if owner else parent, child, module)
+        release([mod.weight.data])
         self.res.weights[full] = module
         row = {"block": bi, "name": full, "shape": [module.out_features, module.in_features],
                "tokens": 0 if stats is None else stats.n, "step": step.step} | info
@@ -224,6 +261,25 @@ class _Executor:
         for _full, step, module, row in self.pending:
             self.emit(row | step.finish(module))
         self.pending.clear()
+        self.swap()
+
+    def swap(self) -> None:
+        """The Linears rounded since the last call become ``QLinear``s holding packed codes: the
+        model computes the same, and its float weights are freed block by block (peak memory
+        stays near the model's own size)."""
+        done = []
+        for full in self.rounded:
+            gw = self.res.weights.modules()[full]
+            owner, _, child = full.rpartition(".")
+            parent = self.model.get_submodule(owner) if owner else self.model
+            old = getattr(parent, child)
+            bias = getattr(old, "bias", None)
+            q = QLinear(gw, None if bias is None else bias.data)
+            setattr(parent, child, q)
+            self.res.weights[full] = q
+            done.append(old.weight.data)
+        release(done)
+        self.rounded.clear()
 
 
 def _weight(mod: nn.Module, conv1d: bool) -> Tensor:
@@ -252,8 +308,9 @@ def execute(
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
 ) -> Result:
-    """Quantize ``model`` in place as planned (rounded Linears keep their dequantized weights,
-    so the model evaluates as the quantized model; replaced Linears become runtime modules)."""
+    """Quantize ``model`` in place as planned: every quantized Linear becomes a runtime module
+    (rounded ones a ``QLinear`` when their block ends), so the model evaluates as the
+    quantized model and holds what a reload from the saved folder holds."""
     if plan.needs_data and calib is None:
         names = sorted({la.step.step for la in plan.layers.values()
                         if plan.wants(la) or la.step.needs_data()}
@@ -262,8 +319,6 @@ def execute(
     res = Result(plan.steps)
     t0 = time.perf_counter()
     spec = plan.spec
-    if HEAD in plan.layers:
-        untie_head(model)
     ex = _Executor(model, plan, res, on_row, 0 if calib is None else calib.numel())
     if plan.needs_data:
         res.calibration_tokens = int(calib.numel())
@@ -290,6 +345,7 @@ def execute(
 def _head(model: nn.Module, plan: Plan, ex: _Executor, last: Stream | None) -> None:
     """lm_head, from the last block's outputs through the final norm (``head_path``)."""
     la = plan.layers[HEAD]
+    untie_head(model)
     head = model.get_output_embeddings()
     stats = None
     if last is not None:
@@ -302,6 +358,7 @@ def _head(model: nn.Module, plan: Plan, ex: _Executor, last: Stream | None) -> N
             stats.add(h)
     if la.step.kind == "rounder":
         ex.round_modules(None, {HEAD: head}, stats, False)
+        ex.swap()
     else:
         ex.replace_module(model, HEAD, HEAD, la.step, stats, None, False)
         ex.finish(None)

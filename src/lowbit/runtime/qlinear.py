@@ -80,7 +80,10 @@ class QLinear(QuantModule):
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def bits_per_weight(self) -> float:
-        return self.grid_weight().bits_per_weight()
+        """As ``GridWeight.bits_per_weight``, without decoding: the grid's accounting, plus
+        act-order's g_idx (one int32 per column)."""
+        bpw = self.grid.bits_per_weight(*self.shape)
+        return bpw + 32 / self.out_features if "g_idx" in self._dtypes else bpw
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors in their own dtypes (the buffers hold their bits)."""

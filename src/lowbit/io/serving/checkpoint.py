@@ -23,7 +23,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.weight import GridWeight
-from lowbit.io.native import atomic_dir, finish_load
+from lowbit.io.native import atomic_dir, finish_load, serving_record
 from lowbit.io.serving import awq, compressed_tensors, gptq
 from lowbit.io.serving.base import ServingFormat, scheme_name, scheme_of
 from lowbit.runtime.qlinear import QLinear
@@ -86,6 +86,19 @@ def _plain_tensors(model: nn.Module, qnames: set[str], dtype: torch.dtype) -> di
         seen[v.data_ptr()] = k
         out[k] = v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
     return out
+
+
+def round_unquantized(model: nn.Module, qnames: set[str], dtype: str) -> None:
+    """Round the tensors a checkpoint stores unquantized, in place, through its ``dtype``: the
+    model in memory then computes what the written checkpoint will (``quantize --eval``
+    measures the artifact, not an fp32 model that was never saved)."""
+    want = DTYPES[dtype]
+    for k, v in model.state_dict().items():
+        owner, _, leaf = k.rpartition(".")
+        if (owner in qnames and leaf != "bias") or not v.is_floating_point():
+            continue
+        if v.dtype != want and torch.finfo(v.dtype).bits > torch.finfo(want).bits:
+            v.copy_(v.to(want))
 
 
 def _unquantized_linears(model: nn.Module, qnames: set[str]) -> list[str]:
@@ -156,6 +169,7 @@ def write_checkpoint(
     cfg["quantization_config"] = qcfg
     cfg["torch_dtype"] = cfg["dtype"] = dtype
     cfg.pop("_name_or_path", None)
+    extra = {"lowbit.json": serving_record(fmt, weights, meta), **(extra or {})}
     with atomic_dir(out, overwrite) as tmp:
         files = _save_shards(tensors, tmp, max_shard_bytes)
         if fail_after_tensors:
@@ -171,7 +185,7 @@ def write_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(fmt, scheme, meta, qcfg))
-        for fname, data in (extra or {}).items():
+        for fname, data in extra.items():
             (tmp / fname).write_bytes(data)
     size = sum(p.stat().st_size for p in Path(out).iterdir() if p.suffix == ".safetensors")
     return {"format": fmt, "out": str(out), "scheme": scheme_name(scheme),

@@ -96,7 +96,7 @@ def quant_args(grid: IntGrid):
         num_bits=grid.bits,
         type="int",
         symmetric=grid.symmetric,
-        strategy="group" if grouped else "channel",
+        strategy=grid.granularity,  # group, channel or tensor: the library's names too
         group_size=grid.group if grouped else None,
     )
 
@@ -140,11 +140,14 @@ def layer_tensors(name: str, w) -> dict[str, torch.Tensor]:
     off = 1 << (grid.bits - 1)
     qs = QuantizationScheme(targets=["Linear"], weights=quant_args(grid))
     scale = stored_scale(w)
+    zero = w.params["zero"]
+    if grid.granularity == "tensor":  # one scale (and zero) for the tensor: shape (1,)
+        scale, zero = scale.reshape(-1)[:1].contiguous(), zero.reshape(-1)[:1]
     # the exact lowbit W_hat: scale * (q - zero) is exact in float32 for b <= 8 and fp16 scales,
     # so the library's round(W_hat / scale) + z_s gives back q_s exactly
     sd = {"weight": w.dequantize(), "weight_scale": scale}
     if not grid.symmetric:
-        sd["weight_zero_point"] = (w.params["zero"].to(torch.int16) - off).to(torch.int8)
+        sd["weight_zero_point"] = (zero.to(torch.int16) - off).to(torch.int8)
     out = Compressor.compress(sd, qs)
     got = unpack(out["weight_packed"], grid.bits, w.shape).to(torch.int16) + off
     if not torch.equal(got, w.codes.to(torch.int16)):
@@ -156,15 +159,15 @@ def layer_tensors(name: str, w) -> dict[str, torch.Tensor]:
 
 def grid_of(args: dict, scale: torch.Tensor) -> IntGrid:
     """The IntGrid for a config group's ``weights`` args (integer pack-quantized)."""
-    if args.get("type") != "int" or args.get("strategy") not in ("group", "channel"):
+    if args.get("type") != "int" or args.get("strategy") not in ("group", "channel", "tensor"):
         raise LowbitError(
             f"compressed-tensors weights {args.get('type')}/{args.get('strategy')} are not "
-            "supported for import; lowbit reads int group/channel pack-quantized"
+            "supported for import; lowbit reads int group/channel/tensor pack-quantized"
         )
     grouped = args["strategy"] == "group"
     return IntGrid(
         bits=int(args["num_bits"]),
-        granularity="group" if grouped else "channel",
+        granularity=args["strategy"],
         group=int(args["group_size"]) if grouped else 0,
         symmetric=bool(args.get("symmetric", True)),
         scale_dtype=_SCALE.get(scale.dtype, "float32"),  # type: ignore[arg-type]
@@ -181,12 +184,18 @@ def read_layer(name: str, t: dict[str, torch.Tensor], args: dict) -> GridWeight:
         raise LowbitError(f"{name}: compressed-tensors g_idx (actorder=group) is not supported")
     grid = grid_of(args, scale)
     shape = tuple(int(x) for x in t["weight_shape"].tolist())
+    if grid.granularity == "tensor":
+        scale = scale.reshape(1, 1).expand(shape[0], 1).contiguous()
     off = 1 << (grid.bits - 1)
     codes = (unpack(t["weight_packed"], grid.bits, shape).to(torch.int16) + off).to(torch.uint8)
     if grid.symmetric:
         zero = torch.full(scale.shape, float(off))
     else:
-        zs = unpack(t["weight_zero_point"], grid.bits, scale.shape, packed_dim=0)
+        zp = t["weight_zero_point"]
+        if grid.granularity == "tensor":
+            zs = zp.reshape(1, 1).expand(shape[0], 1)
+        else:
+            zs = unpack(zp, grid.bits, scale.shape, packed_dim=0)
         zero = (zs.to(torch.int16) + off).float()
     return GridWeight(grid, codes, {"scale": scale.float(), "zero": zero})
 

@@ -1,0 +1,65 @@
+"""Giving back the memory of a float weight once its Linear is quantized.
+
+transformers memory-maps safetensors checkpoints (private mappings). A weight's pages count in
+the process's resident memory from their first read (file pages) or write (copied pages) until
+the file's whole mapping goes away, which happens when the last tensor of the file is freed:
+the end of the run. Dropping a replaced Linear therefore frees nothing, and quantizing a model
+would hold it all. ``release`` tells the kernel that the pages of such weights are no longer
+needed (``madvise(MADV_DONTNEED)``; a later read would see the file's bytes again), only for
+tensors inside a file mapping and only whole pages. ``page_out`` is the harmless form for
+weights still in use that were only read (the whole-model checks before a run):
+``MADV_PAGEOUT`` reclaims clean pages, which a later read brings back from the file, and never
+loses a page that was written. Anywhere else (ordinary memory, systems without ``/proc``, older
+kernels) both do nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+
+from torch import Tensor
+
+_MADV_DONTNEED = 4
+_MADV_PAGEOUT = 21  # Linux 5.4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                out.append((lo, hi))
+    return out
+
+
+def release(tensors: list[Tensor]) -> int:
+    """Drop the resident pages of ``tensors``, which nothing uses any more, when they live in a
+    file mapping; returns the bytes given back."""
+    return _advise(tensors, _MADV_DONTNEED)
+
+
+def page_out(tensors: list[Tensor]) -> int:
+    """Reclaim the clean file pages of ``tensors`` (still in use: a later read re-reads them)."""
+    return _advise(tensors, _MADV_PAGEOUT)
+
+
+def _advise(tensors: list[Tensor], advice: int) -> int:
+    if not sys.platform.startswith("linux") or not tensors:
+        return 0
+    maps = _file_mappings()
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    page = mmap.PAGESIZE
+    freed = 0
+    for t in tensors:
+        st = t.untyped_storage()
+        start, end = st.data_ptr(), st.data_ptr() + st.nbytes()
+        if not any(lo <= start and end <= hi for lo, hi in maps):
+            continue
+        lo, hi = -(-start // page) * page, end // page * page  # whole pages inside only
+        if hi > lo and madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice) == 0:
+            freed += hi - lo
+    return freed
