@@ -120,6 +120,12 @@ def spec_for(model: nn.Module) -> ArchSpec:
     )
 
 
+def text_config(model: nn.Module):
+    """The config of the language model: a multimodal model's ``text_config``, else its own."""
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
 def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     blocks = model.get_submodule(spec.blocks)
     if not isinstance(blocks, nn.ModuleList):
