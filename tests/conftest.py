@@ -19,6 +19,22 @@ TINY = dict(
     max_position_embeddings=256,
 )
 
+
+def tiny_gemma3_config(**text) -> tf.Gemma3Config:
+    """Multimodal Gemma 3 as Gemma 3 >= 4B ships (Gemma3ForConditionalGeneration): a tiny
+    gemma3_text language model (``TINY``, heads of 16, overridden by ``text``), a tiny SigLIP
+    vision tower (32x32 images of 2x2 patches, no pooling head, as in Gemma 3), 4 tokens per
+    image; the image tokens are the last three ids of the vocabulary."""
+    text_cfg = tf.Gemma3TextConfig(**(TINY | {"head_dim": 16} | text))
+    vision = tf.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, image_size=32, patch_size=16,
+                                   vision_use_head=False)
+    vocab = text_cfg.vocab_size
+    return tf.Gemma3Config(text_config=text_cfg.to_dict(), vision_config=vision.to_dict(),
+                           mm_tokens_per_image=4, boi_token_index=vocab - 3,
+                           eoi_token_index=vocab - 2, image_token_index=vocab - 1)
+
+
 FAMILIES = {
     "llama": lambda: tf.LlamaConfig(**TINY),
     "mistral": lambda: tf.MistralConfig(**TINY),
@@ -27,6 +43,7 @@ FAMILIES = {
     "gemma": lambda: tf.GemmaConfig(**TINY, head_dim=16),
     "gemma2": lambda: tf.Gemma2Config(**TINY, head_dim=16),
     "gemma3_text": lambda: tf.Gemma3TextConfig(**TINY, head_dim=16),
+    "gemma3": tiny_gemma3_config,  # multimodal: the language model is quantized
     "phi3": lambda: tf.Phi3Config(**TINY, pad_token_id=0),
     "opt": lambda: tf.OPTConfig(
         vocab_size=256,

@@ -56,8 +56,9 @@ GGUF_FAMILIES = {
 
 
 def tiny_family(family: str, hidden: int = 256, seed: int = 0, vocab: int = 320, **extra):
-    """A tiny model of ``family``: 4 heads of hidden/4 (2 kv heads), 2 blocks (gemma3: 6, so
-    that its 6th block attends globally with the global RoPE base), random weights and
+    """A tiny model of ``family``: 4 heads of hidden/4 (2 kv heads), 2 blocks (gemma3_text: 6,
+    so that its 6th block attends globally with the global RoPE base; ``gemma3`` is that
+    language model in a multimodal Gemma 3 with a tiny vision tower), random weights and
     non-trivial norm weights (and biases), so that a misplaced or mis-scaled tensor shows.
     gemma2/3: query_pre_attn_scalar = head_dim, as llama.cpp scales queries; phi3: half the
     head dimensions rotated."""
@@ -76,14 +77,19 @@ def tiny_family(family: str, hidden: int = 256, seed: int = 0, vocab: int = 320,
         eos_token_id=2,
         pad_token_id=2,
     )
-    if family in ("gemma2", "gemma3_text"):
+    if family in ("gemma2", "gemma3_text", "gemma3"):
         kw["query_pre_attn_scalar"] = head_dim
-    if family == "gemma3_text":
+    if family in ("gemma3_text", "gemma3"):
         kw["num_hidden_layers"] = 6
     if family == "phi3":
         kw["partial_rotary_factor"] = 0.5
         del kw["head_dim"]
-    cfg = GGUF_FAMILIES[family](**(kw | extra))
+    if family == "gemma3":  # multimodal (Gemma 3 >= 4B): GGUF holds its language model
+        from conftest import tiny_gemma3_config
+
+        cfg = tiny_gemma3_config(**(kw | extra))
+    else:
+        cfg = GGUF_FAMILIES[family](**(kw | extra))
     cfg._attn_implementation = "eager"  # gemma2's logit softcapping needs it
     model = tf.AutoModelForCausalLM.from_config(cfg)
     low = -0.5 if family.startswith("gemma") else 0.5  # Gemma norms scale by 1 + w
@@ -93,5 +99,7 @@ def tiny_family(family: str, hidden: int = 256, seed: int = 0, vocab: int = 320,
                 p.uniform_(low, low + 1.0)
             elif name.endswith(".bias"):
                 p.uniform_(-0.5, 0.5)
+            elif name.endswith("mm_input_projection_weight"):  # gemma3: zero-initialised
+                p.normal_(0.0, 0.1)
     model.eval()
     return model

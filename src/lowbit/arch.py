@@ -7,6 +7,7 @@ which (needed to fold scales). Adding a family is a few lines.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -36,6 +37,10 @@ class ArchSpec:
     # modules that turn the last block's output into lm_head's input, in order (absent ones,
     # such as OPT's optional project_out, are skipped)
     head_path: tuple[str, ...] = ("model.norm",)
+    # multimodal models: the language model (a ``*Model`` with ``embed_tokens``, the blocks and
+    # the final norm) under which the blocks sit; "" for a causal LM. Everything outside it
+    # and lm_head (vision tower, projector) is neither quantized nor written to GGUF.
+    text_model: str = ""
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -49,23 +54,32 @@ _LLAMA_LIKE = dict(
     mlp_path=("post_attention_layernorm", "mlp"),
 )
 
+_GEMMA2_LIKE = dict(
+    groups=_LLAMA_LIKE["groups"],
+    # gemma2/3 normalise the attention output before the residual add, so only the
+    # pre-attention and pre-feedforward norms feed Linears directly
+    norm_feeds={"input_layernorm": ATTN, "pre_feedforward_layernorm": GATE_UP},
+    linear_feeds=_LLAMA_LIKE["linear_feeds"],
+    # no mlp_path: post-attention and post-feedforward norms sit between the Linears and the
+    # residual adds
+    norm_offset=1.0,
+)
+
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama", "smollm", "smollm3"), "model.layers", **_LLAMA_LIKE),
     ArchSpec("mistral", ("mistral", "mixtral_dense"), "model.layers", **_LLAMA_LIKE),
     ArchSpec("qwen2", ("qwen2", "qwen3"), "model.layers", **_LLAMA_LIKE),
     ArchSpec("gemma", ("gemma",), "model.layers", **_LLAMA_LIKE, norm_offset=1.0),
+    ArchSpec("gemma2", ("gemma2", "gemma3_text"), "model.layers", **_GEMMA2_LIKE),
+    # Gemma 3 >= 4B (Gemma3ForConditionalGeneration): the language model's blocks; the vision
+    # tower and the multimodal projector are no blocks, so they are left as they are
     ArchSpec(
-        "gemma2",
-        ("gemma2", "gemma3_text", "gemma3"),
-        "model.layers",
-        groups=_LLAMA_LIKE["groups"],
-        # gemma2/3 normalise the attention output before the residual add, so only the
-        # pre-attention and pre-feedforward norms feed Linears directly
-        norm_feeds={"input_layernorm": ATTN, "pre_feedforward_layernorm": GATE_UP},
-        linear_feeds=_LLAMA_LIKE["linear_feeds"],
-        # no mlp_path: post-attention and post-feedforward norms sit between the Linears
-        # and the residual adds
-        norm_offset=1.0,
+        "gemma3",
+        ("gemma3",),
+        "model.language_model.layers",
+        **_GEMMA2_LIKE,
+        head_path=("model.language_model.norm",),
+        text_model="model.language_model",
     ),
     ArchSpec(
         "phi3",
@@ -118,6 +132,46 @@ def spec_for(model: nn.Module) -> ArchSpec:
     raise LowbitError(
         f"unsupported model family {mtype!r}; supported: {', '.join(supported_families())}"
     )
+
+
+def text_config(model: nn.Module):
+    """The config of the language model: a multimodal model's ``text_config``, else its own."""
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+class TextModel(nn.Module):
+    """A multimodal model's language model as a plain causal LM: ``model`` (embeddings, blocks,
+    final norm) and ``lm_head`` are the multimodal model's own modules, ``config`` its text
+    config; calling it calls the multimodal model (text only). The vision tower and projector
+    are not part of it."""
+
+    def __init__(self, model: nn.Module, path: str) -> None:
+        super().__init__()
+        self.model = model.get_submodule(path)
+        self.lm_head = model.get_output_embeddings()
+        self.config = copy.copy(text_config(model))
+        self.config._name_or_path = getattr(model.config, "_name_or_path", "")
+        self._whole = [model]  # a list: not a submodule, its parameters are not this model's
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, *args, **kwargs):
+        return self._whole[0](*args, **kwargs)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The model itself, or a multimodal model's language model (``TextModel``) when its
+    family table gives ``text_model``."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    spec = next((s for s in SPECS if mtype in s.model_types), None)
+    if spec is None or not spec.text_model:
+        return model
+    return TextModel(model, spec.text_model)
 
 
 def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:

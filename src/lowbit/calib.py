@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit import data
+from lowbit.arch import text_config
 from lowbit.errors import LowbitError
 from lowbit.models import cache_dir
 
@@ -35,7 +36,7 @@ def self_generated(
 ) -> torch.Tensor:
     """``n`` windows of ``seq_len`` tokens sampled from the model (temperature 1), each
     started from BOS and one random token; cached on disk by model and settings."""
-    cfg = model.config
+    cfg = text_config(model)
     key = hashlib.sha256(
         f"{cfg.model_type}-{cfg.vocab_size}-{cfg.hidden_size}-{cfg.num_hidden_layers}-"
         f"{sum(float(p.detach().double().sum()) for p in model.parameters()):.6e}".encode()

@@ -275,6 +275,7 @@ def export_job(model_arg: str, out: str | Path, fmt: str = "gguf", qtype: str = 
     if fmt != "gguf":
         raise LowbitError(f"unknown export format {fmt!r}; known: gguf, "
                           f"{', '.join(SERVING_FORMATS)}")
+    from lowbit.arch import language_model
     from lowbit.io.gguf.export import export_gguf, gguf_arch
     from lowbit.io.gguf.imatrix import load_imatrix
     from lowbit.io.gguf.presets import get_preset
@@ -292,6 +293,9 @@ def export_job(model_arg: str, out: str | Path, fmt: str = "gguf", qtype: str = 
     source = source_gguf_of(model_arg, note)
     model, tok = load_model(model_arg, dtype)
     gguf_arch(model)
+    if language_model(model) is not model:
+        note("GGUF holds the language model; llama.cpp reads the vision tower and projector "
+             "from a separate mmproj file (llama.cpp's convert_hf_to_gguf.py --mmproj)")
     res = export_gguf(model, tok, out, qtype, imatrix=im, source_gguf=source, progress=progress)
     return res | {"model": str(model_arg), "imatrix_file": imatrix_path, "source_gguf": source}
 

@@ -88,6 +88,27 @@ def test_observe_model_matches_hooks_on_the_full_model(windows):
         assert torch.allclose(stats[n].h, h, rtol=1e-4, atol=1e-5 * float(h.abs().max()))
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma3"])
+def test_each_kind_of_block_gets_its_own_arguments(family, windows):
+    """Gemma 3's global blocks (every 6th) get another mask and RoPE than its sliding ones:
+    the driver replays to each block what the model gives that kind of block, so the blockwise
+    run reproduces a model whose sliding window (8) is shorter than the windows (32)."""
+    import transformers as tf
+    from conftest import TINY, tiny_gemma3_config
+
+    text = dict(head_dim=16, num_hidden_layers=6, sliding_window=8)
+    cfg = (tf.Gemma3TextConfig(**(TINY | text)) if family == "gemma3_text"
+           else tiny_gemma3_config(**text))
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    spec = spec_for(model)
+    cap = capture_inputs(model, spec, windows, chunk=4)
+    assert cap.layer_types[-1] == "full_attention" and len(cap.by_type) == 2
+    ref = last_block_output(model, windows)
+    out = run_sequential(model, spec, windows, Visitor(lambda *_: None), chunk=4,
+                         progress=False)
+    assert torch.allclose(torch.cat(out.hidden), ref, atol=1e-5, rtol=1e-4)
+
+
 def test_captured_kwargs_hold_no_cache(windows):
     model = tiny_model("llama")
     cap = capture_inputs(model, spec_for(model), windows, chunk=3)

@@ -1,9 +1,10 @@
 """The sequential block driver shared by every calibrated step.
 
-Block 0's inputs (and the keyword arguments the model passes to its blocks) are captured once
-for the calibration windows (the *main* stream) and, when a step asks for one, for a small
-*sample* of them (AWQ's search). Then, block by block, a visitor (``lowbit.pipeline.plan``)
-is called in four phases:
+Block 0's inputs and the keyword arguments the model passes to its blocks (per kind of block
+when the config gives ``layer_types``: Gemma 2/3's sliding and global layers get other masks
+and RoPE) are captured once for the calibration windows (the *main* stream) and, when a step
+asks for one, for a small *sample* of them (AWQ's search). Then, block by block, a visitor
+(``lowbit.pipeline.plan``) is called in four phases:
 
 1. ``transform(ctx)`` - on the block as it is, with its inputs (AWQ, SmoothQuant);
 2. for each true-sequential group of Linears (a group shares one input): its statistics are
@@ -20,14 +21,14 @@ the work: a note says so.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight
+from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight, text_config
 from lowbit.errors import LowbitError
 from lowbit.pipeline.stats import InputStats
 
@@ -54,30 +55,54 @@ def clean_block_kwargs(kwargs: dict) -> dict:
 
 @dataclass
 class Stream:
-    """Inputs of the current block: one (chunk, seq, hidden) tensor per chunk of windows."""
+    """Inputs of the current block: one (chunk, seq, hidden) tensor per chunk of windows, and
+    the keyword arguments the model passes to it."""
 
     hidden: list[Tensor]
     kwargs: list[dict]
+    # models whose config gives ``layer_types`` pass each kind of block its own keyword
+    # arguments (gemma2/3: a sliding-window mask; gemma3: the local RoPE): per kind, with the
+    # kind of every block
+    by_type: dict[str, list[dict]] = field(default_factory=dict)
+    layer_types: tuple[str, ...] = ()
 
     @property
     def tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+    def enter(self, block: int) -> None:
+        """Take the keyword arguments of block ``block``."""
+        if self.by_type:
+            self.kwargs = self.by_type[self.layer_types[block]]
+
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, spec: ArchSpec, windows: Tensor, chunk: int) -> Stream:
-    """Run the model up to block 0 for each chunk of windows and keep what block 0 receives."""
-    block0 = get_blocks(model, spec)[0]
+    """Run the model up to block 0 for each chunk of windows and keep what block 0 receives;
+    when the blocks are of several kinds (``layer_types``), run on to the first block of each
+    kind and keep its keyword arguments too."""
+    blocks = get_blocks(model, spec)
+    kinds = tuple(getattr(text_config(model), "layer_types", None) or ())[: len(blocks)]
+    if len(set(kinds)) < 2 or len(kinds) != len(blocks):
+        kinds = ()
+    first = {k: kinds.index(k) for k in dict.fromkeys(kinds)} or {"": 0}
+    last = max(first.values())
     hidden: list[Tensor] = []
-    kw: list[dict] = []
+    kw: dict[str, list[dict]] = {k: [] for k in first}
 
-    def hook(_mod, args, kwargs):
-        h = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(h.detach())
-        kw.append(clean_block_kwargs({k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
+    def hook_for(kind: str, index: int):
+        def hook(_mod, args, kwargs):
+            if index == 0:
+                h = args[0] if args else kwargs["hidden_states"]
+                hidden.append(h.detach())
+            kw[kind].append(clean_block_kwargs(
+                {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            if index == last:
+                raise _Stop
+        return hook
 
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [blocks[i].register_forward_pre_hook(hook_for(k, i), with_kwargs=True)
+               for k, i in first.items()]
     try:
         for i in range(0, windows.shape[0], chunk):
             try:
@@ -85,8 +110,11 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, windows: Tensor, chunk: int
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return Stream(hidden, kw)
+        for h in handles:
+            h.remove()
+    if not kinds:
+        return Stream(hidden, kw[""])
+    return Stream(hidden, kw[kinds[0]], kw, kinds)
 
 
 def _block_out(out):
@@ -193,7 +221,10 @@ def run_sequential(
     announced = False
     bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress)
     for bi, block in enumerate(blocks):
-        ctx = BlockContext(bi, block, spec, main, samp, getattr(model, "config", None))
+        for stream in (main, samp):
+            if stream is not None:
+                stream.enter(bi)
+        ctx = BlockContext(bi, block, spec, main, samp, text_config(model))
         visitor.transform(ctx)
         wants = [visitor.wants(ctx, g) for g in spec.groups]
         nxt = None

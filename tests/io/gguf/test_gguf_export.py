@@ -446,6 +446,33 @@ def test_every_family_imatrix_names_are_the_exported_ones(tmp_path, tok, family)
         assert im.data["blk.0.attn_qkv.weight"].shape == (64,)
 
 
+def test_multimodal_gemma3_is_written_as_its_language_model(tmp_path, tok):
+    """Gemma 3 >= 4B (Gemma3ForConditionalGeneration) is written as llama.cpp's gemma3: the
+    file of its language model on its own (gemma3_text), key for key and byte for byte; the
+    vision tower and projector are left out (llama.cpp reads them from a separate mmproj
+    file). Its importance matrix has the text model's entries."""
+    mm = tiny_family("gemma3", hidden=64)
+    text = tiny_family("gemma3_text", hidden=64)
+    text.model.load_state_dict(mm.model.language_model.state_dict())
+    readers = []
+    for name, m in (("mm", mm), ("text", text)):
+        export_gguf(m, tok, tmp_path / f"{name}.gguf", "Q8_0", progress=False)
+        readers.append(GGUFReader(tmp_path / f"{name}.gguf"))
+    a, b = readers
+    assert _field(a, "general.architecture") == "gemma3"
+    assert {k: f.contents() for k, f in a.fields.items() if not k.startswith("GGUF.")} == {
+        k: f.contents() for k, f in b.fields.items() if not k.startswith("GGUF.")}
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors, strict=True):
+        assert x.tensor_type == y.tensor_type
+        assert np.asarray(x.data).tobytes() == np.asarray(y.data).tobytes(), x.name
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    im_mm, im_text = (collect_imatrix(m, ids, progress=False) for m in (mm, text))
+    assert im_mm.data.keys() == im_text.data.keys()
+    for k, v in im_mm.data.items():
+        np.testing.assert_allclose(v, im_text.data[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
 @pytest.mark.parametrize("family,extra,msg", [
     ("gemma2", {"query_pre_attn_scalar": 32}, r"scales queries by 1/sqrt\(16\).*scalar 32"),
     ("gemma3_text", {"query_pre_attn_scalar": 256}, r"1/sqrt\(16\).*scalar 256"),

@@ -109,12 +109,13 @@ def test_tokenizer_built_from_transformers_loads_in_llamacpp(tmp_path, real):
     )
 
 
-@pytest.mark.parametrize("family", list(GGUF_FAMILIES))
+@pytest.mark.parametrize("family", [*GGUF_FAMILIES, "gemma3"])
 def test_tiny_hf_logits_match(tmp_path, family):
     """A transformers model of each family (norms, Gemma's 1 + w norms, q/k permutation or
     NEOX RoPE, partial rotary, biases, q/k norms, logit caps, gemma3's global layer and its
-    two RoPE bases, phi3's fused matrices, tied or untied output) exported as F32 gives
-    llama.cpp logits equal to transformers' own. 48 tokens: below every sliding window."""
+    two RoPE bases, phi3's fused matrices, tied or untied output; multimodal gemma3: its
+    language model, text only) exported as F32 gives llama.cpp logits equal to transformers'
+    own. 48 tokens: below every sliding window."""
     model, tok = tiny_family(family), tiny_tokenizer()
     out = tmp_path / f"{family}.gguf"
     export_gguf(model, tok, out, "F32", progress=False)

@@ -1,5 +1,7 @@
 """Write a transformers model as a GGUF file that llama.cpp loads: llama, mistral, qwen2,
-qwen3, gemma, gemma2, gemma3 (text) and phi3 (`lowbit.io.gguf.archs` holds what differs).
+qwen3, gemma, gemma2, gemma3 and phi3 (`lowbit.io.gguf.archs` holds what differs). Of a
+multimodal Gemma 3 the language model is written (`lowbit.arch.language_model`); llama.cpp
+reads the vision tower and projector from a separate mmproj file, which lowbit does not write.
 
 Tensor names are llama.cpp's (`blk.N.attn_q.weight` ...), found by the `gguf` package's name
 tables from the model's own parameter names; q/k rows are permuted from the transformers
@@ -27,6 +29,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.arch import language_model
 from lowbit.errors import LowbitError
 from lowbit.formats import ggml
 from lowbit.io.gguf.archs import GGUFArch, arch_for, arch_kv, dims
@@ -58,7 +61,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_arch(model: nn.Module) -> str:
     """The llama.cpp architecture to write, or a one-line error for a model we cannot map."""
-    return arch_for(model).name
+    return arch_for(language_model(model)).name
 
 
 def tensor_namer(model: nn.Module, ga: GGUFArch | None = None) -> Callable[[str], str]:
@@ -203,6 +206,7 @@ def export_gguf(
     """
     t0 = time.perf_counter()
     preset = get_preset(qtype)
+    model = language_model(model)  # multimodal: the vision tower goes to an mmproj file
     ga = arch_for(model)
     arch = ga.name
     imatrix = getattr(imatrix, "data", imatrix)  # an Imatrix object or a plain mapping

@@ -24,7 +24,7 @@ import torch
 from gguf import GGUFValueType, GGUFWriter
 from torch import nn
 
-from lowbit.arch import block_linears, get_blocks, spec_for
+from lowbit.arch import block_linears, get_blocks, language_model, spec_for
 from lowbit.errors import LowbitError
 from lowbit.io.gguf.export import tensor_namer
 from lowbit.pipeline.driver import observe_model
@@ -49,6 +49,7 @@ def collect_imatrix(
     """Run the calibration windows through the model with the shared driver's observer
     (``observe_model``; weights are left unchanged) and keep each Linear's per-column mean of
     x^2: the diagonal of its input Hessian 2 X^T X / n, halved."""
+    model = language_model(model)  # the names of the language model, as export writes it
     to_gguf = tensor_namer(model)  # names are llama.cpp's: refuse what the exporter cannot write
     spec = spec_for(model)
     for mod in block_linears(get_blocks(model, spec)[0], spec).values():

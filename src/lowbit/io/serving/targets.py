@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lowbit.arch import text_config
 from lowbit.errors import LowbitError
 from lowbit.formats.grid_base import WeightGrid
 from lowbit.formats.integer import IntGrid
@@ -230,7 +231,7 @@ def _marlin_refuses(fmt, scheme: IntGrid, gs: int, o: int, i: int, act_order: bo
 
 def model_heads(model) -> tuple[int, int] | None:
     """(attention heads, KV heads) from the model's config, for the TP head checks."""
-    cfg = model.config
+    cfg = text_config(model)
     nh = getattr(cfg, "num_attention_heads", None)
     return (nh, getattr(cfg, "num_key_value_heads", None) or nh) if nh else None
 
