@@ -178,7 +178,7 @@ def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
     return out
 
 
-def _has(block: nn.Module, path: str | None) -> bool:
+def has_module(block: nn.Module, path: str | None) -> bool:
     try:
         return path is not None and block.get_submodule(path) is not None
     except AttributeError:
@@ -190,7 +190,7 @@ def block_steps(block: nn.Module, spec: ArchSpec) -> tuple[tuple[tuple[str, ...]
     each other's rounding: one group per step for dense blocks; a MoE block has the attention
     steps, then every expert's (gate, up) with the shared expert's, then every down."""
     moe = spec.moe
-    if moe is None or not _has(block, moe.experts):
+    if moe is None or not has_module(block, moe.experts):
         return tuple((g,) for g in spec.groups)
     experts = block.get_submodule(moe.experts)
     if not isinstance(experts, nn.ModuleList):
@@ -200,7 +200,7 @@ def block_steps(block: nn.Module, spec: ArchSpec) -> tuple[tuple[tuple[str, ...]
     heads = [f"{moe.experts}.{e}." for e in range(len(experts))]
     gate_up = [(p + g, p + u) for p in heads]
     down = [(p + d,) for p in heads]
-    if _has(block, moe.shared):
+    if has_module(block, moe.shared):
         s = f"{moe.shared}."
         gate_up.append((s + "gate_proj", s + "up_proj"))
         down.append((s + "down_proj",))
@@ -219,8 +219,14 @@ def expert_index(spec: ArchSpec, local: str) -> int | None:
     return int(local[len(spec.moe.experts) + 1 :].split(".", 1)[0])
 
 
-def checkpoint_name(spec: ArchSpec, name: str) -> str:
-    """A full module or tensor name as the family's transformers checkpoints spell it."""
+def checkpoint_name(spec: ArchSpec, name: str, reverse: bool = False) -> str:
+    """A full module or tensor name as the family's transformers checkpoints spell it (with
+    ``reverse``: a checkpoint's name as the module is named in memory)."""
     for mem, disk in spec.moe.renames if spec.moe else ():
-        name = name.replace(mem, disk)
+        name = name.replace(disk, mem) if reverse else name.replace(mem, disk)
     return name
+
+
+def spec_for_type(model_type: str | None) -> ArchSpec | None:
+    """The table of a config's ``model_type``, None when no family has it."""
+    return next((s for s in SPECS if model_type in s.model_types), None)
