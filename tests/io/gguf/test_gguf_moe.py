@@ -119,3 +119,17 @@ def test_gptq_quantized_moe_to_gguf(tmp_path):
     err, shift = np.abs(theirs - ours).max(), np.abs(base - ours).max()
     print(f"llama.cpp vs lowbit {err:.4f}, quantization shift {shift:.4f}")
     assert err < 0.03 * np.abs(ours).max() and err < shift / 3
+
+
+def test_cli_exports_a_quantized_moe_folder(tmp_path):
+    """``lowbit export`` of a lowbit folder (per-expert QLinears) writes the stacked experts."""
+    from cli_helpers import lowbit_cli
+
+    model, tok = tiny_moe("mixtral"), tiny_tokenizer()
+    res = lowbit.quantize(model, {"steps": [{"step": "rtn", "scheme": "w4g32"}]},
+                          progress=False)
+    lowbit.save(tmp_path / "q", model, tok, res)
+    lowbit_cli("export", tmp_path / "q", tmp_path / "q.gguf", "--type", "Q4_K_M", "--quiet")
+    t = {x.name: x for x in GGUFReader(tmp_path / "q.gguf").tensors}
+    assert list(t["blk.1.ffn_down_exps.weight"].shape) == [256, 256, 4]
+    assert t["blk.1.ffn_gate_inp.weight"].tensor_type.name == "F32"
