@@ -57,10 +57,20 @@ FAMILIES = {
     "gpt2": lambda: tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256),
 }
 
+_MOE = dict(TINY, num_experts_per_tok=2)
+# mixture-of-experts families: 4 experts, top-2 (every size a multiple of 32 and 64)
+MOE_FAMILIES = {
+    "mixtral": lambda: tf.MixtralConfig(**_MOE, num_local_experts=4),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(**_MOE, num_experts=4, moe_intermediate_size=64,
+                                           shared_expert_intermediate_size=128),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(**_MOE, num_experts=4, moe_intermediate_size=64,
+                                           head_dim=16),
+}
+
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = FAMILIES[family]()
+    cfg = (FAMILIES | MOE_FAMILIES)[family]()
     cfg._attn_implementation = "eager" if family.startswith("gemma2") else "sdpa"
     model = tf.AutoModelForCausalLM.from_config(cfg)
     model.eval()

@@ -103,3 +103,33 @@ def tiny_family(family: str, hidden: int = 256, seed: int = 0, vocab: int = 320,
                 p.normal_(0.0, 0.1)
     model.eval()
     return model
+
+
+# mixture-of-experts families: 4 experts, top-2; the routing llama.cpp computes for each
+MOE_FAMILIES = {
+    "mixtral": lambda **kw: tf.MixtralConfig(**kw, num_local_experts=4),
+    "qwen2_moe": lambda **kw: tf.Qwen2MoeConfig(**kw, num_experts=4, norm_topk_prob=False,
+                                                moe_intermediate_size=kw["hidden_size"],
+                                                shared_expert_intermediate_size=kw["hidden_size"]),
+    "qwen3_moe": lambda **kw: tf.Qwen3MoeConfig(**kw, num_experts=4, norm_topk_prob=True,
+                                                moe_intermediate_size=kw["hidden_size"]),
+}
+
+
+def tiny_moe(family: str, hidden: int = 256, seed: int = 0, vocab: int = 320):
+    """A tiny MoE model (2 blocks, 4 experts, top-2; hidden 256 lets every K-quant fit) with
+    non-trivial norm weights and biases."""
+    torch.manual_seed(seed)
+    cfg = MOE_FAMILIES[family](
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        head_dim=hidden // 4, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        num_experts_per_tok=2)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
+    return model.eval()

@@ -64,7 +64,7 @@ def quantized(request, base, tmp_path_factory):
     options = {"act_order": False} if request.param == "gptq" else {}
     model, _, res, _ = quantize_job(str(path), shorthand(request.param, "w4g32", **options), out,
                                     Calibration(str(text), samples=8, seq_len=64),
-                                    progress=False)
+                                    fmt="native", progress=False)
     return request.param, model, res, out
 
 
@@ -72,15 +72,16 @@ def test_only_the_language_model_is_quantized(base, quantized):
     _, model, res, out = quantized
     ref, _ = load_model(base[0])
     ref_sd, sd = ref.state_dict(), model.state_dict()
-    lm_linears = {n for n, m in model.named_modules()
+    lm_linears = {n for n, m in ref.named_modules()
                   if isinstance(m, nn.Linear) and n.startswith(f"{LM}layers.")}
     assert set(res.weights) == lm_linears and len(lm_linears) == 6 * 7
-    for name in lm_linears:  # rounded (the model keeps the dequantized weights)
-        w = sd[f"{name}.weight"]
+    for name in lm_linears:  # rounded: the model holds a QLinear there now
+        w = model.get_submodule(name).dequantized_weight()
         assert torch.equal(w, res.weights[name].dequantize().to(w.dtype))
         assert not torch.equal(w, ref_sd[f"{name}.weight"])
     # every other tensor, the vision tower and projector above all, is unchanged bit for bit
     rest = [k for k in ref_sd if k.rpartition(".")[0] not in lm_linears]
+    assert not [k for k in sd if k.rpartition(".")[0] not in lm_linears and k not in ref_sd]
     assert any(k.startswith(VISION[0]) for k in rest) and any(k.startswith(VISION[1]) for k in rest)
     for k in rest:
         assert torch.equal(sd[k], ref_sd[k]), k
@@ -95,7 +96,7 @@ def test_native_folder_reloads_with_the_same_logits(base, quantized):
     assert type(back).__name__ == "Gemma3ForConditionalGeneration"
     quantized_names = {n for n, m in back.named_modules() if isinstance(m, QLinear)}
     assert quantized_names == {n for n, m in model.named_modules()
-                               if isinstance(m, nn.Linear) and n.startswith(f"{LM}layers.")}
+                               if isinstance(m, QLinear) and n.startswith(f"{LM}layers.")}
     ref, _ = load_model(base[0])
     ref_sd, back_sd = ref.state_dict(), back.state_dict()
     for k, v in ref_sd.items():

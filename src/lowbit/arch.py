@@ -19,6 +19,21 @@ GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """A mixture-of-experts MLP: where its parts sit in a block (module paths inside the block)
+    and how its per-expert Linears are named (transformers fuses them into 3-D parameters;
+    ``lowbit.runtime.experts`` turns them back into one nn.Linear per expert)."""
+
+    experts: str = "mlp.experts"
+    router: str = "mlp.gate"  # never quantized (not an nn.Linear in transformers 5)
+    proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    shared: str | None = None  # a shared expert MLP (gate_proj, up_proj, down_proj)
+    shared_gate: str | None = None  # its sigmoid gate (an nn.Linear(hidden, 1), never quantized)
+    # in-memory -> checkpoint name pieces (Mixtral's checkpoints say block_sparse_moe)
+    renames: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     family: str
     model_types: tuple[str, ...]
@@ -41,6 +56,8 @@ class ArchSpec:
     # the final norm) under which the blocks sit; "" for a causal LM. Everything outside it
     # and lm_head (vision tower, projector) is neither quantized nor written to GGUF.
     text_model: str = ""
+    # mixture-of-experts blocks (the blocks whose ``moe.experts`` exists; others use ``groups``)
+    moe: MoESpec | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -63,6 +80,14 @@ _GEMMA2_LIKE = dict(
     # no mlp_path: post-attention and post-feedforward norms sit between the Linears and the
     # residual adds
     norm_offset=1.0,
+)
+
+# MoE families: attention as in llama (the tables' AWQ/SmoothQuant feeds cover it only); the
+# MLP groups of a MoE block come from ``block_steps``
+_MOE_LIKE = dict(
+    groups=_LLAMA_LIKE["groups"],  # dense blocks (Qwen's mlp_only_layers)
+    norm_feeds={"input_layernorm": ATTN},
+    linear_feeds={"self_attn.v_proj": ("self_attn.o_proj",)},
 )
 
 SPECS: tuple[ArchSpec, ...] = (
@@ -116,6 +141,11 @@ SPECS: tuple[ArchSpec, ...] = (
         mlp_path=("ln_2", "mlp"),
         head_path=("transformer.ln_f",),
     ),
+    ArchSpec("mixtral", ("mixtral",), "model.layers", **_MOE_LIKE,
+             moe=MoESpec(proj=("w1", "w3", "w2"), renames=((".mlp.", ".block_sparse_moe."),))),
+    ArchSpec("qwen2_moe", ("qwen2_moe",), "model.layers", **_MOE_LIKE,
+             moe=MoESpec(shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate")),
+    ArchSpec("qwen3_moe", ("qwen3_moe",), "model.layers", **_MOE_LIKE, moe=MoESpec()),
 )
 
 
@@ -194,9 +224,63 @@ def set_weight(module: nn.Module, spec: ArchSpec, w: Tensor) -> None:
 def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
     """The quantizable Linears of one block, by their name inside the block."""
     out = {}
-    for name in spec.linears:
+    for name in (n for g in block_groups(block, spec) for n in g):
         try:
             out[name] = block.get_submodule(name)
         except AttributeError as e:
             raise LowbitError(f"{spec.family} block has no module {name!r}") from e
     return out
+
+
+def has_module(block: nn.Module, path: str | None) -> bool:
+    try:
+        return path is not None and block.get_submodule(path) is not None
+    except AttributeError:
+        return False
+
+
+def block_steps(block: nn.Module, spec: ArchSpec) -> tuple[tuple[tuple[str, ...], ...], ...]:
+    """The block's true-sequential steps, each a tuple of groups whose inputs do not depend on
+    each other's rounding: one group per step for dense blocks; a MoE block has the attention
+    steps, then every expert's (gate, up) with the shared expert's, then every down."""
+    moe = spec.moe
+    if moe is None or not has_module(block, moe.experts):
+        return tuple((g,) for g in spec.groups)
+    experts = block.get_submodule(moe.experts)
+    if not isinstance(experts, nn.ModuleList):
+        raise LowbitError(f"{spec.family}: {moe.experts} holds fused experts; split them first "
+                          "(lowbit.runtime.experts.unfuse_experts)")
+    g, u, d = moe.proj
+    heads = [f"{moe.experts}.{e}." for e in range(len(experts))]
+    gate_up = [(p + g, p + u) for p in heads]
+    down = [(p + d,) for p in heads]
+    if has_module(block, moe.shared):
+        s = f"{moe.shared}."
+        gate_up.append((s + "gate_proj", s + "up_proj"))
+        down.append((s + "down_proj",))
+    return (*((grp,) for grp in spec.groups[:2]), tuple(gate_up), tuple(down))
+
+
+def block_groups(block: nn.Module, spec: ArchSpec) -> tuple[tuple[str, ...], ...]:
+    """The block's groups of Linears sharing an input, in true-sequential order."""
+    return tuple(g for step in block_steps(block, spec) for g in step)
+
+
+def expert_index(spec: ArchSpec, local: str) -> int | None:
+    """The expert a block Linear belongs to (``mlp.experts.3.w1`` -> 3), None for the others."""
+    if spec.moe is None or not local.startswith(spec.moe.experts + "."):
+        return None
+    return int(local[len(spec.moe.experts) + 1 :].split(".", 1)[0])
+
+
+def checkpoint_name(spec: ArchSpec, name: str, reverse: bool = False) -> str:
+    """A full module or tensor name as the family's transformers checkpoints spell it (with
+    ``reverse``: a checkpoint's name as the module is named in memory)."""
+    for mem, disk in spec.moe.renames if spec.moe else ():
+        name = name.replace(disk, mem) if reverse else name.replace(mem, disk)
+    return name
+
+
+def spec_for_type(model_type: str | None) -> ArchSpec | None:
+    """The table of a config's ``model_type``, None when no family has it."""
+    return next((s for s in SPECS if model_type in s.model_types), None)

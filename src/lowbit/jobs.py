@@ -387,5 +387,6 @@ def inspect_job(model_arg: str, calibration: Calibration, stats_path: str | None
         stats = observe_model(model, spec, windows, {"absmax", "mean_abs", "token_absmax"},
                               chunk=chunk, progress=progress)
     rows = outlier_profile(stats, spec.blocks, spec.groups, ratio)
-    rows.sort(key=lambda r: (r["block"], spec.linears.index(r["feeds"][0])))
+    order = {n: i for i, n in enumerate(spec.linears)}  # MoE experts: after the table's
+    rows.sort(key=lambda r: (r["block"], order.get(r["feeds"][0], len(order)), r["feeds"][0]))
     return rows, stats, spec

@@ -31,6 +31,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats.grids import grid_info
 from lowbit.formats.weight import GridWeight
+from lowbit.runtime.experts import unfuse_experts
 from lowbit.runtime.modules import build_module
 
 FORMAT = "lowbit-native"
@@ -170,6 +171,7 @@ def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, 
     tensors = load_file(str(path / (WEIGHTS if desc["version"] >= 2 else "model.safetensors")))
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config)
+    unfuse_experts(model)  # MoE: experts saved one Linear each
     qbuf = set()
     for name, info in desc["layers"].items():
         parts = {

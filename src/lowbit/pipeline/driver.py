@@ -12,6 +12,13 @@ asks for one, for a small *sample* of them (AWQ's search). Then, block by block,
 3. ``replace(ctx)`` - runtime modules swapped in (W8A8 ...);
 4. the block's outputs become the next block's inputs, then ``finish(ctx)``.
 
+Mixture-of-experts blocks (``ArchSpec.moe``; their fused experts are first split into one
+Linear per expert, ``lowbit.runtime.experts``) run in steps of several groups (``block_steps``):
+one pass over the block collects every expert's (gate, up) input statistics from the tokens
+routed to it, the next every down's. An expert whose own tokens are fewer than
+``moe_min_tokens`` times its input size is topped up to that many with the statistics of the
+expert run on every token reaching the block (``stats.blend``); the rows say so per expert.
+
 At most one block's activations are held at a time. Families whose table gives ``mlp_path``
 use the resumed schedule (each block runs about once, see ``run_sequential``); the others re-run
 the block up to each group's input, which is exact for any block structure and about 2.3 times
@@ -20,6 +27,7 @@ the work: a note says so.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,9 +36,23 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight, text_config
+from lowbit.arch import (
+    ArchSpec,
+    block_linears,
+    block_steps,
+    expert_index,
+    get_blocks,
+    get_weight,
+    text_config,
+)
 from lowbit.errors import LowbitError
-from lowbit.pipeline.stats import InputStats
+from lowbit.pipeline.stats import InputStats, blend
+from lowbit.runtime.experts import unfuse_experts
+
+# an expert's own input statistics are used alone from this many routed tokens per input
+# channel: below the input size its Hessian is singular, and near it very noisy
+MOE_MIN_TOKENS = 2.0
+HESSIAN_BYTES = 2 << 30  # Hessians collected in one pass of a MoE step, at most
 
 
 class _Stop(Exception):
@@ -202,6 +224,7 @@ def run_sequential(
     progress: bool = True,
     sample: Tensor | None = None,
     resume: bool = True,
+    moe_min_tokens: float = MOE_MIN_TOKENS,
 ) -> Stream:
     """Visit every block in order (see the module docstring). Returns the last block's outputs.
 
@@ -214,11 +237,13 @@ def run_sequential(
     if windows.dim() != 2 or windows.numel() == 0:
         raise LowbitError(f"calibration windows must be a non-empty (n, seq_len) tensor of token "
                           f"ids, not of shape {tuple(windows.shape)}")
+    unfuse_experts(model)
     main = capture_inputs(model, spec, windows, chunk)
     samp = None if sample is None else capture_inputs(model, spec, sample, chunk)
     blocks = get_blocks(model, spec)
     resumable = resume and spec.mlp_path is not None and len(spec.groups) == 4
     announced = False
+    sources: list[str] = []  # per rounded expert group: where its statistics came from
     bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress)
     for bi, block in enumerate(blocks):
         for stream in (main, samp):
@@ -226,9 +251,13 @@ def run_sequential(
                 stream.enter(bi)
         ctx = BlockContext(bi, block, spec, main, samp, text_config(model))
         visitor.transform(ctx)
-        wants = [visitor.wants(ctx, g) for g in spec.groups]
+        steps = block_steps(block, spec)
+        moe = any(len(st) > 1 for st in steps)
+        wants = [] if moe else [visitor.wants(ctx, g) for g in spec.groups]
         nxt = None
-        if any(w is not None for w in wants):
+        if moe:
+            _block_moe(ctx, visitor, steps, moe_min_tokens, sources)
+        elif any(w is not None for w in wants):
             if resumable:
                 nxt = _block_resumed(ctx, visitor, wants)
             else:
@@ -251,6 +280,11 @@ def run_sequential(
             samp.hidden = ctx.run(samp)
         bar.update(1)
     bar.close()
+    few = len(sources) - sources.count("own")
+    if few:
+        note(f"{few} of {len(sources)} expert groups were routed fewer calibration tokens than "
+             f"{moe_min_tokens:g} x their input size; their statistics were topped up with the "
+             "expert's on every token reaching its block (rows: hessian blend / pooled)")
     return main
 
 
@@ -282,6 +316,85 @@ def _collect(ctx: BlockContext, group, want) -> InputStats:
                 pass
     finally:
         handle.remove()
+    return st
+
+
+def _block_moe(ctx: BlockContext, visitor: BlockVisitor, steps, min_tokens: float,
+               sources: list[str]) -> None:
+    """A block in steps of groups with independent inputs (see the module docstring)."""
+    for step in steps:
+        wants = {g: w for g in step if (w := visitor.wants(ctx, g)) is not None}
+        if len(step) == 1:
+            for g, want in wants.items():
+                visitor.round(ctx, g, _collect(ctx, g, want))
+            continue
+        for part in _parts(ctx, wants):
+            stats, xs = _collect_many(ctx, part)
+            for g, st in stats.items():
+                e = expert_index(ctx.spec, g[0])
+                if e is not None:
+                    st = _expert_stats(ctx, g, e, st, xs, min_tokens)
+                    sources.append(st.info.get("hessian", "own"))
+                visitor.round(ctx, g, st)
+
+
+def _parts(ctx: BlockContext, wants: dict) -> list[dict]:
+    """The groups of a step in passes whose Hessians fit in ``HESSIAN_BYTES`` together."""
+    parts: list[dict] = [{}]
+    size = 0
+    for g, want in wants.items():
+        b = 4 * ctx.in_features(g[0]) ** 2 if "hessian" in want else 0
+        if parts[-1] and size + b > HESSIAN_BYTES:
+            parts.append({})
+            size = 0
+        parts[-1][g] = want
+        size += b
+    return parts
+
+
+def _collect_many(ctx: BlockContext, wants: dict) -> tuple[dict, list[Tensor]]:
+    """One pass over the block: the statistics at every group's input (an expert's: of the
+    tokens routed to it) and the inputs of the MoE router (every token reaching the experts)."""
+    stats = {g: _stats(ctx, g, w) for g, w in wants.items()}
+    xs: list[Tensor] = []
+
+    def hook_for(g):
+        return lambda _mod, args: _add(ctx, stats[g], args[0], g)
+
+    def at_router(_mod, args):
+        xs.append(args[0].reshape(-1, args[0].shape[-1]))
+
+    handles = [ctx.linears[g[0]].register_forward_pre_hook(hook_for(g)) for g in stats]
+    handles.append(ctx.block.get_submodule(ctx.spec.moe.router).register_forward_pre_hook(at_router))
+    try:
+        ctx.run()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, xs
+
+
+def _expert_stats(ctx: BlockContext, group, e: int, own: InputStats, xs: list[Tensor],
+                  min_tokens: float) -> InputStats:
+    """An expert group's statistics: its own, or topped up with those of the expert run on
+    every token of ``xs`` when it was routed fewer than ``min_tokens`` x in_features."""
+    need = math.ceil(min_tokens * ctx.in_features(group[0]))
+    info = {"expert": e, "tokens": own.n}
+    if own.n >= need or not own.want:
+        own.info = info | ({"hessian": "own"} if own.want else {})
+        return own
+    prior = InputStats(own.absmax.numel(), own.want)
+    expert = ctx.block.get_submodule(group[0].rpartition(".")[0])
+    handle = ctx.linears[group[0]].register_forward_pre_hook(
+        lambda _mod, args: _add(ctx, prior, args[0], group))
+    try:
+        for x in xs:
+            expert(x)
+    finally:
+        handle.remove()
+    st = blend(own, prior, need)
+    st.info = info | {"hessian": "blend" if own.n else "pooled",
+                      "prior_share": round(1 - own.n / need, 4)}
     return st
 
 

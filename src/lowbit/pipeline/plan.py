@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 
 from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight, spec_for
 from lowbit.errors import LowbitError
-from lowbit.pipeline.driver import BlockContext, Stream, run_sequential
+from lowbit.pipeline.driver import MOE_MIN_TOKENS, BlockContext, Stream, run_sequential
 from lowbit.pipeline.release import page_out, release
 from lowbit.pipeline.stats import InputStats
+from lowbit.runtime.experts import unfuse_experts
 from lowbit.runtime.qlinear import QLinear
 
 HEAD = "lm_head"
@@ -146,6 +147,7 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
     if not steps:
         raise LowbitError("the recipe has no steps")
     spec = spec_for(model)
+    unfuse_experts(model)  # MoE: one Linear per expert, each a layer of its own
     for a, b in zip(steps, steps[1:], strict=False):
         if ORDER[a.kind] > ORDER[b.kind]:
             raise LowbitError(f"recipe order: {b.step} ({b.kind}) must come before "
@@ -177,6 +179,10 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
     if not layers:
         raise LowbitError("the recipe's targets and ignore lists select no layer of this "
                           f"{spec.family} model")
+    transforms = [s for s in steps if s.kind == "transform"]
+    if spec.moe is not None and transforms:
+        raise LowbitError(f"{transforms[0].step} does not support mixture-of-experts models "
+                          f"({spec.family}) yet; use a rounder alone (rtn, gptq ...)")
     if HEAD in layers and spec.conv1d:
         raise LowbitError("lm_head of GPT-2 (Conv1D blocks) cannot be quantized yet")
     return Plan(spec, list(steps), layers, [s for s in steps if s.kind == "transform"])
@@ -231,7 +237,8 @@ class _Executor:
                 self.rounded.append(full)
                 self.emit({"block": bi, "name": full, "shape": list(gw.shape),
                            "tokens": 0 if stats is None else stats.n, "step": step.step,
-                           "scheme": gw.grid.name} | info)
+                           "scheme": gw.grid.name} | info
+                          | ({} if stats is None else stats.info))
 
     def replace(self, ctx: BlockContext) -> bool:
         mine = [la for la in self.plan.in_block(ctx.index) if la.step.kind == "replacer"]
@@ -307,10 +314,13 @@ def execute(
     chunk: int = 8,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
+    moe_min_tokens: float = MOE_MIN_TOKENS,
 ) -> Result:
     """Quantize ``model`` in place as planned: every quantized Linear becomes a runtime module
     (rounded ones a ``QLinear`` when their block ends), so the model evaluates as the
-    quantized model and holds what a reload from the saved folder holds."""
+    quantized model and holds what a reload from the saved folder holds. ``moe_min_tokens``:
+    routed tokens per input channel from which an expert's own statistics are used alone
+    (``lowbit.pipeline.driver``)."""
     if plan.needs_data and calib is None:
         names = sorted({la.step.step for la in plan.layers.values()
                         if plan.wants(la) or la.step.needs_data()}
@@ -325,7 +335,7 @@ def execute(
         samples = [t.sample(calib) for t in plan.transforms]
         sample = next((s for s in samples if s is not None), None)
         last = run_sequential(model, spec, calib, ex, chunk=chunk, progress=progress,
-                              sample=sample)
+                              sample=sample, moe_min_tokens=moe_min_tokens)
     else:
         last = None
         for bi, block in enumerate(tqdm(get_blocks(model, spec), desc="blocks", unit="block",

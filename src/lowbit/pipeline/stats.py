@@ -35,6 +35,7 @@ class InputStats:
         self.absmax = torch.zeros(in_features)
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
         self.token_absmax: Tensor | None = torch.zeros(0) if "token_absmax" in want else None
+        self.info: dict = {}  # extra fields for the rows of the Linears rounded from these
 
     def add(self, x: Tensor) -> None:
         """Add a batch of inputs (..., in)."""
@@ -55,6 +56,22 @@ class InputStats:
     @property
     def mean_abs(self) -> Tensor:
         return (self.abs_sum / max(self.n, 1)).float()
+
+
+def blend(own: InputStats, prior: InputStats, tokens: int) -> InputStats:
+    """``own`` topped up to ``tokens`` effective tokens with ``prior``'s running means: the
+    Hessian and mean |x| are ``(n H_own + (tokens - n) H_prior) / tokens`` (``own`` itself
+    when it has that many tokens; ``prior``'s when it has none)."""
+    if own.n >= tokens:
+        return own
+    w_own = own.n / tokens
+    out = InputStats(own.absmax.numel(), own.want - {"token_absmax"})
+    if out.h is not None:
+        out.h = w_own * own.h + (1 - w_own) * prior.h
+    out.n = tokens
+    out.absmax = torch.maximum(own.absmax, prior.absmax)
+    out.abs_sum = (w_own * own.mean_abs.double() + (1 - w_own) * prior.mean_abs.double()) * tokens
+    return out
 
 
 def save_stats(path: Path, stats: dict[str, InputStats]) -> None:

@@ -60,6 +60,7 @@ class GGUFArch:
     # blocks of the model for which llama.cpp scales queries by 1/sqrt(hidden/heads) rather
     # than 1/sqrt(head_dim) (gemma2/3 27B); 0: transformers has no query_pre_attn_scalar here
     big_query_scale_blocks: int = 0
+    norm_topk: bool | None = None  # MoE: the config's norm_topk_prob llama.cpp computes
 
     @property
     def name(self) -> str:
@@ -95,6 +96,11 @@ ARCHS: dict[str, GGUFArch] = {
             big_query_scale_blocks=62,
         ),
         GGUFArch("phi3", MODEL_ARCH.PHI3, sliding_window=True),
+        # mixture of experts: llama.cpp fixes per architecture whether the top-k routing
+        # weights are renormalised (``norm_topk``; Mixtral always renormalises)
+        GGUFArch("mixtral", MODEL_ARCH.LLAMA, permute_qk=True),  # as llama.cpp's converter
+        GGUFArch("qwen2_moe", MODEL_ARCH.QWEN2MOE, norm_topk=False),
+        GGUFArch("qwen3_moe", MODEL_ARCH.QWEN3MOE, norm_topk=True),
     )
 }
 # config attributes of logit caps; a family that does not list one in ``softcap`` must not set it
@@ -148,6 +154,13 @@ def _check(cfg, ga: GGUFArch) -> None:
                 f"llama.cpp's {ga.name} has sliding (S) / full (F) attention layers "
                 f"{_pattern(want)}; this {what} has {_pattern(layer_types)}"
             )
+    if ga.norm_topk is not None and bool(getattr(cfg, "norm_topk_prob", False)) != ga.norm_topk:
+        raise LowbitError(f"llama.cpp's {ga.name} {'re' if ga.norm_topk else 'does not re'}"
+                          f"normalise the top-k routing weights; this {what} has "
+                          f"norm_topk_prob={getattr(cfg, 'norm_topk_prob', None)}")
+    if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
+        raise LowbitError(f"llama.cpp's {ga.name} has experts in every layer; this {what} has "
+                          "dense layers (mlp_only_layers / decoder_sparse_step)")
     _rope(cfg)  # unsupported scaling fails here
     if ga.swa_rope_base and _rope(cfg, "sliding_attention")[1]:
         raise LowbitError(f"llama.cpp's {ga.name} does not scale RoPE on sliding layers")
@@ -240,4 +253,13 @@ def arch_kv(model: nn.Module, ga: GGUFArch) -> list[KV]:
     for attr in ga.softcap:
         if getattr(cfg, attr, None) is not None:
             values.append((_SOFTCAPS[attr], float(getattr(cfg, attr)), f32))
+    n_expert = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if n_expert:  # mixture of experts
+        values.append((Keys.LLM.EXPERT_COUNT, int(n_expert), u32))
+        values.append((Keys.LLM.EXPERT_USED_COUNT, int(cfg.num_experts_per_tok), u32))
+        for key, attr in ((Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, "moe_intermediate_size"),
+                          (Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH,
+                           "shared_expert_intermediate_size")):
+            if getattr(cfg, attr, None):
+                values.append((key, int(getattr(cfg, attr)), u32))
     return [(key.format(arch=ga.name), v, t, None) for key, v, t in values]

@@ -1,7 +1,9 @@
 """Write a transformers model as a GGUF file that llama.cpp loads: llama, mistral, qwen2,
-qwen3, gemma, gemma2, gemma3 and phi3 (`lowbit.io.gguf.archs` holds what differs). Of a
-multimodal Gemma 3 the language model is written (`lowbit.arch.language_model`); llama.cpp
-reads the vision tower and projector from a separate mmproj file, which lowbit does not write.
+qwen3, gemma, gemma2, gemma3 and phi3, and the mixture-of-experts mixtral, qwen2_moe and
+qwen3_moe (`lowbit.io.gguf.archs` holds what differs). Of a multimodal Gemma 3 the language
+model is written (`lowbit.arch.language_model`); llama.cpp reads the vision tower and projector
+from a separate mmproj file, which lowbit does not write. A MoE block's experts are written as
+three stacked (experts, out, in) tensors ``ffn_*_exps``, its router as ``ffn_gate_inp`` (F32).
 
 Tensor names are llama.cpp's (`blk.N.attn_q.weight` ...), found by the `gguf` package's name
 tables from the model's own parameter names; q/k rows are permuted from the transformers
@@ -29,12 +31,13 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.arch import language_model
+from lowbit.arch import checkpoint_name, language_model
 from lowbit.errors import LowbitError
 from lowbit.formats import ggml
 from lowbit.io.gguf.archs import GGUFArch, arch_for, arch_kv, dims
 from lowbit.io.gguf.presets import NEEDS_IMATRIX, get_preset, tensor_types, type_nbytes
 from lowbit.io.gguf.vocab import KV, hf_tokenizer_kv, source_kv
+from lowbit.runtime.experts import LinearExperts, moe_spec, unfuse_experts
 from lowbit.runtime.qlinear import QuantModule
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
@@ -95,6 +98,7 @@ class _Entry:
     get: Callable[[], np.ndarray]
     module: nn.Module | None = None  # whose weight the decoded tensor can be written back to
     n_head: int = 0  # q/k: heads for the row permutation
+    experts: list[nn.Module] | None = None  # stacked experts: each slice's Linear (write back)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -118,15 +122,47 @@ def _params(model: nn.Module):
             yield (f"{mod_name}.{pname}" if mod_name else pname), mod, pname, p
 
 
+def _expert_entries(model: nn.Module, to_gguf) -> tuple[list[_Entry], set[str]]:
+    """MoE: each block's experts as three stacked (E, out, in) tensors (``ffn_*_exps``), named
+    from the merged checkpoint name (``...mlp.experts.gate_proj.weight``); and the prefixes of
+    the per-expert Linears they replace."""
+    spec = moe_spec(model)
+    if spec is None:
+        return [], set()
+    unfuse_experts(model)
+    out, prefixes = [], set()
+    for path, mod in model.named_modules():
+        if not isinstance(mod, LinearExperts):
+            continue
+        prefixes.add(path + ".")
+        for proj in spec.moe.proj:
+            lins = [getattr(ex, proj) for ex in mod]
+            name = to_gguf(checkpoint_name(spec, f"{path}.{proj}.weight"))
+            shape = (len(lins), lins[0].out_features, lins[0].in_features)
+            get = lambda ls=lins: np.stack([_np(_weight(m)) for m in ls])  # noqa: E731
+            out.append(_Entry(name, shape, get, experts=lins))
+    return out, prefixes
+
+
+# tensors llama.cpp holds as vectors that transformers holds as (1, n) matrices
+_VECTORS = ("ffn_gate_inp_shexp.weight",)
+
+
 def model_entries(model: nn.Module, ga: GGUFArch | None = None) -> list[_Entry]:
     """Every tensor of the GGUF file, in the model's order, read lazily."""
     ga = ga or arch_for(model)
     d = dims(model.config)
     to_gguf = tensor_namer(model, ga)
     heads = {"attn_q": d.n_head, "attn_k": d.n_head_kv} if ga.permute_qk else {}
-    out = []
+    out, experts = _expert_entries(model, to_gguf)
+    spec = moe_spec(model)
     for hf_name, mod, pname, p in _params(model):
-        name = to_gguf(hf_name)
+        if any(hf_name.startswith(e) for e in experts):
+            continue
+        name = to_gguf(hf_name if spec is None else checkpoint_name(spec, hf_name))
+        if name.endswith(_VECTORS):
+            out.append(_Entry(name, (p.numel(),), lambda t=p: _np(t).reshape(-1)))
+            continue
         n_head = heads.get(name.split(".")[-2], 0) if name.startswith("blk.") else 0
         if p is None:  # a lowbit runtime module's weight
             shape: tuple[int, ...] = (mod.out_features, mod.in_features)
@@ -150,14 +186,21 @@ def _encode(t: str, w: np.ndarray, importance: np.ndarray | None) -> tuple[np.nd
     if t == "F16":
         h = w.astype(np.float16)
         return h, h.astype(np.float32)
-    data = ggml.quantize(t, w, importance)
-    return data, ggml.dequantize(t, data, w.shape[1])
+    rows = w.reshape(-1, w.shape[-1])  # stacked experts: ggml quantizes row by row
+    data = ggml.quantize(t, rows, importance)
+    return data, ggml.dequantize(t, data, w.shape[-1]).reshape(w.shape)
 
 
-def _importance(imatrix: Mapping | None, name: str, cols: int) -> np.ndarray | None:
+def _importance(imatrix: Mapping | None, name: str, shape: tuple[int, ...]
+                ) -> np.ndarray | None:
+    """Per column, or for stacked experts (E, out, in) one row of E x in values (llama.cpp's
+    per-expert sums) given to each of an expert's rows."""
     if imatrix is None or name not in imatrix:
         return None
     v = np.asarray(imatrix[name], dtype=np.float32).reshape(-1)
+    cols = shape[-1]
+    if len(shape) == 3 and v.size == shape[0] * cols:
+        return np.repeat(v.reshape(shape[0], 1, cols), shape[1], axis=1).reshape(-1, cols)
     if v.size != cols:
         raise LowbitError(
             f"imatrix entry {name} has {v.size} values but the tensor has {cols} columns"
@@ -220,6 +263,8 @@ def export_gguf(
         n_layer=d.n_layer,
         n_gqa=d.n_head // d.n_head_kv,
         has_imatrix=bool(imatrix),
+        n_expert=int(getattr(model.config, "num_local_experts", None)
+                     or getattr(model.config, "num_experts", None) or 0),
     )
     kv = arch_kv(model, ga) + _kv(model, tokenizer, arch, source_gguf)
     out_path = Path(out_path)
@@ -271,8 +316,8 @@ def _write(path, arch, ftype, kv, entries, types, imatrix, progress, write_back)
         if e.n_head:
             x = permute_qk(x, e.n_head)
         imp = None
-        if x.ndim == 2 and t not in ("F32", "F16", *IMATRIX_IGNORED) and e.name.startswith("blk."):
-            imp = _importance(imatrix, e.name, x.shape[1])
+        if x.ndim >= 2 and t not in ("F32", "F16", *IMATRIX_IGNORED) and e.name.startswith("blk."):
+            imp = _importance(imatrix, e.name, x.shape)
             if imatrix and imp is None and e.name.endswith(".weight"):
                 missing.append(e.name)
         try:
@@ -280,7 +325,7 @@ def _write(path, arch, ftype, kv, entries, types, imatrix, progress, write_back)
         except ValueError as err:
             raise LowbitError(f"cannot encode {e.name} as {t}: {err}") from None
         w.write_tensor_data(data)
-        if write_back and e.module is not None:
+        if write_back and (e.module is not None or e.experts):
             _write_back(e, decoded)
         row = per_type.setdefault(t, {"tensors": 0, "weights": 0, "bytes": 0})
         row["tensors"] += 1
@@ -293,6 +338,10 @@ def _write(path, arch, ftype, kv, entries, types, imatrix, progress, write_back)
 
 
 def _write_back(e: _Entry, decoded: np.ndarray) -> None:
+    if e.experts:
+        for m, part in zip(e.experts, decoded, strict=True):
+            _write_back(_Entry(e.name, part.shape, e.get, m), part)
+        return
     if not isinstance(getattr(e.module, "weight", None), torch.Tensor):
         raise LowbitError(
             "dequantize_into_model needs a model with plain weights, not a lowbit folder"
@@ -307,7 +356,7 @@ def _write_back(e: _Entry, decoded: np.ndarray) -> None:
 def _summary(per_type: dict, entries: list[_Entry], types: dict, missing: list[str]) -> dict:
     n_all = sum(r["weights"] for r in per_type.values())
     b_all = sum(r["bytes"] for r in per_type.values())
-    lin = [e for e in entries if e.name.startswith("blk.") and len(e.shape) == 2]
+    lin = [e for e in entries if e.name.startswith("blk.") and len(e.shape) in (2, 3)]
     n_lin = sum(int(np.prod(e.shape)) for e in lin)
     b_lin = sum(type_nbytes(types[e.name], int(np.prod(e.shape))) for e in lin)
     return {

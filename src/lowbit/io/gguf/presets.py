@@ -1,12 +1,14 @@
 """GGUF file types ("presets") and the ggml type each tensor gets, following llama.cpp.
 
-The rules restate `llama_tensor_get_type` in llama.cpp's `src/llama-quant.cpp` for dense
-models (no experts, no Falcon, no 70B special case): a preset has a base type; the output
-matrix (or the token embedding when it is tied to the output) is raised to Q6_K; `attn_v`
-and `ffn_down` get more bits in some layers of the `_M`/`_S`/`_L` mixes; `attn_output` too
-in the Q2_K/Q3_K mixes. A row length that the chosen type's block does not divide falls back
-to a 32-block type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0,
-IQ4_XS -> IQ4_NL), and to F16 when 32 does not divide it either. docs/GGUF.md has the table.
+The rules restate `llama_tensor_get_type` in llama.cpp's `src/llama-quant.cpp` (no Falcon,
+no 70B special case, and not its extra bits for models of exactly 8 experts; MoE routers
+stay F32, stacked expert tensors ``ffn_*_exps`` count as their ``ffn_*`` category): a preset
+has a base type; the output matrix (or the token embedding when it is tied to the output)
+is raised to Q6_K; `attn_v` and `ffn_down` get more bits in some layers of the
+`_M`/`_S`/`_L` mixes; `attn_output` too in the Q2_K/Q3_K mixes. A row length that the chosen
+type's block does not divide falls back to a 32-block type (Q4_K -> Q5_0, Q5_K -> Q5_1,
+Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, IQ4_XS -> IQ4_NL), and to F16 when 32 does not divide it
+either. docs/GGUF.md has the table.
 """
 
 from __future__ import annotations
@@ -108,8 +110,10 @@ def category(name: str) -> str:
 
 
 def quantizable(name: str, ndim: int) -> bool:
-    """Whether llama.cpp quantizes this tensor at all (2-D weights that are not norms)."""
-    return ndim >= 2 and name.endswith("weight") and "_norm.weight" not in name
+    """Whether llama.cpp quantizes this tensor at all (2-D weights that are not norms nor MoE
+    routers)."""
+    return (ndim >= 2 and name.endswith("weight") and "_norm.weight" not in name
+            and "ffn_gate_inp.weight" not in name)
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -187,9 +191,11 @@ def tensor_types(
     n_layer: int,
     n_gqa: int = 1,
     has_imatrix: bool = False,
+    n_expert: int = 0,
 ) -> dict[str, str]:
     """ggml type for each tensor. ``tensors`` maps GGUF names to numpy shapes (rows, cols);
-    1-D tensors and norms stay F32."""
+    1-D tensors and norms stay F32. With experts (``n_expert`` > 1) llama.cpp places every
+    ``ffn_down`` tensor (stacked experts, shared expert) by its block number (``layer_info``)."""
     p = get_preset(preset)
     tied = "output.weight" not in tensors
     n_attn_v = sum(category(n) == "attn_v" for n in tensors)
@@ -210,7 +216,10 @@ def tensor_types(
                 t = _attn_v(p.name, t, i_attn_v, n_attn_v, n_gqa)
                 i_attn_v += 1
             elif cat == "ffn_down":
-                t = _ffn_down(p.name, t, i_ffn_down, n_layer, has_imatrix)
+                if n_expert > 1:
+                    t = _ffn_down(p.name, t, _layer_order(name)[0], n_layer, has_imatrix)
+                else:
+                    t = _ffn_down(p.name, t, i_ffn_down, n_layer, has_imatrix)
                 i_ffn_down += 1
             elif cat == "attn_output":
                 t = _attn_output(p.name, t)

@@ -21,11 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit.arch import checkpoint_name, get_blocks, has_module, spec_for_type
 from lowbit.errors import LowbitError
 from lowbit.formats.weight import GridWeight
 from lowbit.io.native import atomic_dir, finish_load, serving_record
 from lowbit.io.serving import awq, compressed_tensors, gptq
 from lowbit.io.serving.base import ServingFormat, scheme_name, scheme_of
+from lowbit.runtime.experts import moe_spec, unfuse_experts
 from lowbit.runtime.qlinear import QLinear
 
 # each format is a module implementing the protocol
@@ -102,7 +104,22 @@ def round_unquantized(model: nn.Module, qnames: set[str], dtype: str) -> None:
 
 
 def _unquantized_linears(model: nn.Module, qnames: set[str]) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qnames]
+    """Unquantized Linears, and MoE routers (plain modules in transformers 5: vLLM and
+    llm-compressor list them as ignored Linears)."""
+    out = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qnames]
+    spec = moe_spec(model)
+    if spec is not None:
+        for i, block in enumerate(get_blocks(model, spec)):
+            name = f"{spec.blocks}.{i}.{spec.moe.router}"
+            if name not in out and has_module(block, spec.moe.router):
+                out.append(name)
+    return out
+
+
+def _on_disk(model: nn.Module, names):
+    """Names as the family's checkpoints spell them (Mixtral: block_sparse_moe)."""
+    spec = moe_spec(model)
+    return names if spec is None else [checkpoint_name(spec, n) for n in names]
 
 
 def _save_shards(tensors: dict, folder: Path, max_bytes: int) -> list[str]:
@@ -164,7 +181,8 @@ def write_checkpoint(
     tensors = _plain_tensors(model, qnames, DTYPES[dtype])
     for name, w in weights.items():
         tensors |= f.layer_tensors(name, w)
-    qcfg = f.quantization_config(weights, _unquantized_linears(model, qnames))
+    tensors = dict(zip(_on_disk(model, tensors), tensors.values(), strict=True))
+    qcfg = f.quantization_config(weights, _on_disk(model, _unquantized_linears(model, qnames)))
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qcfg
     cfg["torch_dtype"] = cfg["dtype"] = dtype
@@ -230,6 +248,9 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
         raise LowbitError(f"{path}: no compressed-tensors/gptq/awq quantization_config")
     cfg = json.loads((path / "config.json").read_text())
     tensors = _read_tensors(path)
+    spec = spec_for_type(cfg.get("model_type"))
+    if spec is not None and spec.moe is not None:  # checkpoint names -> lowbit's module names
+        tensors = {checkpoint_name(spec, k, reverse=True): v for k, v in tensors.items()}
     qweights = FORMATS[fmt].read_layers(tensors, cfg["quantization_config"])
     if not qweights:
         raise LowbitError(f"{path}: no quantized Linears found for {fmt}")
@@ -247,6 +268,7 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    unfuse_experts(model)  # MoE: one Linear per expert, as the checkpoint stores them
     for name, qw in qweights.items():
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
@@ -266,6 +288,6 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
         setattr(parent, child, QLinear(qw, bias, cache=cache_weights))
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     qbuf = {f"{n}.{b}" for n, m in model.named_modules() if n in qweights
-            for b, _ in m.named_buffers(recurse=False)}
+            for b in m.state_dict()}  # stored tensors and the bias given above
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     return finish_load(model, path, tensors, qbuf | tied, bool(tied))
