@@ -6,7 +6,10 @@ from the command line in its own dtype (`--dtype auto`), each run in its own pro
 
 Prints the bf16 size of the checkpoint, the peak RSS of each `lowbit quantize` process and
 their ratio (the goal: at most 1.3x). Calibration is WikiText-2 text (a file), so no time goes
-into sampling text from a random model.
+into sampling text from a random model. With ``--check-exports`` each output (the default
+format: compressed-tensors) is then loaded, each in its own process, by transformers (logits
+against lowbit's reload of the same folder) and, exported with ``lowbit export OUT F.gguf
+--type Q4_K_M``, by llama-cpp-python (perplexity of one window beside lowbit's).
 """
 
 from __future__ import annotations
@@ -65,6 +68,44 @@ def run(cmd: list[str]) -> dict:
     return res
 
 
+CHECK = """
+import json, sys, torch
+from lowbit.models import load_model
+ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+out, kind = sys.argv[1], sys.argv[2]
+if kind == "transformers":
+    import transformers as tf
+    hf = tf.AutoModelForCausalLM.from_pretrained(out)
+    lb = load_model(out)[0]
+    with torch.no_grad():
+        a, b = hf(input_ids=ids).logits.float(), lb(input_ids=ids).logits.float()
+    print(json.dumps({"transformers_max_abs_diff": float((a - b).abs().max()),
+                      "logit_scale": float(b.abs().max())}))
+else:
+    from lowbit.eval.llamacpp import llamacpp_perplexity
+    from lowbit.eval.metrics import evaluate
+    from lowbit.models import load_model
+    ll = llamacpp_perplexity(sys.argv[3], ids)["ppl"]
+    lb = evaluate(load_model(out)[0], ids, progress=False)["ppl"]
+    print(json.dumps({"llamacpp_ppl": ll, "lowbit_ppl": lb}))
+"""
+
+
+def check_exports(out: Path) -> dict:
+    """transformers loads the folder; llama-cpp-python loads its Q4_K_M GGUF export."""
+    gguf = out.parent / f"{out.name}.gguf"
+    res = {}
+    r = subprocess.run([sys.executable, "-c", CHECK, str(out), "transformers"],
+                       capture_output=True, text=True)
+    res |= json.loads(r.stdout) if r.returncode == 0 else {"transformers_error": r.stderr[-500:]}
+    subprocess.run(["lowbit", "export", str(out), str(gguf), "--type", "Q4_K_M", "--overwrite",
+                    "--quiet"], check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-c", CHECK, str(out), "gguf", str(gguf)],
+                       capture_output=True, text=True)
+    res |= json.loads(r.stdout) if r.returncode == 0 else {"llamacpp_error": r.stderr[-500:]}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="llama-3.2-1b", choices=sorted(CONFIGS))
@@ -74,6 +115,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/lowbit-real-size"))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--check-exports", action="store_true")
     args = ap.parse_args()
     ckpt = args.dir / args.config
     size = build(args.config, ckpt)
@@ -91,9 +133,15 @@ def main() -> None:
                "bf16_bytes": size, "peak_rss_bytes": res["peak_rss_bytes"],
                "ratio": res["peak_rss_bytes"] / size, "seconds": res["wall_s"],
                "calib_samples": args.calib_samples if method != "rtn" else 0}
-        rows.append(row)
+        row["format"] = res.get("output_format")
         print(f"{method:5s} peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB = "
-              f"{row['ratio']:.2f}x the bf16 weights, {row['seconds']:.0f} s", flush=True)
+              f"{row['ratio']:.2f}x the bf16 weights, {row['seconds']:.0f} s, "
+              f"{row['format']}", flush=True)
+        if args.check_exports:
+            row |= check_exports(out)
+            print(f"      {json.dumps({k: v for k, v in row.items() if k not in ('config',)})}",
+                  flush=True)
+        rows.append(row)
     if args.json:
         with args.json.open("a") as f:
             for r in rows:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight, spec_for
 from lowbit.errors import LowbitError
 from lowbit.pipeline.driver import MOE_MIN_TOKENS, BlockContext, Stream, run_sequential
-from lowbit.pipeline.release import page_out, release
+from lowbit.pipeline.release import page_out, release, trim
 from lowbit.pipeline.stats import InputStats
 from lowbit.runtime.experts import unfuse_experts
 from lowbit.runtime.qlinear import QLinear
@@ -286,6 +286,7 @@ class _Executor:
             self.res.weights[full] = q
             done.append(old.weight.data)
         release(done)
+        trim()
         self.rounded.clear()
 
 

@@ -10,7 +10,9 @@ tensors inside a file mapping and only whole pages. ``page_out`` is the harmless
 weights still in use that were only read (the whole-model checks before a run):
 ``MADV_PAGEOUT`` reclaims clean pages, which a later read brings back from the file, and never
 loses a page that was written. Anywhere else (ordinary memory, systems without ``/proc``, older
-kernels) both do nothing.
+kernels) both do nothing. ``trim`` hands the C allocator's free memory back to the system
+(glibc keeps freed blocks of a raised mmap threshold in its heap: a block's transient fp32
+copies would otherwise stay resident until the end of the run).
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ def release(tensors: list[Tensor]) -> int:
     """Drop the resident pages of ``tensors``, which nothing uses any more, when they live in a
     file mapping; returns the bytes given back."""
     return _advise(tensors, _MADV_DONTNEED)
+
+
+def trim() -> None:
+    """``malloc_trim(0)`` where the C library has it (glibc)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except AttributeError:  # not glibc
+            pass
 
 
 def page_out(tensors: list[Tensor]) -> int:

@@ -102,8 +102,8 @@ def test_llama_quantize_writes_the_same_expert_bytes(tmp_path):
 
 @pytest.mark.slow
 def test_gptq_quantized_moe_to_gguf(tmp_path):
-    """A GPTQ-quantized MoE model exported as Q8_0: llama.cpp computes what lowbit computes
-    with the weights the file decodes to (up to llama.cpp's 8-bit activations), much closer
+    """A GPTQ-quantized MoE model exported as Q8_0: llama.cpp computes what lowbit's quantized
+    model computes (up to Q8_0's re-encoding and llama.cpp's 8-bit activations), much closer
     than to the model before quantization."""
     pytest.importorskip("llama_cpp")
     model, tok = tiny_moe("qwen3_moe"), tiny_tokenizer()
@@ -112,8 +112,8 @@ def test_gptq_quantized_moe_to_gguf(tmp_path):
     windows = torch.randint(0, 320, (8, 64), generator=torch.Generator().manual_seed(0))
     lowbit.quantize(model, {"steps": [{"step": "gptq", "scheme": "w4g32"}]}, windows,
                     progress=False)
-    export_gguf(model, tok, tmp_path / "q.gguf", "Q8_0", progress=False,
-                dequantize_into_model=True)
+    # the quantized model holds QLinears (packed codes); Q8_0 re-encodes their decoded weights
+    export_gguf(model, tok, tmp_path / "q.gguf", "Q8_0", progress=False)
     ours = _ours(model, ids)
     theirs = _llama_logits(tmp_path / "q.gguf", ids)
     err, shift = np.abs(theirs - ours).max(), np.abs(base - ours).max()
