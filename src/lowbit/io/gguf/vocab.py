@@ -140,7 +140,7 @@ def tokenizer_kind(spec: dict) -> str:
     if model.get("type") == "BPE" and "ByteFallback" in decoders:
         spm_space_prefix(spec)
         return "llama"
-    what = model.get("type") + (" with byte fallback" if model.get("byte_fallback") else "")
+    what = str(model.get("type")) + (" with byte fallback" if model.get("byte_fallback") else "")
     raise LowbitError(
         f"GGUF export builds byte-level BPE and SentencePiece-style (BPE with byte fallback) "
         f"tokenizers, not {what}; export from the model's GGUF file instead"
@@ -208,7 +208,9 @@ def _spm_scores(spec: dict, vocab: dict[str, int], types: list[int]) -> list[flo
     return scores
 
 
-def _spm_tokens(tok, spec: dict, vocab: dict[str, int], folder: Path):
+def _spm_tokens(
+    tok, spec: dict, vocab: dict[str, int], folder: Path
+) -> tuple[list[str], list[float], list[int]]:
     """Tokens, scores and token types of a SentencePiece-style tokenizer, through
     `gguf.LlamaHfVocab` (which reads the tokenizer saved in ``folder``)."""
     try:
