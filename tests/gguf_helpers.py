@@ -1,7 +1,9 @@
-"""Tiny models of every family GGUF export writes, with a real byte-level BPE tokenizer, for
-the GGUF tests (not a test module)."""
+"""Tiny models of every family GGUF export writes, with a real byte-level BPE tokenizer and
+SentencePiece-style ones, for the GGUF tests (not a test module)."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 import transformers as tf
@@ -133,3 +135,70 @@ def tiny_moe(family: str, hidden: int = 256, seed: int = 0, vocab: int = 320):
             elif name.endswith(".bias"):
                 p.uniform_(-0.5, 0.5)
     return model.eval()
+
+
+# SentencePiece-style tokenizers (Llama 2, Mistral, Gemma, Phi-3 as tokenizers.json): a BPE with
+# byte fallback over text whose spaces are "▁"
+SPM_TEXT = [
+    "the quick brown fox jumps over the lazy dog.",
+    "hello world, said the fox; the dog said nothing at all.",
+    "  two spaces,   three spaces and a tab\tin one line",
+    "numbers 0 1 2 3 4 5 6 7 8 9, 2024 and 12345",
+    "un café naïve à la française, über alles",
+] * 4
+USER_TOKEN = "<|user|>"  # an added token that is not special
+
+
+def tiny_spm_tokenizer(gemma: bool = False, metaspace: bool = False, pieces: int = 200):
+    """A tokenizer laid out as transformers converts a SentencePiece BPE model: Llama 2's (the
+    normalizer prepends "▁" and replaces spaces by "▁"; ids <unk> <s> </s>, then <0x00>..<0xFF>,
+    then the pieces) or, ``gemma``, Gemma's (no prefix, a no-op Split(" ") pre-tokenizer; ids
+    <pad> <eos> <bos> <unk>, bytes, pieces) or, ``metaspace``, transformers' own Llama tokenizer
+    (a Metaspace pre-tokenizer, prepend_scheme "first"). The pieces are learnt by a BPE trainer,
+    ordered as SentencePiece scores them (runs of spaces, merged pieces in the order learnt,
+    then single characters), and every split of a piece becomes a merge ordered by the piece's
+    score, as transformers' converter does. BOS is added, as by Llama 2 and Gemma."""
+    from tokenizers import normalizers
+    from transformers.tokenization_utils_base import generate_merges
+
+    trainer = trainers.BpeTrainer(vocab_size=pieces, show_progress=False)
+    learner = Tokenizer(models.BPE())  # pieces within words, as SentencePiece learns them
+    learner.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme="always", split=True)
+    learner.train_from_iterator(SPM_TEXT, trainer)
+    learnt = json.loads(learner.to_str())["model"]
+    pairs = (m.split(" ") if isinstance(m, str) else m for m in learnt["merges"])
+    merged = ["▁▁", "▁▁▁▁", *(a + b for a, b in pairs)]  # runs of spaces, as Llama 2 has
+    singles = [t for t in learnt["vocab"] if len(t) == 1]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] if gemma else ["<unk>", "<s>", "</s>"]
+    vocab: dict[str, int] = {}
+    for t in [*specials, *(f"<0x{b:02X}>" for b in range(256)), *merged, *singles]:
+        vocab.setdefault(t, len(vocab))
+    first_piece = len(specials) + 256
+    scores = {t: -float(i) for t, i in vocab.items() if i >= first_piece}
+    merges = generate_merges(vocab, scores)
+    unk = specials[3] if gemma else specials[0]
+    tk = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True)
+    )
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if metaspace:
+        tk.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme="first", split=False)
+    elif gemma:
+        tk.normalizer = normalizers.Replace(" ", "▁")
+        tk.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    else:
+        tk.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+        )
+    if not gemma:
+        dec.append(decoders.Strip(" ", 1, 0))
+    tk.decoder = decoders.Sequence(dec)
+    bos, eos = ("<bos>", "<eos>") if gemma else ("<s>", "</s>")
+    names = {"bos_token": bos, "eos_token": eos, "unk_token": "<unk>"}
+    cls = tf.PreTrainedTokenizerFast if gemma else tf.LlamaTokenizerFast
+    tok = cls(tokenizer_object=tk, add_bos_token=True, add_eos_token=False,
+              pad_token="<pad>" if gemma else None, **names)  # fmt: skip
+    # matched in the raw text (Llama 2's normalizer would prepend "▁" to a normalized one)
+    tok.add_tokens([tf.AddedToken(USER_TOKEN, normalized=gemma, special=False)])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

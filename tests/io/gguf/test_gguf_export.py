@@ -11,14 +11,17 @@ import time
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+import transformers
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, TokenType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf_helpers import (
     CHAT_TEMPLATE,
     GGUF_FAMILIES,
     SPECIALS,
+    USER_TOKEN,
     tiny_family,
     tiny_llama,
+    tiny_spm_tokenizer,
     tiny_tokenizer,
 )
 from hypothesis import HealthCheck, given, settings
@@ -253,6 +256,106 @@ def test_tokenizer_metadata(tmp_path, model, tok):
     assert _field(r, "tokenizer.ggml.unknown_token_id") == 0
     assert _field(r, "tokenizer.ggml.add_bos_token") is False
     assert _field(r, "tokenizer.chat_template") == CHAT_TEMPLATE
+
+
+# SentencePiece-style tokenizers: (family, tiny_spm_tokenizer arguments, add_space_prefix)
+SPM_CASES = {
+    "llama2": ("llama", {}, True),
+    "gemma": ("gemma", {"gemma": True}, False),
+    "llama-metaspace": ("llama", {"metaspace": True}, True),
+}
+
+
+@pytest.mark.parametrize("case", list(SPM_CASES))
+def test_sentencepiece_tokenizer_metadata(tmp_path, case):
+    """A SentencePiece-style tokenizer (BPE with byte fallback over "▁"-escaped text) is written
+    as llama.cpp's "llama" model: its tokens by id, byte tokens typed BYTE, specials CONTROL,
+    <unk> UNKNOWN, the added token USER_DEFINED, the model's extra rows UNUSED; scores that order
+    the merged pieces as the merges do, single characters below them; the special ids, BOS added
+    and EOS not, whether a "▁" is prepended, and the chat template."""
+    family, kw, prefix = SPM_CASES[case]
+    tok = tiny_spm_tokenizer(**kw)
+    out = tmp_path / f"{case}.gguf"
+    export_gguf(tiny_family(family, hidden=64, vocab=512), tok, out, "Q8_0", progress=False)
+    r = GGUFReader(out)
+    assert _field(r, "tokenizer.ggml.model") == "llama"
+    assert _field(r, "tokenizer.ggml.pre") == "default"
+    assert "tokenizer.ggml.merges" not in r.fields
+    tokens = _field(r, "tokenizer.ggml.tokens")
+    types = _field(r, "tokenizer.ggml.token_type")
+    scores = _field(r, "tokenizer.ggml.scores")
+    vocab = tok.get_vocab()
+    n = len(vocab)
+    assert len(tokens) == len(types) == len(scores) == 512
+    assert tokens[:n] == [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    assert tokens[n:] == [f"[PAD{i}]" for i in range(n, 512)]
+    first_byte = vocab["<0x00>"]
+    specials = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} - {None}
+    want_types = []
+    for i, t in enumerate(tokens):
+        if i >= n:
+            want_types.append(TokenType.UNUSED)
+        elif first_byte <= i < first_byte + 256:
+            want_types.append(TokenType.BYTE)
+        elif i == tok.unk_token_id:
+            want_types.append(TokenType.UNKNOWN)
+        elif i in specials:
+            want_types.append(TokenType.CONTROL)
+        elif t == USER_TOKEN:
+            want_types.append(TokenType.USER_DEFINED)
+        else:
+            want_types.append(TokenType.NORMAL)
+    assert types == [int(t) for t in want_types]
+    # pieces were laid out as SentencePiece scores them: merged pieces, then single characters
+    pieces = range(first_byte + 256, vocab[USER_TOKEN])
+    singles = [i for i in pieces if len(tokens[i]) == 1]
+    merged = [i for i in pieces if len(tokens[i]) > 1]
+    assert singles and merged and max(merged) < min(singles)
+    assert all(scores[a] > scores[b] for a, b in zip(merged, merged[1:], strict=False))
+    assert max(scores[i] for i in singles) < min(scores[i] for i in merged)
+    assert {scores[i] for i in range(first_byte + 256)} == {0.0}
+    assert _field(r, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
+    assert _field(r, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert _field(r, "tokenizer.ggml.unknown_token_id") == tok.unk_token_id
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    assert _field(r, "tokenizer.ggml.add_bos_token") is True
+    assert _field(r, "tokenizer.ggml.add_eos_token") is False
+    assert _field(r, "tokenizer.ggml.add_space_prefix") is prefix
+    assert _field(r, "tokenizer.chat_template") == CHAT_TEMPLATE
+
+
+def _with_backend(tok, **parts):
+    """``tok`` with its tokenizers backend's parts replaced."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    for name, value in parts.items():
+        setattr(backend, name, value)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>")  # fmt: skip
+
+
+def test_unknown_tokenizer_kinds_are_refused_in_one_line(tmp_path, model):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    spm = tiny_spm_tokenizer()
+    unigram = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], 0))
+    )
+    cases = {
+        "not Unigram": unigram,
+        "escapes spaces in a way llama.cpp does not reproduce": _with_backend(
+            spm, pre_tokenizer=pre_tokenizers.Metaspace("▁", split=True), normalizer=None
+        ),
+        "matches none": _with_backend(tok := tiny_tokenizer(),
+                                      pre_tokenizer=pre_tokenizers.Whitespace()),  # fmt: skip
+    }
+    del tok
+    for msg, bad in cases.items():
+        with pytest.raises(LowbitError, match=msg) as e:
+            export_gguf(model, bad, tmp_path / "x.gguf", "Q8_0", progress=False)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_source_gguf_metadata_is_carried_over(tmp_path, model, tok):

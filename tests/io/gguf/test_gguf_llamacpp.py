@@ -11,6 +11,8 @@ tokenizer of `gguf_helpers` serves every family."""
 
 from __future__ import annotations
 
+import ctypes
+import random
 import string
 from pathlib import Path
 
@@ -18,7 +20,14 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from gguf_helpers import GGUF_FAMILIES, TEXT, tiny_family, tiny_llama, tiny_tokenizer
+from gguf_helpers import (
+    GGUF_FAMILIES,
+    TEXT,
+    tiny_family,
+    tiny_llama,
+    tiny_spm_tokenizer,
+    tiny_tokenizer,
+)
 
 pytestmark = pytest.mark.slow
 pytest.importorskip(
@@ -145,3 +154,67 @@ def test_imatrix_means_the_same_to_llamacpp(tmp_path):
         a, b = _tensor_bytes(ours), _tensor_bytes(theirs)
         assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}
         assert a == b
+
+
+# texts for the SentencePiece-style tokenizers: spaces at the start and in runs, newlines and a
+# tab (byte tokens), digits, characters the pieces lack (UTF-8 bytes), an added token
+SPM_TEXTS = [
+    "hello world",
+    " hello world",
+    "   three leading spaces",
+    "the  fox   said\n\nnothing\n",
+    "a\tb",
+    "numbers 0123456789, 2024 and 12345",
+    "café über 日本 ß 😀 x",
+    "hello<|user|>world",
+    "trailing space ",
+    " ",
+    "",
+]
+_rng = random.Random(0)  # and random strings, where merge order matters more than in words
+SPM_TEXTS += ["".join(_rng.choice("abcdefghijklmnopqrstuvwxyz   ,.0123\né日") for _ in range(30))
+              for _ in range(200)]  # fmt: skip
+SPM_CASES = {  # family, tiny_spm_tokenizer arguments
+    "llama2": ("llama", {}),
+    "gemma": ("gemma", {"gemma": True}),
+    "llama-metaspace": ("llama", {"metaspace": True}),
+}
+
+
+def _detokenize(llm, ids: list[int]) -> str:
+    """llama.cpp's own detokenization of text tokens: the space it prefixed, if it does, is
+    removed (when the ids start with BOS, llama_detokenize keeps that space)."""
+    import llama_cpp
+
+    arr = (llama_cpp.llama_token * len(ids))(*ids)
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_detokenize(llm._model.vocab, arr, len(ids), buf, 4096, False, False)
+    assert 0 <= n < 4096
+    return buf.raw[:n].decode("utf-8")
+
+
+@pytest.mark.parametrize("case", list(SPM_CASES))
+def test_sentencepiece_tokenizer_in_llamacpp(tmp_path, case):
+    """A SentencePiece-style tokenizer built from transformers: llama.cpp splits each text into
+    the ids transformers gives (BOS included) and detokenizes them into transformers' text,
+    which is the text itself (but for Llama 2's space after an added token); with the merge ranks
+    as scores (the gguf package's -1000 for every token splits 2 or 3 of the 200 random strings
+    differently). The exception is
+    transformers' own Llama tokenizer (a Metaspace pre-tokenizer, what transformers 5 turns Llama
+    2's tokenizer.json into): it does not double the "▁" of a text that starts with a space,
+    nor add one after an added token, where llama.cpp does as SentencePiece (and Llama 2's
+    tokenizer.json) do; there llama.cpp gives the ids of the Llama 2 layout."""
+    family, kw = SPM_CASES[case]
+    tok = tiny_spm_tokenizer(**kw)
+    out = tmp_path / f"{case}.gguf"
+    export_gguf(tiny_family(family, hidden=64, vocab=512), tok, out, "F32", progress=False)
+    llm = load_llama(out, n_ctx=64)
+    sentencepiece = tiny_spm_tokenizer() if kw.get("metaspace") else tok
+    for text in SPM_TEXTS:
+        ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+        differs = kw.get("metaspace") and (text.startswith(" ") or "<|user|>" in text)
+        assert ids == (sentencepiece if differs else tok)(text)["input_ids"], text
+        want = sentencepiece.decode(ids, skip_special_tokens=True)
+        assert ids[0] == tok.bos_token_id and _detokenize(llm, ids[1:]) == want, text
+        if "<|user|>" not in text:
+            assert want == text
