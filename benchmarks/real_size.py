@@ -75,7 +75,7 @@ ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0
 out, kind = sys.argv[1], sys.argv[2]
 if kind == "transformers":
     import transformers as tf
-    hf = tf.AutoModelForCausalLM.from_pretrained(out)
+    hf = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # as lowbit
     lb = load_model(out)[0]
     with torch.no_grad():
         a, b = hf(input_ids=ids).logits.float(), lb(input_ids=ids).logits.float()

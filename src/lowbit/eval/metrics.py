@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.eval.base_cache import BaseLogprobs
+from lowbit.runtime.qlinear import decoded_once
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,12 @@ def evaluate(
     agreement, on the same positions. ``batch`` windows go through the model at a time."""
     if isinstance(base, nn.Module):
         base = BaseLogprobs(base, windows)
+    with decoded_once(model):
+        return _evaluate(model, windows, base, batch, progress, desc)
+
+
+def _evaluate(model: nn.Module, windows: torch.Tensor, base: BaseLogprobs | None, batch: int,
+              progress: bool, desc: str) -> dict:
     nll_sum, n_tok = 0.0, 0
     kls: list[torch.Tensor] = []
     agree = 0
