@@ -74,12 +74,11 @@ def describe(result: Result, recipe: Recipe, **meta: Any) -> dict:
     }
 
 
-def checkpoint_dtype(model: nn.Module) -> str:
-    """The dtype a serving checkpoint stores the unquantized tensors of ``model`` in: bfloat16
-    for a bf16 model, else float16 (what serving stacks run)."""
-    from lowbit.models import DTYPE_NAMES, model_dtype
-
-    return "bfloat16" if DTYPE_NAMES.get(model_dtype(model)) == "bf16" else "float16"
+def checkpoint_dtype(dtype) -> str:
+    """The dtype a serving checkpoint stores unquantized tensors in, for a model quantized in
+    ``dtype`` (a torch dtype or its name): bfloat16 for bf16, else float16 (what serving stacks
+    run)."""
+    return "bfloat16" if str(dtype).removeprefix("torch.") in ("bf16", "bfloat16") else "float16"
 
 
 def save(
@@ -117,9 +116,11 @@ def save(
         return save_quantized(Path(out), model, tokenizer, result.weights.modules(), meta,
                               overwrite=overwrite, conv1d=conv1d, extra=extra)
     from lowbit.io.serving import write_checkpoint
+    from lowbit.models import model_dtype
 
     write_checkpoint(Path(out), fmt, model, tokenizer, result.weights, meta, overwrite=overwrite,
-                     extra={"layers.jsonl": rows}, dtype=checkpoint_dtype(model))
+                     extra={"layers.jsonl": rows},
+                     dtype=checkpoint_dtype(model_dtype(model)))
     return Path(out)
 
 

@@ -64,7 +64,7 @@ def serving_preflight(model, plan, fmt: str, tp: int) -> list[str]:
                               "format")
         check_target(shapes, step.scheme, fmt, tp, heads=heads).raise_errors()
     if replacers:
-        if len(replacers) < len({la.step for la in owners}) or len(replacers) > 1:
+        if len({la.step for la in owners}) > 1:  # a second replacer, or rounders beside it
             raise LowbitError(f"--format {fmt} takes one scheme for all Linears; save the "
                               "native format")
         return []
@@ -167,7 +167,7 @@ def quantize_job(
         from lowbit.io.serving.checkpoint import round_unquantized
 
         if fmt != "native":
-            round_unquantized(model, set(res.weights), checkpoint_dtype(model))
+            round_unquantized(model, set(res.weights), checkpoint_dtype(model_dtype(model)))
 
         r = evaluate(model, ev, base=base_lp, progress=progress)
         meta["eval"] = {k: r[k] for k in ("ppl", "kl_mean", "kl_p99", "top1")} | {
@@ -339,7 +339,9 @@ def serving_dtype(dtype: str, recorded: str | None) -> str:
     """write_checkpoint's dtype for unquantized tensors: the one asked for, or (``auto``) the
     dtype the model was quantized in when it was bf16, else fp16 (what serving stacks run)."""
     if dtype == "auto":
-        return "bfloat16" if recorded in ("bf16", "bfloat16") else "float16"
+        from lowbit.api import checkpoint_dtype
+
+        return checkpoint_dtype(recorded)
     from lowbit.models import DTYPE_NAMES, parse_dtype
 
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[

@@ -172,7 +172,7 @@ def _load(model: str | Path, dtype: torch.dtype | None, cache_weights: bool
             path = cached
     from lowbit.io.native import is_native, load_quantized
 
-    if is_lowbit_dir(path) and is_native(path):
+    if path.is_dir() and is_native(path):
         return load_quantized(path, cache_weights=cache_weights)
     from lowbit.io.serving import load_checkpoint, quant_format
 

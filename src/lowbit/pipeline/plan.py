@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
@@ -92,10 +93,10 @@ class QuantizedLayers(Mapping):
     def __setitem__(self, name: str, item) -> None:
         self._items[name] = item
 
-    def modules(self) -> dict[str, object]:
+    def modules(self) -> Mapping[str, object]:
         """Each layer as held: ``QLinear``, runtime modules, or (until its block ends) the
-        ``GridWeight`` just rounded."""
-        return dict(self._items)
+        ``GridWeight`` just rounded (a read-only view)."""
+        return MappingProxyType(self._items)
 
 
 @dataclass
