@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lowbit.formats.grid_base import all_finite
+
 NF4_OFFSET = 0.9677083  # QLoRA's outermost quantile level (bitsandbytes create_normal_map)
 DQ_BLOCK = 256  # blocks of the second quantization level in QLoRA's double quantization
 
@@ -67,7 +69,7 @@ def _check_codebook(codebook: Tensor) -> Tensor:
 def _check_finite(x: Tensor, what: str) -> None:
     if not x.is_floating_point():
         raise ValueError(f"{what} needs a floating-point tensor, got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError(f"{what} cannot hold NaN or inf; the input contains some")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lowbit.formats.grid_base import all_finite
 from lowbit.formats.minifloat import (
     E2M1,
     E2M3,
@@ -55,7 +56,7 @@ def _element(elem: str) -> MiniFloat | None:
 def _check_input(x: Tensor, what: str) -> None:
     if not x.is_floating_point():
         raise ValueError(f"{what} needs a floating-point tensor, got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError(f"{what} cannot hold NaN or inf input; the tensor contains some")
 
 

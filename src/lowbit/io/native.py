@@ -25,12 +25,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.grids import grid_info
 from lowbit.formats.weight import GridWeight
+from lowbit.io.shards import ShardWriter
 from lowbit.runtime.experts import unfuse_experts
 from lowbit.runtime.modules import build_module
 
@@ -88,21 +89,18 @@ def save_quantized(
     """Write a quantized model (``qweights``: ``GridWeight`` or runtime modules, by full module
     name) and its description; ``extra`` files (name -> bytes) go in the same atomic write."""
     out = Path(out)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, qw in qweights.items():
-        for k, v in qw.to_tensors().items():
-            tensors[f"{name}.{k}"] = v.contiguous()
     seen: dict[int, str] = {}
     tied = {}
+    plain = []
     for k, v in model.state_dict().items():
         owner, _, leaf = k.rpartition(".")
         if owner in qweights and leaf != "bias":
-            continue  # written above from the quantized weight
+            continue  # written from the quantized weight
         if v.data_ptr() in seen and v.numel():
             tied[k] = seen[v.data_ptr()]
             continue
         seen[v.data_ptr()] = k
-        tensors[k] = v.detach().contiguous()
+        plain.append(k)
     desc = {
         "format": FORMAT,
         "version": VERSION,
@@ -113,7 +111,15 @@ def save_quantized(
     with atomic_dir(out, overwrite) as tmp:
         # not model.safetensors: transformers must refuse the folder ("no file named
         # model.safetensors"), not load it with every quantized Linear randomly initialised
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        # tensors are written as they are made: the whole output is never in memory at once
+        with ShardWriter(tmp, WEIGHTS.removesuffix(".safetensors"),
+                         metadata={"format": FORMAT}) as shards:
+            for name, qw in qweights.items():
+                for k, v in qw.to_tensors().items():
+                    shards.add(f"{name}.{k}", v)
+            state = model.state_dict()
+            for k in plain:
+                shards.add(k, state[k])
         cfg = model.config
         cfg.save_pretrained(tmp)
         if tokenizer is not None:

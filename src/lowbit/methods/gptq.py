@@ -50,7 +50,6 @@ class Hessian:
     """H of one shared input, prepared for GPTQ: dead inputs fixed, act-order permutation,
     the upper Cholesky factor of the damped inverse."""
 
-    h: Tensor  # as collected (for the losses)
     diag: Tensor  # diag(H) with dead inputs set to 1 (original column order)
     dead: Tensor  # inputs that never fired
     perm: Tensor | None  # act-order: columns by decreasing diag(H)
@@ -58,16 +57,25 @@ class Hessian:
     damp: float  # lambda actually used
 
 
-def _damped_inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of (H + lambda I)^-1, raising lambda until H is positive definite."""
-    mean_diag = float(torch.diag(h).mean())
+def _damped_inverse_cholesky(h: Tensor, diag: Tensor, perm: Tensor | None,
+                             damp: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of (H + lambda I)^-1 for H = ``h`` permuted by ``perm`` with
+    diagonal ``diag``, raising lambda until H is positive definite. At most three n x n
+    matrices live at once (``h`` included): on an 8192-input down_proj each is 256 MiB."""
+    mean_diag = float(diag.mean())
     lam = damp * mean_diag
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    if perm is not None:
+        diag = diag[perm]
     for _ in range(8):
-        l_factor, info = torch.linalg.cholesky_ex(h + lam * eye)
+        H = h[perm[:, None], perm] if perm is not None else h.clone()
+        H.diagonal().copy_(diag + lam)
+        l_factor, info = torch.linalg.cholesky_ex(H)
+        del H
         if int(info) == 0:
             hinv = torch.cholesky_inverse(l_factor)
+            del l_factor
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0:
                 return u, lam
         new = max(lam * 10, 1e-8 * max(mean_diag, 1e-8))
@@ -77,19 +85,17 @@ def _damped_inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor, float]:
 
 
 def prepare_hessian(h: Tensor, act_order: bool, damp: float = 0.01) -> Hessian:
-    """Factor H once for every Linear that reads the same input."""
+    """Factor H once for every Linear that reads the same input (``h`` is not modified)."""
     check_finite(h, "Hessian")
-    H = h.detach().float().clone()
-    if H.dim() != 2 or H.shape[0] != H.shape[1]:
-        raise LowbitError(f"a Hessian must be square, got {tuple(H.shape)}")
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    diag = torch.diag(H)
+    if h.dim() != 2 or h.shape[0] != h.shape[1]:
+        raise LowbitError(f"a Hessian must be square, got {tuple(h.shape)}")
+    h = h.detach().float()
+    diag = h.diagonal().clone()
+    dead = diag == 0
+    diag[dead] = 1
     perm = torch.argsort(diag, descending=True) if act_order else None
-    if perm is not None:
-        H = H[perm][:, perm]
-    u, lam = _damped_inverse_cholesky(H, damp)
-    return Hessian(h.detach().float(), diag, dead, perm, u, lam)
+    u, lam = _damped_inverse_cholesky(h, diag, perm, damp)
+    return Hessian(diag, dead, perm, u, lam)
 
 
 def gptq_quantize(
@@ -151,9 +157,9 @@ def gptq_quantize(
             q, x_hat = grid.round_trip(x, p)
             code_cols.append(q)
             err = (W1[:, i] - x_hat[:, 0]) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # in place: no (rows, block) temporary
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
         groups = col_group[i1:i2]
         if prefit:
             block_params, local = params, groups

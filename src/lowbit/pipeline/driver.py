@@ -46,6 +46,7 @@ from lowbit.arch import (
     text_config,
 )
 from lowbit.errors import LowbitError
+from lowbit.formats.grid_base import all_finite
 from lowbit.pipeline.stats import InputStats, blend
 from lowbit.runtime.experts import unfuse_experts
 
@@ -272,7 +273,7 @@ def run_sequential(
         if visitor.replace(ctx) or nxt is None:
             nxt = ctx.run(main)
         for h in nxt:
-            if not torch.isfinite(h).all():
+            if not all_finite(h):
                 raise LowbitError(f"non-finite activations after block {bi}")
         main.hidden = nxt
         visitor.finish(ctx)

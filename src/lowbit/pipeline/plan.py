@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight, spec_for
 from lowbit.errors import LowbitError
+from lowbit.formats.grid_base import all_finite
 from lowbit.pipeline.driver import MOE_MIN_TOKENS, BlockContext, Stream, run_sequential
-from lowbit.pipeline.release import page_out, release, trim
+from lowbit.pipeline.release import bound_heap, page_out, release, trim
 from lowbit.pipeline.stats import InputStats
 from lowbit.runtime.experts import unfuse_experts
 from lowbit.runtime.qlinear import QLinear
@@ -147,6 +148,7 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
     """Assign every layer to at most one rounder or replacer, and check shapes and order."""
     if not steps:
         raise LowbitError("the recipe has no steps")
+    bound_heap()  # transients go back to the system when freed (lowbit.pipeline.release)
     spec = spec_for(model)
     unfuse_experts(model)  # MoE: one Linear per expert, each a layer of its own
     for a, b in zip(steps, steps[1:], strict=False):
@@ -164,7 +166,7 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
             continue
         step = mine[0]
         w = mod.weight
-        if not bool(torch.isfinite(w).all()):
+        if not all_finite(w):
             raise LowbitError(f"{full}: the weight holds {int(torch.isnan(w).sum())} NaN and "
                               f"{int(torch.isinf(w).sum())} inf values; only finite weights can "
                               "be quantized")
@@ -328,6 +330,7 @@ def execute(
                         if plan.wants(la) or la.step.needs_data()}
                        | {t.step for t in plan.transforms})
         raise LowbitError(f"{', '.join(names)} needs calibration windows")
+    bound_heap()
     res = Result(plan.steps)
     t0 = time.perf_counter()
     spec = plan.spec

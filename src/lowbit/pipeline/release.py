@@ -10,9 +10,10 @@ tensors inside a file mapping and only whole pages. ``page_out`` is the harmless
 weights still in use that were only read (the whole-model checks before a run):
 ``MADV_PAGEOUT`` reclaims clean pages, which a later read brings back from the file, and never
 loses a page that was written. Anywhere else (ordinary memory, systems without ``/proc``, older
-kernels) both do nothing. ``trim`` hands the C allocator's free memory back to the system
-(glibc keeps freed blocks of a raised mmap threshold in its heap: a block's transient fp32
-copies would otherwise stay resident until the end of the run).
+kernels) both do nothing. ``bound_heap`` makes every allocation of 1 MiB or more a mapping of
+its own, returned to the system when freed; ``trim`` hands the C allocator's free memory back
+to the system (glibc keeps freed blocks of a raised mmap threshold in its heap: a block's
+transient fp32 copies would otherwise stay resident until the end of the run).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from torch import Tensor
 
 _MADV_DONTNEED = 4
 _MADV_PAGEOUT = 21  # Linux 5.4
+_M_MMAP_THRESHOLD = -3
+HEAP_LIMIT = 1 << 20  # allocations from this size on get their own mapping
 
 
 def _file_mappings() -> list[tuple[int, int]]:
@@ -49,6 +52,19 @@ def trim() -> None:
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None).malloc_trim(0)
+        except AttributeError:  # not glibc
+            pass
+
+
+def bound_heap() -> None:
+    """Fix glibc's mmap threshold at ``HEAP_LIMIT`` (process-wide, from now on). By default it
+    rises to the size of the largest block freed so far (up to 32 MiB), after which a block's
+    8-32 MiB transients (Hessians, activations, weight copies) land in the heap and stay
+    resident, fragmented, until ``trim``: measured +0.56 GiB of peak RSS on a 2-block
+    Llama-3.2-1B-shaped GPTQ run."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, HEAP_LIMIT)
         except AttributeError:  # not glibc
             pass
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lowbit.errors import LowbitError
+from lowbit.formats.grid_base import FINITE_CHUNK
 
 MIN_TOKENS = 4096  # below this, per-channel maxima and means are noisy: steps warn
 WANTS = frozenset({"hessian", "absmax", "mean_abs", "token_absmax"})
@@ -38,8 +39,13 @@ class InputStats:
         self.info: dict = {}  # extra fields for the rows of the Linears rounded from these
 
     def add(self, x: Tensor) -> None:
-        """Add a batch of inputs (..., in)."""
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        """Add a batch of inputs (..., in), a bounded number of tokens at a time (the fp32 copy
+        and |x| of a whole batch of 8192-wide inputs would be twice its size again)."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        for part in x.split(max(1, FINITE_CHUNK // x.shape[-1])):
+            self._add(part.float())
+
+    def _add(self, x: Tensor) -> None:
         if not torch.isfinite(x).all():
             raise FloatingPointError("non-finite values in the calibration activations")
         b = x.shape[0]

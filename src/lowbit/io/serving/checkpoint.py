@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.arch import checkpoint_name, get_blocks, has_module, spec_for_type
@@ -27,6 +27,7 @@ from lowbit.formats.weight import GridWeight
 from lowbit.io.native import atomic_dir, finish_load, serving_record
 from lowbit.io.serving import awq, compressed_tensors, gptq
 from lowbit.io.serving.base import ServingFormat, scheme_name, scheme_of
+from lowbit.io.shards import ShardWriter
 from lowbit.runtime.experts import moe_spec, unfuse_experts
 from lowbit.runtime.qlinear import QLinear
 
@@ -76,18 +77,18 @@ def check_weights(fmt: str, weights: dict) -> None:
         raise LowbitError("the model has no quantized Linears to export")
 
 
-def _plain_tensors(model: nn.Module, qnames: set[str], dtype: torch.dtype) -> dict:
-    """Every tensor that is not part of a quantized Linear (biases stay), tied copies once."""
-    out, seen = {}, {}
+def _plain_tensors(model: nn.Module, qnames: set[str], dtype: torch.dtype):
+    """Every tensor that is not part of a quantized Linear (biases stay), tied copies once,
+    one at a time (a conversion to ``dtype`` is a copy)."""
+    seen = set()
     for k, v in model.state_dict().items():
         owner, _, leaf = k.rpartition(".")
         if owner in qnames and leaf != "bias":
             continue
         if v.numel() and v.data_ptr() in seen:
             continue
-        seen[v.data_ptr()] = k
-        out[k] = v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
-    return out
+        seen.add(v.data_ptr())
+        yield k, v.detach().to(dtype if v.is_floating_point() else v.dtype)
 
 
 def round_unquantized(model: nn.Module, qnames: set[str], dtype: str) -> None:
@@ -116,39 +117,11 @@ def _unquantized_linears(model: nn.Module, qnames: set[str]) -> list[str]:
     return out
 
 
-def _on_disk(model: nn.Module, names):
-    """Names as the family's checkpoints spell them (Mixtral: block_sparse_moe)."""
+def _on_disk(model: nn.Module):
+    """Tensor or module names as the family's checkpoints spell them (Mixtral:
+    block_sparse_moe)."""
     spec = moe_spec(model)
-    return names if spec is None else [checkpoint_name(spec, n) for n in names]
-
-
-def _save_shards(tensors: dict, folder: Path, max_bytes: int) -> list[str]:
-    shards: list[dict] = [{}]
-    size = 0
-    ptrs: set[int] = set()
-    for k, v in tensors.items():
-        if v.numel() and v.data_ptr() in ptrs:
-            v = v.clone()  # e.g. one g_idx shared by q/k/v: safetensors stores each tensor once
-        ptrs.add(v.data_ptr())
-        nb = v.numel() * v.element_size()
-        if shards[-1] and size + nb > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nb
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names, weight_map = [], {}
-    for i, sh in enumerate(shards, 1):
-        fn = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(sh, str(folder / fn), metadata={"format": "pt"})
-        names.append(fn)
-        weight_map |= dict.fromkeys(sh, fn)
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    return names
+    return (lambda n: n) if spec is None else (lambda n: checkpoint_name(spec, n))
 
 
 def write_checkpoint(
@@ -178,18 +151,22 @@ def write_checkpoint(
     check_weights(fmt, weights)
     scheme = scheme_of(next(iter(weights.values())))
     qnames = set(weights)
-    tensors = _plain_tensors(model, qnames, DTYPES[dtype])
-    for name, w in weights.items():
-        tensors |= f.layer_tensors(name, w)
-    tensors = dict(zip(_on_disk(model, tensors), tensors.values(), strict=True))
-    qcfg = f.quantization_config(weights, _on_disk(model, _unquantized_linears(model, qnames)))
+    disk = _on_disk(model)
+    qcfg = f.quantization_config(weights, [disk(n) for n in _unquantized_linears(model, qnames)])
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qcfg
     cfg["torch_dtype"] = cfg["dtype"] = dtype
     cfg.pop("_name_or_path", None)
     extra = {"lowbit.json": serving_record(fmt, weights, meta), **(extra or {})}
     with atomic_dir(out, overwrite) as tmp:
-        files = _save_shards(tensors, tmp, max_shard_bytes)
+        # tensors are written as they are made: the whole output is never in memory at once
+        with ShardWriter(tmp, max_bytes=max_shard_bytes, metadata={"format": "pt"}) as shards:
+            for k, v in _plain_tensors(model, qnames, DTYPES[dtype]):
+                shards.add(disk(k), v)
+            for name, w in weights.items():
+                for k, v in f.layer_tensors(name, w).items():
+                    shards.add(disk(k), v)
+        files = shards.close()
         if fail_after_tensors:
             raise LowbitError("simulated failure after writing the tensors")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
