@@ -12,13 +12,16 @@ head layouts and tensor sizes that tiny models never reach. Then:
 1. ``lowbit quantize CKPT --method rtn --scheme w4g32`` writes its default output
    (compressed-tensors), which transformers loads: its logits equal lowbit's reload of the
    same folder;
-2. ``lowbit export OUT F.gguf --type Q4_0`` (a lossless re-encoding of w4g32 weights): llama.cpp
-   loads the file and its perplexity is within 1.5% of lowbit's on the same folder, and its
-   logits follow lowbit's (correlation).
+2. ``lowbit export OUT F.gguf --type Q4_0``: llama.cpp loads the file, its perplexity is
+   within 1.5% of lowbit's evaluation of the same file and its logits follow lowbit's
+   (correlation; llama.cpp also rounds activations to 8 bits in its dot products). The export
+   re-encodes the folder's dequantized weights with llama.cpp's Q4_0 rule (scale = -max/8),
+   which is not lowbit's symmetric grid (absmax/7): the file's weights differ from the
+   folder's by up to about half a grid step (measured; see docs/GGUF.md).
 
-Weights are drawn with a wider spread than transformers' default (``initializer_range``
-0.2 for the projections) so that a random model's predictions are far from uniform and the
-perplexity check is not vacuous.
+Weights are drawn with standard deviation 2 / sqrt(hidden) (transformers' default 0.02 gives
+near-uniform predictions, whose perplexity is the vocabulary size whatever the weights): logits
+then spread over a few units, so a wrong tensor moves the perplexity.
 """
 
 from __future__ import annotations
@@ -82,8 +85,8 @@ SEQ = 128
 
 def _build(family: str, out) -> None:
     kind, kw = REAL[family]
-    kw = {"num_hidden_layers": 1, "max_position_embeddings": 4096, "initializer_range": 0.2,
-          "bos_token_id": 1, "eos_token_id": 2} | kw
+    kw = {"num_hidden_layers": 1, "max_position_embeddings": 4096, "bos_token_id": 1,
+          "eos_token_id": 2, "initializer_range": 2 / kw["hidden_size"] ** 0.5} | kw
     cfg = tf.AutoConfig.for_model(kind, **kw)
     torch.manual_seed(0)
     with torch.device("cpu"):
@@ -109,20 +112,24 @@ def test_real_shapes_round_trip(tmp_path, family):
     ours, _ = load_model(out)
     with torch.no_grad():
         ref = ours(input_ids=ids).logits.float()
+    del ours
     hf = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         got = hf(input_ids=ids).logits.float()
-    del hf
     scale = float(ref.abs().max())
     assert float((got - ref).abs().max()) < 1e-3 * scale, family
+    del hf
 
     lowbit_cli("export", out, gguf, "--type", "Q4_0", "--quiet")
-    mine = evaluate(ours, ids, progress=False)["ppl"]
+    back, _ = load_model(gguf)
+    with torch.no_grad():
+        mine_logits = back(input_ids=ids[:1]).logits[0].float().numpy()
+    mine = evaluate(back, ids, progress=False)["ppl"]
+    del back
     llm = load_llama(gguf, n_ctx=SEQ, n_threads=2)
     theirs = llamacpp_perplexity(gguf, ids, llm=llm)["ppl"]
     assert abs(theirs / mine - 1) < 0.015, (family, mine, theirs)
     llm.reset()
     llm.eval(ids[0].tolist())
-    lc = np.asarray(llm.scores[:SEQ])
-    corr = np.corrcoef(lc.ravel(), ref[0].numpy().ravel())[0, 1]
-    assert corr > 0.99, (family, corr)
+    corr = np.corrcoef(np.asarray(llm.scores[:SEQ]).ravel(), mine_logits.ravel())[0, 1]
+    assert corr > 0.999, (family, corr)
