@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from lowbit.cli.common import calibration, calibration_options, dtype_option, dump_json, echo
+from lowbit.cli.common import (
+    calibration,
+    calibration_options,
+    check_outputs,
+    dtype_option,
+    dump_json,
+    echo,
+)
 
 
 @click.command("imatrix")
@@ -22,6 +29,7 @@ def command(model, out, calib, calib_samples, calib_offset, seq_len, chunk, json
     """Collect an importance matrix (per input column mean of x^2) for llama.cpp quantization."""
     from lowbit.jobs import imatrix_job
 
+    check_outputs(json_path=json_path)
     cal = calibration(calib, calib_samples, calib_offset, seq_len)
     res = imatrix_job(model, out, cal, chunk, progress=not quiet, dtype=dtype)
     echo(f"wrote {res['out']}: {res['entries']} entries ({res['format']}), "

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from lowbit.cli.common import calibration, calibration_options, dtype_option, dump_json, echo, note
+from lowbit.cli.common import (
+    calibration,
+    calibration_options,
+    check_outputs,
+    dtype_option,
+    dump_json,
+    echo,
+    note,
+)
 from lowbit.errors import LowbitError
 
 # flags that configure a method's step: CLI option name -> step option
@@ -85,6 +93,7 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
     from lowbit.eval.metrics import peak_rss_bytes
     from lowbit.jobs import quantize_job
 
+    check_outputs(json_path=json_path)
     flags = {"act_order": act_order, "static_groups": static_groups, "damp": damp,
              "alpha": alpha, "threshold": threshold, "int8_kernel": int8_kernel}
     recipe = build_recipe(recipe_path, method, scheme, flags)
