@@ -497,3 +497,27 @@ def test_bad_input(case, built, tmp_path, monkeypatch):
     r.err = "\n".join(line for line in r.err.splitlines() if not line.startswith("note: "))
     one_line_error(r, message, code=code)
     assert _tree(work) == before, f"{name}: the case's folder changed"
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    """``lowbit --debug`` (or LOWBIT_DEBUG=1) prints the traceback, then the same one line and
+    exit code."""
+    args = ("quantize", tmp_path / "nope", "--method", "rtn", "--out", tmp_path / "o")
+    plain = lowbit_cli(*args, ok=False)
+    one_line_error(plain, "model not found")
+    debug = lowbit_cli("--debug", *args, ok=False)
+    assert debug.code == 2 and "Traceback" in debug.err
+    assert debug.err.strip().splitlines()[-1] == plain.err.strip()
+    monkeypatch.setenv("LOWBIT_DEBUG", "1")
+    env = lowbit_cli(*args, ok=False)
+    assert env.code == 2 and "Traceback" in env.err
+
+
+def test_an_internal_error_is_one_line_with_exit_code_1(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.delenv("LOWBIT_DEBUG", raising=False)
+    monkeypatch.setattr("lowbit.api.plan", lambda *a, **k: 1 / 0)
+    r = lowbit_cli("quantize", tiny_ckpt[0], "--method", "rtn", "--out", tmp_path / "o",
+                   ok=False)
+    one_line_error(r, "internal error: ZeroDivisionError: division by zero (run with --debug",
+                   code=1)
+    assert list(tmp_path.iterdir()) == []
