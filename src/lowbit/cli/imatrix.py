@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lowbit.cli.common import (
-    calibration,
-    calibration_options,
-    check_outputs,
-    dtype_option,
-    dump_json,
-    echo,
-)
+from lowbit.cli.common import calibration, calibration_options, dtype_option, dump_json, echo
 
 
 @click.command("imatrix")
@@ -27,6 +20,7 @@ from lowbit.cli.common import (
 def command(model, out, calib, calib_samples, calib_offset, seq_len, chunk, json_path, quiet,
             dtype):
     """Collect an importance matrix (per input column mean of x^2) for llama.cpp quantization."""
+    from lowbit.cli.common import check_outputs
     from lowbit.jobs import imatrix_job
 
     check_outputs(json_path=json_path)

@@ -6,14 +6,7 @@ from pathlib import Path
 
 import click
 
-from lowbit.cli.common import (
-    calibration,
-    calibration_options,
-    check_outputs,
-    dtype_option,
-    dump_json,
-    echo,
-)
+from lowbit.cli.common import calibration, calibration_options, dtype_option, dump_json, echo
 from lowbit.errors import LowbitError
 
 
@@ -36,6 +29,7 @@ def command(model, calib, calib_samples, calib_offset, seq_len, stats_path, rati
             save_stats, json_path, quiet, dtype):
     """Outlier channels of MODEL's activations, per block: how many, how far above the median
     channel, which Linears they feed."""
+    from lowbit.cli.common import check_outputs
     from lowbit.io.atomic import atomic_output
     from lowbit.jobs import inspect_job
     from lowbit.pipeline.stats import save_stats as write_stats

@@ -7,15 +7,7 @@ from pathlib import Path
 
 import click
 
-from lowbit.cli.common import (
-    calibration,
-    calibration_options,
-    check_outputs,
-    dtype_option,
-    dump_json,
-    echo,
-    note,
-)
+from lowbit.cli.common import calibration, calibration_options, dtype_option, dump_json, echo, note
 from lowbit.errors import LowbitError
 
 # flags that configure a method's step: CLI option name -> step option
@@ -90,6 +82,7 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
             eval_data, chunk, out, fmt, tp, overwrite, json_path, quiet, dtype):
     """Quantize MODEL (default: the built-in smollm2-135m, or the base model of a --recipe
     lowbit.json) and save it to --out."""
+    from lowbit.cli.common import check_outputs
     from lowbit.eval.metrics import peak_rss_bytes
     from lowbit.jobs import quantize_job
 
