@@ -37,9 +37,10 @@ def lowbit_process(*args, ok: bool = True) -> Run:
     return Run(p.returncode, p.stdout, p.stderr)
 
 
-def one_line_error(r: Run, message: str) -> None:
-    """Exit code 2 and one line on stderr, ``error: ...`` containing ``message``."""
+def one_line_error(r: Run, message: str, code: int = 2) -> None:
+    """Exit code ``code`` (2: a lowbit error) and one line on stderr, ``error: ...`` containing
+    ``message``."""
     lines = r.err.strip().splitlines()
-    assert r.code == 2, r.err[-3000:]
+    assert r.code == code, r.err[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.err[-3000:]
     assert message in lines[0], lines[0]

@@ -44,6 +44,16 @@ class Calibration:
         return asdict(self)
 
 
+def check_chunk(chunk: int) -> None:
+    if chunk < 1:
+        raise LowbitError(f"--chunk must be at least 1, not {chunk}")
+
+
+def check_tp(tp: int) -> None:
+    if tp < 1:
+        raise LowbitError(f"--tp must be at least 1, not {tp}")
+
+
 def serving_preflight(model, plan, fmt: str, tp: int) -> list[str]:
     """``--format`` checks on shapes, in seconds, before calibration: one grid for all layers,
     act-order's g_idx only where the format keeps it, W8A8 schemes only where the format has
@@ -127,16 +137,18 @@ def quantize_job(
     from lowbit.api import describe, plan, quantize, save
     from lowbit.eval.base_cache import HeldLogprobs
     from lowbit.io.native import check_writable
-    from lowbit.models import DTYPE_NAMES, load_model, model_dtype, parse_dtype
+    from lowbit.models import DTYPE_NAMES, check_seq_len, load_model, model_dtype, parse_dtype
 
     parse_dtype(dtype)  # a bad name fails before loading
     if fmt not in OUTPUT_FORMATS:
         raise LowbitError(f"unknown output format {fmt!r}; known: {', '.join(OUTPUT_FORMATS)} "
                           "(gguf: use lowbit export)")
-    if chunk < 1:
-        raise LowbitError(f"--chunk must be at least 1, not {chunk}")
+    check_chunk(chunk)
     if eval_windows < 0:
         raise LowbitError(f"--eval takes a number of windows (0: none), not {eval_windows}")
+    check_tp(tp)
+    if recipe.needs_data() or eval_windows > 0:
+        check_seq_len(model_arg, calibration.seq_len)
     out = Path(out)
     check_writable(out, overwrite)
     t0 = time.perf_counter()
@@ -193,13 +205,21 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
         peak_rss_bytes,
     )
     from lowbit.io.native import read_description
-    from lowbit.models import cache_dir, is_lowbit_dir, load_model, parse_dtype, resolve
+    from lowbit.models import (
+        cache_dir,
+        check_seq_len,
+        is_lowbit_dir,
+        load_model,
+        parse_dtype,
+        resolve,
+    )
 
     if batch < 1:
         raise LowbitError(f"--batch must be at least 1, not {batch}")
     if windows < 1 or seq_len < 2:
         raise LowbitError(f"--windows must be at least 1 and --seq-len at least 2, not "
                           f"{windows} and {seq_len}")
+    check_seq_len(model_arg, seq_len)
     path = resolve(model_arg)
     desc = read_description(path) if is_lowbit_dir(path) else {}
     check_disjoint(desc.get("calibration"), data, windows, seq_len)
@@ -231,6 +251,34 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
     if speed:
         res |= generation_speed(model, ev[0, :64])
     return res
+
+
+def verify_job(path: str | Path) -> dict:
+    """The full check of a folder lowbit wrote: every file lowbit.json records has its size and
+    sha256, every layer's stored tensors have the sizes its grid gives and the model's shapes,
+    and every weight decodes to finite values."""
+    from lowbit.formats.grid_base import all_finite
+    from lowbit.io.native import check_files, read_description
+    from lowbit.models import load_model
+    from lowbit.runtime.qlinear import QuantModule
+
+    path = Path(path)
+    desc = read_description(path)
+    if not desc.get("files"):
+        raise LowbitError(f"{path}: lowbit.json records no checksums (an older lowbit wrote "
+                          "it); nothing to verify the files against")
+    check_files(path, desc)
+    model, _ = load_model(path)
+    layers = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantModule):
+            layers += 1
+            if not all_finite(mod.dequantized_weight()):
+                raise LowbitError(f"{path}: layer {name} decodes to non-finite weights")
+    for name, t in model.state_dict().items():
+        if not all_finite(t):
+            raise LowbitError(f"{path}: tensor {name} holds non-finite values")
+    return {"files": len(desc["files"]), "layers": layers}
 
 
 def scheme_label(desc: dict) -> str | None:
@@ -270,25 +318,21 @@ def export_job(model_arg: str, out: str | Path, fmt: str = "gguf", qtype: str = 
     from lowbit.models import parse_dtype
 
     parse_dtype(dtype)
+    check_tp(tp)
     if fmt in SERVING_FORMATS:
         return _export_serving(model_arg, Path(out), fmt, overwrite, tp, dtype)
     if fmt != "gguf":
         raise LowbitError(f"unknown export format {fmt!r}; known: gguf, "
                           f"{', '.join(SERVING_FORMATS)}")
     from lowbit.arch import language_model
-    from lowbit.io.gguf.export import export_gguf, gguf_arch
+    from lowbit.io.gguf.export import check_gguf_output, export_gguf, gguf_arch
     from lowbit.io.gguf.imatrix import load_imatrix
     from lowbit.io.gguf.presets import get_preset
     from lowbit.models import load_model
 
     get_preset(qtype)  # unknown type names fail before any loading
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"{out} exists; pass --overwrite to replace it")
-    if out.is_dir():
-        raise LowbitError(f"{out} is a folder; give a file name ending in .gguf")
-    if not out.parent.is_dir():
-        raise LowbitError(f"folder {out.parent} does not exist")
+    check_gguf_output(out, overwrite)
     im = load_imatrix(imatrix_path) if imatrix_path else None
     source = source_gguf_of(model_arg, note)
     model, tok = load_model(model_arg, dtype)
@@ -350,12 +394,14 @@ def serving_dtype(dtype: str, recorded: str | None) -> str:
 
 def imatrix_job(model_arg: str, out: str | Path, calibration: Calibration, chunk: int = 8,
                 progress: bool = True, dtype: str = "auto") -> dict:
+    from lowbit.io.atomic import check_output_file
     from lowbit.io.gguf.imatrix import collect_imatrix, save_imatrix
-    from lowbit.models import load_model
+    from lowbit.models import check_seq_len, load_model
 
     out = Path(out)
-    if not out.parent.is_dir():
-        raise LowbitError(f"folder {out.parent} does not exist")
+    check_output_file(out, "importance matrix")
+    check_chunk(chunk)
+    check_seq_len(model_arg, calibration.seq_len)
     t0 = time.perf_counter()
     model, tok = load_model(model_arg, dtype)
     windows, record = calibration.windows(model, tok, progress)
@@ -376,10 +422,12 @@ def inspect_job(model_arg: str, calibration: Calibration, stats_path: str | None
     """Activation statistics of every block Linear's input (collected, or read from a saved
     file) and the outlier profile. Returns (rows, stats, spec)."""
     from lowbit.arch import spec_for
-    from lowbit.models import load_model
+    from lowbit.models import check_seq_len, load_model
     from lowbit.pipeline.driver import observe_model
     from lowbit.pipeline.stats import load_stats, outlier_profile
 
+    if not stats_path:
+        check_seq_len(model_arg, calibration.seq_len)
     model, tok = load_model(model_arg, dtype)
     spec = spec_for(model)
     if stats_path:

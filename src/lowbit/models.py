@@ -5,6 +5,7 @@ default by name. Nothing is fetched from a model hub."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lowbit.errors import LowbitError
@@ -184,9 +186,9 @@ def _load(model: str | Path, dtype: torch.dtype | None, cache_weights: bool
         if path.is_file():
             if path.suffix != ".gguf":
                 raise LowbitError(f"{path}: a model file must be .gguf")
-            from lowbit.io.gguf.check import check_gguf
+            from lowbit.io.gguf.check import check_gguf_finite
 
-            check_gguf(path)
+            check_gguf_finite(path)  # the structure, then the data (NaN/inf), named
             kw = dict(gguf_file=path.name, local_files_only=True)
             tok = AutoTokenizer.from_pretrained(path.parent, **kw)
             # always fp32 here (GGUF tensors are dequantized; the cache is written from this
@@ -196,19 +198,109 @@ def _load(model: str | Path, dtype: torch.dtype | None, cache_weights: bool
             if hasattr(m, "hf_quantizer"):
                 m.hf_quantizer = None
         else:
-            if not (path / "config.json").is_file():
-                raise LowbitError(f"{path}: no config.json (not a transformers checkpoint folder)")
+            check_checkpoint_folder(path)
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
                                                      local_files_only=True)
+        if path.is_dir():
+            check_finite_weights(m, path)
         if cached is not None and path.is_file():
             _save_cache(m, tok, cached)
     except LowbitError:
         raise
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
         raise LowbitError(f"cannot load model from {path}: {' '.join(str(e).split())}") from None
     m.eval()
     return m, tok
+
+
+def check_checkpoint_folder(path: Path) -> None:
+    """A transformers checkpoint folder's config.json and weight files are there and sound
+    (safetensors headers and sizes; read before any tensor is), or a LowbitError naming the
+    file."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise LowbitError(f"{path}: no config.json (not a transformers checkpoint folder)")
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"{cfg}: unreadable ({e})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise LowbitError(f"{cfg}: not a transformers model config (no model_type)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not list(path.glob("*.bin")):
+        raise LowbitError(f"{path}: no weights (no .safetensors or .bin files)")
+    for f in weights:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise LowbitError(f"{f}: damaged or unreadable safetensors file ({e})") from None
+
+
+def check_finite_weights(model: nn.Module, path: Path) -> None:
+    """Refuse a model whose floating-point tensors hold NaN or inf (a damaged checkpoint),
+    naming the tensor (GGUF files are checked before loading: ``check_gguf_finite``)."""
+    from lowbit.formats.grid_base import all_finite
+
+    for name, t in model.state_dict().items():
+        if not all_finite(t):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise LowbitError(f"{path}: tensor {name} holds {n_nan} NaN and {n_inf} inf "
+                              "values; refusing a damaged model")
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def max_positions(model: str | Path) -> tuple[int, str] | None:
+    """The most positions a model takes and where that is written (config.json, or a GGUF's
+    context_length), read without loading the weights; None when unknown."""
+    try:
+        path = resolve(model)
+    except LowbitError:
+        return None  # loading says why
+    if str(model) in BUILTIN_MODELS and (_cached_builtin(str(model), path) / "config.json"
+                                         ).is_file():
+        path = _cached_builtin(str(model), path)
+    if path.is_dir():
+        return _config_positions(path / "config.json")
+    if path.suffix == ".gguf":
+        return _gguf_positions(path)
+    return None
+
+
+def _config_positions(f: Path) -> tuple[int, str] | None:
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    for c in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+        for k in POSITION_KEYS if isinstance(c, dict) else ():
+            if isinstance(c.get(k), int):
+                return c[k], f"{k} in {f}"
+    return None
+
+
+def _gguf_positions(path: Path) -> tuple[int, str] | None:
+    from lowbit.io.gguf.check import open_gguf
+
+    try:
+        reader = open_gguf(path)
+    except LowbitError:
+        return None  # loading says why
+    for key, field in reader.fields.items():
+        if key.endswith(".context_length") and field.data:
+            return int(field.parts[field.data[0]][0]), f"{key} in {path}"
+    return None
+
+
+def check_seq_len(model: str | Path, seq_len: int) -> None:
+    """--seq-len within the model's positions, checked from its config before loading."""
+    found = max_positions(model)
+    if found is not None and seq_len > found[0]:
+        raise LowbitError(f"--seq-len {seq_len} is beyond the model's {found[0]} positions "
+                          f"({found[1]})")
 
 
 def _save_cache(model: nn.Module, tok, target: Path) -> None:

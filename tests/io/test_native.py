@@ -80,7 +80,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         real(self, name, t)
 
     monkeypatch.setattr(shards._Shard, "add", add)
-    with pytest.raises(OSError):
+    with pytest.raises(LowbitError, match="cannot write .*q: disk full"):
         save_quantized(tmp_path / "q", model, None, res.weights, {})
     assert list(tmp_path.iterdir()) == []
 

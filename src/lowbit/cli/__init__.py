@@ -1,19 +1,31 @@
 """The ``lowbit`` command line: one module per command; each parses its options, calls the
-API (``lowbit.jobs``, ``lowbit.api``) and displays. Errors a user can cause end in one line
-(``error: ...``) and exit code 2."""
+API (``lowbit.jobs``, ``lowbit.api``) and displays.
+
+``run`` is the one error boundary: every failure ends in one line on stderr, ``error: ...``
+naming the thing and the cause, never a traceback (``lowbit --debug ...`` or
+``LOWBIT_DEBUG=1`` prints it first). Exit codes (``EXIT``): 0 success; 2 a failure a user can
+cause or meet (bad input or options, a damaged file, a full disk, a missing permission); 1 an
+internal error (a bug: please report it); 130 interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import click
 
 from lowbit.errors import LowbitError
 
+EXIT = {"ok": 0, "internal": 1, "error": 2, "interrupted": 130}
+
 
 @click.group()
 @click.version_option(package_name="lowbit")
-def cli() -> None:
+@click.option("--debug", is_flag=True,
+              help="on an error, print the traceback before the one-line message (also "
+                   "LOWBIT_DEBUG=1)")
+def cli(debug: bool) -> None:
     """Post-training quantization of causal language models."""
 
 
@@ -27,20 +39,53 @@ def _register() -> None:
 _register()
 
 
+def debug_requested(args: list[str]) -> bool:
+    """``--debug`` before the command name, or LOWBIT_DEBUG set (not 0)."""
+    if os.environ.get("LOWBIT_DEBUG", "0") not in ("", "0"):
+        return True
+    for a in args:
+        if not a.startswith("-"):
+            return False
+        if a == "--debug":
+            return True
+    return False
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def describe_failure(e: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code of a failure."""
+    if isinstance(e, LowbitError):
+        return one_line(e), EXIT["error"]
+    if isinstance(e, click.UsageError):
+        where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        return one_line(e.format_message()) + where, e.exit_code
+    if isinstance(e, click.ClickException):
+        return one_line(e.format_message()), e.exit_code
+    if isinstance(e, (KeyboardInterrupt, click.exceptions.Abort)):
+        return "interrupted", EXIT["interrupted"]
+    if isinstance(e, OSError):
+        what = f"{e.filename}: " if e.filename else ""
+        return one_line(f"{what}{e.strerror or e}"), EXIT["error"]
+    if isinstance(e, MemoryError):
+        return "out of memory", EXIT["error"]
+    return (one_line(f"internal error: {type(e).__name__}: {e}") +
+            " (run with --debug for the traceback, and please report it)", EXIT["internal"])
+
+
 def run(args: list[str]) -> int:
-    """Run one command line; the exit code (0, 2 for a lowbit error, 130 when aborted)."""
+    """Run one command line; the exit code (``EXIT``)."""
     try:
-        cli.main(args=args, prog_name="lowbit", standalone_mode=False)
-    except LowbitError as e:  # one line, whatever a library put into the message
-        click.echo(f"error: {' '.join(str(e).split())}", err=True)
-        return 2
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    return 0
+        code = cli.main(args=args, prog_name="lowbit", standalone_mode=False)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one boundary
+        msg, code = describe_failure(e)
+        if debug_requested(args):
+            traceback.print_exception(e, file=sys.stderr)
+        click.echo(f"error: {msg}", err=True)
+        return code
+    return code if isinstance(code, int) else EXIT["ok"]
 
 
 def main() -> None:

@@ -8,21 +8,29 @@ from pathlib import Path
 
 import click
 
-from lowbit.errors import LowbitError
+
+def check_outputs(**paths: str | None) -> None:
+    """Output files the options name (``json_path="r.json"``: ``--json``), checked before any
+    long run: each folder must exist and be writable, and no path may be a folder."""
+    from lowbit.io.atomic import check_output_file
+
+    for option, path in paths.items():
+        if path and path != "-":
+            check_output_file(path, "--" + option.removesuffix("_path").replace("_", "-"))
 
 
 def dump_json(path: str | None, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` (``-``: standard output)."""
+    """Write ``obj`` as JSON to ``path`` (``-``: standard output), whole or not at all."""
+    from lowbit.io.atomic import atomic_output
+
     if not path:
         return
     text = json.dumps(obj, indent=1, default=str) + "\n"
     if path == "-":
         sys.stdout.write(text)
         return
-    try:
-        Path(path).write_text(text)
-    except OSError as e:
-        raise LowbitError(f"cannot write {path}: {e.strerror}") from None
+    with atomic_output(Path(path), folder=False) as tmp:
+        tmp.write_text(text)
 
 
 def note(msg: str) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from lowbit.cli.common import dtype_option, dump_json, format_table
+from lowbit.cli.common import check_outputs, dtype_option, dump_json, format_table
+from lowbit.errors import LowbitError
 
 # The 4-bit GPTQ scheme that measures best on the protocol (BENCHMARKS.md, issue 2 section)
 DEMO_SCHEME = "w4g64-asym"
@@ -42,11 +43,21 @@ def command(model_arg, scheme, out, windows, calib_samples, seq_len, json_path, 
     from lowbit.calib import eval_windows
     from lowbit.eval.base_cache import HeldLogprobs
     from lowbit.eval.metrics import evaluate
+    from lowbit.io.native import check_writable
     from lowbit.jobs import Calibration, quantize_job
-    from lowbit.models import DTYPE_NAMES, load_model, model_dtype
+    from lowbit.models import DTYPE_NAMES, check_seq_len, load_model, model_dtype, parse_dtype
     from lowbit.recipe import shorthand
 
+    # everything checked before the model loads
+    check_outputs(json_path=json_path)
+    if windows < 1:
+        raise LowbitError(f"--windows must be at least 1, not {windows}")
+    calib = Calibration(samples=calib_samples, seq_len=seq_len)
+    rtn, gptq = shorthand("rtn", scheme), shorthand("gptq", scheme)
+    parse_dtype(dtype)
+    check_seq_len(model_arg, seq_len)
     out = out or f"out/{Path(model_arg).name}-gptq-{scheme}"
+    check_writable(Path(out), overwrite=True)
     base, tok = load_model(model_arg, dtype)
     ev = eval_windows("builtin", tok, windows, seq_len)
     click.echo(f"evaluating on {windows}x{seq_len} tokens of the built-in evaluation text; "
@@ -63,14 +74,13 @@ def command(model_arg, scheme, out, windows, calib_samples, seq_len, json_path, 
         "seconds": time.perf_counter() - t0,
     }]
     t0 = time.perf_counter()
-    res = lowbit.quantize(base, shorthand("rtn", scheme), None, progress=False)
+    res = lowbit.quantize(base, rtn, None, progress=False)
     secs = time.perf_counter() - t0
     rows.append({"method": "rtn", "scheme": scheme, "bpw": res.bits_per_weight(),
                  **evaluate(base, ev, base=base_lp), "seconds": secs})
     del base, res
-    model, _, res, meta = quantize_job(model_arg, shorthand("gptq", scheme), out,
-                                       Calibration(samples=calib_samples, seq_len=seq_len),
-                                       overwrite=True, dtype=dtype)
+    model, _, res, meta = quantize_job(model_arg, gptq, out, calib, overwrite=True,
+                                       dtype=dtype)
     q = evaluate(model, ev, base=base_lp)
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
     rows.append({"method": "gptq", "scheme": scheme, "bpw": res.bits_per_weight(), **q,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lowbit.cli.common import dtype_option, dump_json, echo, format_table, note
+from lowbit.cli.common import check_outputs, dtype_option, dump_json, echo, format_table, note
 
 COLS = [("model", "model", ""), ("ppl", "ppl", ".3f"), ("kl_mean", "KL", ".4f"),
         ("kl_p99", "KL p99", ".3f"), ("top1", "top-1", ".3f"), ("decode_tok_s", "tok/s", ".1f"),
@@ -33,6 +33,7 @@ def command(models, data, windows, seq_len, batch, base_arg, base_cache, speed, 
     and KL/top-1 against --base, whose log-probabilities are computed once for all."""
     from lowbit.jobs import eval_job
 
+    check_outputs(json_path=json_path)
     results = []
     for model in models or ("smollm2-135m",):
         res = eval_job(model, data, windows, seq_len, base_arg, speed, progress=not quiet,

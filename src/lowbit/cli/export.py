@@ -7,7 +7,7 @@ import time
 
 import click
 
-from lowbit.cli.common import dtype_option, dump_json, echo, note
+from lowbit.cli.common import check_outputs, dtype_option, dump_json, echo, note
 
 
 @click.command("export")
@@ -34,6 +34,7 @@ def command(model, out, fmt, qtype, imatrix_path, tp, dtype, overwrite, json_pat
     for vLLM, SGLang and transformers."""
     from lowbit.jobs import SERVING_FORMATS, export_job
 
+    check_outputs(json_path=json_path)
     t0 = time.perf_counter()
     res = export_job(model, out, fmt, qtype, imatrix_path, overwrite, progress=not quiet, tp=tp,
                      dtype=dtype, note=note)

@@ -20,8 +20,10 @@ from lowbit.cli.common import calibration, calibration_options, dtype_option, du
 def command(model, out, calib, calib_samples, calib_offset, seq_len, chunk, json_path, quiet,
             dtype):
     """Collect an importance matrix (per input column mean of x^2) for llama.cpp quantization."""
+    from lowbit.cli.common import check_outputs
     from lowbit.jobs import imatrix_job
 
+    check_outputs(json_path=json_path)
     cal = calibration(calib, calib_samples, calib_offset, seq_len)
     res = imatrix_job(model, out, cal, chunk, progress=not quiet, dtype=dtype)
     echo(f"wrote {res['out']}: {res['entries']} entries ({res['format']}), "

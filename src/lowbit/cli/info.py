@@ -7,23 +7,30 @@ from pathlib import Path
 
 import click
 
-from lowbit.cli.common import dump_json, echo
+from lowbit.cli.common import check_outputs, dump_json, echo
 from lowbit.errors import LowbitError
 
 
 @click.command("info")
 @click.argument("path", type=click.Path())
+@click.option("--verify", is_flag=True,
+              help="the full check: every file's size and sha256 against lowbit.json, every "
+                   "layer decoded (sizes against its scheme, finite weights)")
 @click.option("--json", "json_path", type=click.Path(),
               help="write the description as JSON (- for standard output)")
-def command(path, json_path):
+def command(path, verify, json_path):
     """What a lowbit output folder holds: recipe, schemes per layer, size, calibration."""
     from lowbit.io.native import read_description
-    from lowbit.jobs import scheme_label
+    from lowbit.jobs import scheme_label, verify_job
 
+    check_outputs(json_path=json_path)
     p = Path(path)
+    if not p.exists():
+        raise LowbitError(f"{path} does not exist")
     if not p.is_dir():
         raise LowbitError(f"{path} is not a folder")
     desc = read_description(p)
+    checked = verify_job(p) if verify else None
     size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
     layers = desc.get("layers", {})
     kinds = Counter(i.get("grid") or i.get("kind") or (i.get("scheme") or {}).get("name")
@@ -40,7 +47,11 @@ def command(path, json_path):
         c = desc["calibration"]
         echo(f"  calibration: {c['source']}, {c['windows']}x{c['seq_len']} from window "
              f"{c['offset']}", json_path)
-    dump_json(json_path, desc | {"bytes_on_disk": size})
+    if checked:
+        echo(f"  verified: {checked['files']} files (size, sha256), {checked['layers']} "
+             "quantized layers decode to finite weights", json_path)
+    dump_json(json_path, desc | {"bytes_on_disk": size} |
+              ({"verified": checked} if checked else {}))
 
 
 def _step_label(s: dict) -> str:

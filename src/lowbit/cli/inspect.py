@@ -29,14 +29,21 @@ def command(model, calib, calib_samples, calib_offset, seq_len, stats_path, rati
             save_stats, json_path, quiet, dtype):
     """Outlier channels of MODEL's activations, per block: how many, how far above the median
     channel, which Linears they feed."""
+    from lowbit.cli.common import check_outputs
+    from lowbit.io.atomic import atomic_output
     from lowbit.jobs import inspect_job
     from lowbit.pipeline.stats import save_stats as write_stats
 
+    check_outputs(json_path=json_path, plot=plot, save_stats=save_stats)
+    if ratio <= 1:
+        raise LowbitError(f"--ratio must be above 1 (an outlier's absmax over the median "
+                          f"channel's), not {ratio}")
     cal = calibration(calib, calib_samples, calib_offset, seq_len, default_samples=32)
     rows, stats, _ = inspect_job(model, cal, stats_path, ratio, progress=not quiet,
                                  dtype=dtype)
     if save_stats:
-        write_stats(Path(save_stats), stats)
+        with atomic_output(Path(save_stats), folder=False) as tmp:
+            write_stats(tmp, stats)
     for r in rows:
         echo(f"block {r['block']:>3}  {'+'.join(n.rsplit('.', 1)[-1] for n in r['feeds']):<24} "
              f"outlier channels {r['channels']:>3}  max/median {r['max_ratio']:8.1f}  "
@@ -66,5 +73,8 @@ def plot_channels(st, layer: str, path: Path) -> None:
     ax.set_title(f"{layer}: per-channel input magnitude ({st.n} tokens)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from lowbit.io.atomic import atomic_output
+
+    with atomic_output(path, folder=False) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

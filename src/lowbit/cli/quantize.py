@@ -82,9 +82,11 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
             eval_data, chunk, out, fmt, tp, overwrite, json_path, quiet, dtype):
     """Quantize MODEL (default: the built-in smollm2-135m, or the base model of a --recipe
     lowbit.json) and save it to --out."""
+    from lowbit.cli.common import check_outputs
     from lowbit.eval.metrics import peak_rss_bytes
     from lowbit.jobs import quantize_job
 
+    check_outputs(json_path=json_path)
     flags = {"act_order": act_order, "static_groups": static_groups, "damp": damp,
              "alpha": alpha, "threshold": threshold, "int8_kernel": int8_kernel}
     recipe = build_recipe(recipe_path, method, scheme, flags)

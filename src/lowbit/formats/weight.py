@@ -106,18 +106,34 @@ class GridWeight:
         """Inverse of ``to_tensors``; LowbitError naming what is missing or mis-shaped."""
         out_f, in_f = shape
         try:
+            packed = (out_f, packing.packed_bytes(in_f, grid.code_bits))
+            if tuple(tensors["qweight"].shape) != packed:  # an edited bit width, a wrong shape
+                raise ValueError(f"stored codes of shape {tuple(tensors['qweight'].shape)}, "
+                                 f"{grid.code_bits}-bit codes take {packed}")
             codes = packing.unpack(tensors["qweight"], grid.code_bits, in_f)
-            if tuple(codes.shape) != (out_f, in_f):
-                raise ValueError(f"codes of shape {tuple(codes.shape)}, expected {shape}")
             if grid.signed_codes:
                 codes = (codes.to(torch.int16) - _code_offset(grid.code_bits)).to(torch.int8)
             params = grid.load(tensors, shape)
+            _check_groups(grid, params, shape)
         except KeyError as e:
             raise LowbitError(f"{grid.name} weight lacks the tensor {e}") from None
         except (ValueError, RuntimeError) as e:
             raise LowbitError(f"{grid.name} weight of shape {shape}: {e}") from None
         g_idx = tensors.get("g_idx")
         return cls(grid, codes, params, None if g_idx is None else g_idx.to(torch.int32))
+
+
+def _check_groups(grid: WeightGrid, params: Params, shape: tuple[int, int]) -> None:
+    """Stacked per-group parameters have one column per group (an edited group size does not
+    decode)."""
+    if not grid.stackable:
+        return
+    want = (shape[0], n_groups(grid, shape[1]))
+    for k in grid.group_keys:
+        v = params.get(k)
+        if v is not None and v.dim() == 2 and tuple(v.shape) != want:
+            raise ValueError(f"parameter {k!r} of shape {tuple(v.shape)}, {grid.name} takes "
+                             f"{want}")
 
 
 def _code_offset(bits: int) -> int:

@@ -11,26 +11,35 @@ int8 / FP8 runtime module), plus ``conv1d``; at the top the full ``recipe``. Ver
 (integer layers recorded as a ``scheme`` dict, weights in ``model.safetensors``) load
 unchanged: the stored tensors are the same.
 
-Writing is atomic: everything goes to a temporary folder beside the target, renamed into
-place at the end; an existing output is replaced only when asked.
+Writing is atomic (``lowbit.io.atomic``): everything goes to a temporary folder beside the
+target, renamed into place at the end; an existing output is replaced only when asked and only
+when lowbit wrote it (a folder with a ``lowbit.json`` of one of lowbit's formats).
+
+Integrity: ``lowbit.json`` records the size and sha256 of every other file of the folder
+(``files``), written last; loading checks them all before reading a tensor (sha256 reads
+~700 MB/s here: 0.15 s for a 100 MB output), so a flipped byte, a truncated or a replaced file
+is refused, naming it. The description itself is checked (a JSON object, a known format and
+version, each layer's shape and grid or kind), and each layer's stored tensors must have the
+sizes its grid and shape give (``GridWeight.from_tensors``): a bit width or group size edited
+in lowbit.json is refused, never decoded into garbage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.grids import grid_info
 from lowbit.formats.weight import GridWeight
+from lowbit.io import atomic
 from lowbit.io.shards import ShardWriter
 from lowbit.runtime.experts import unfuse_experts
 from lowbit.runtime.modules import build_module
@@ -40,40 +49,79 @@ VERSION = 2
 READS = (1, 2)  # versions this lowbit loads
 WEIGHTS = "lowbit.safetensors"  # v1: model.safetensors
 SERVING_RECORDS = ("compressed-tensors", "gptq", "awq")  # lowbit.json of serving checkpoints
+HASH_CHUNK = 8 << 20
+
+
+OURS = "a folder with a lowbit.json"  # the --overwrite rule, for messages
+
+
+def is_lowbit_folder(path: Path) -> bool:
+    """A folder lowbit wrote: its lowbit.json is a description of one of lowbit's formats."""
+    try:
+        desc = json.loads((Path(path) / "lowbit.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(desc, dict) and desc.get("format") in (FORMAT, *SERVING_RECORDS)
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
-    """Fail early (before any long run) when the output cannot be written."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise LowbitError(f"{out} exists; pass --overwrite to replace it")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LowbitError(f"cannot create {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise LowbitError(f"cannot write to {parent}")
+    """Fail early (before any long run) when the output folder cannot be written; an existing
+    one is replaced only with ``overwrite`` and only when lowbit wrote it (``OURS``)."""
+    atomic.check_writable(Path(out), overwrite, is_lowbit_folder, OURS)
 
 
 @contextmanager
 def atomic_dir(out: Path, overwrite: bool):
-    """Yield a temporary folder; on success it replaces ``out`` in one rename."""
-    out = Path(out)
+    """Yield a temporary folder; on success it replaces ``out`` in one rename
+    (``lowbit.io.atomic``)."""
     check_writable(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic.atomic_output(Path(out), folder=True) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- integrity
+
+
+def file_records(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file of a folder but its lowbit.json, by name."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name != "lowbit.json" and not p.name.startswith(".")}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal(folder: Path, desc: dict) -> None:
+    """Write ``lowbit.json``: ``desc`` with the size and sha256 of every other file (``files``),
+    checked when the folder loads."""
+    record = desc | {"files": file_records(folder)}
+    (Path(folder) / "lowbit.json").write_text(json.dumps(record, indent=1, default=str))
+
+
+def check_files(path: Path, desc: dict) -> None:
+    """Every file lowbit.json records is there with its size and sha256 (folders written before
+    lowbit recorded them have no ``files``: nothing to check)."""
+    files = desc.get("files") or {}
+    if not isinstance(files, dict):
+        raise LowbitError(f"{path}: lowbit.json: 'files' is not an object")
+    for name, rec in files.items():
+        f = Path(path) / name
+        try:
+            size = f.stat().st_size
+        except OSError as e:
+            raise LowbitError(f"{f}: {e.strerror} (lowbit.json records it)") from None
+        if size != rec.get("bytes"):
+            raise LowbitError(f"{f}: {size} bytes, lowbit.json records {rec.get('bytes')} "
+                              "(truncated or replaced)")
+        if sha256_file(f) != rec.get("sha256"):
+            raise LowbitError(f"{f}: damaged, its sha256 differs from the one lowbit.json "
+                              "records")
 
 
 def save_quantized(
@@ -124,9 +172,9 @@ def save_quantized(
         cfg.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "lowbit.json").write_text(json.dumps(desc, indent=1))
         for name, data in (extra or {}).items():
             (tmp / name).write_bytes(data)
+        seal(tmp, desc)
     return out
 
 
@@ -137,20 +185,40 @@ def _layer_info(q, conv1d: bool) -> dict:
 
 
 def read_description(path: Path) -> dict:
-    """The ``lowbit.json`` of a folder lowbit wrote: a native folder (checked: version), or a
-    serving checkpoint, which records the same description under its format's name."""
+    """The ``lowbit.json`` of a folder lowbit wrote: a native folder, or a serving checkpoint,
+    which records the same description under its format's name; checked: a JSON object of a
+    known format and version, each layer recorded with its shape and grid or kind."""
+    f = Path(path) / "lowbit.json"
     try:
-        desc = json.loads((Path(path) / "lowbit.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LowbitError(f"{path}: unreadable lowbit.json ({e})") from None
-    if desc.get("format") in SERVING_RECORDS:
-        return desc
-    if desc.get("format") != FORMAT:
-        raise LowbitError(f"{path}: not a {FORMAT} folder")
-    if desc.get("version") not in READS:
-        raise LowbitError(f"{path}: {FORMAT} version {desc.get('version')!r}; this lowbit reads "
-                          f"versions {', '.join(map(str, READS))} (a newer lowbit wrote it?)")
+        desc = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) else e
+        raise LowbitError(f"{f}: unreadable ({why})") from None
+    if not isinstance(desc, dict):
+        raise LowbitError(f"{f}: not a JSON object")
+    fmt = desc.get("format")
+    if fmt not in (FORMAT, *SERVING_RECORDS):
+        raise LowbitError(f"{path}: not a {FORMAT} folder (lowbit.json format {fmt!r})")
+    version = desc.get("version", None if fmt in SERVING_RECORDS else "missing")
+    if version is not None and version not in READS:
+        raise LowbitError(f"{f}: {fmt} version {version!r}; this lowbit reads versions "
+                          f"{', '.join(map(str, READS))} (a newer lowbit wrote it?)")
+    _check_layers(f, desc.get("layers", None if fmt in SERVING_RECORDS else "missing"))
     return desc
+
+
+def _check_layers(f: Path, layers) -> None:
+    if layers is None:
+        return
+    if not isinstance(layers, dict):
+        raise LowbitError(f"{f}: 'layers' is missing or not an object")
+    for name, info in layers.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 2 and
+                all(isinstance(n, int) and n > 0 for n in shape)):
+            raise LowbitError(f"{f}: layer {name} has no valid 'shape'")
+        if not any(k in info for k in ("grid", "kind", "scheme")):
+            raise LowbitError(f"{f}: layer {name} records no 'grid' or 'kind'")
 
 
 def is_native(path: Path) -> bool:
@@ -160,12 +228,13 @@ def is_native(path: Path) -> bool:
         read_description(path).get("format") == FORMAT
 
 
-def serving_record(fmt: str, weights: dict, meta: dict) -> bytes:
+def serving_record(fmt: str, weights: dict, meta: dict) -> dict:
     """``lowbit.json`` for a serving checkpoint: the description (recipe, calibration, base
     model, measured figures) and each quantized layer's grid, under the checkpoint's format."""
-    keep = {k: v for k, v in meta.items() if k not in ("format", "version", "layers", "tied")}
+    keep = {k: v for k, v in meta.items()
+            if k not in ("format", "version", "layers", "tied", "files")}
     layers = {n: _layer_info(q, False) for n, q in weights.items()}
-    return json.dumps({"format": fmt, "layers": layers, **keep}, indent=1, default=str).encode()
+    return {"format": fmt, "version": VERSION, "layers": layers, **keep}
 
 
 def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, object]:
@@ -174,7 +243,8 @@ def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, 
 
     path = Path(path)
     desc = read_description(path)
-    tensors = load_file(str(path / (WEIGHTS if desc["version"] >= 2 else "model.safetensors")))
+    check_files(path, desc)
+    tensors = read_safetensors(path / (WEIGHTS if desc["version"] >= 2 else "model.safetensors"))
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config)
     unfuse_experts(model)  # MoE: experts saved one Linear each
@@ -196,6 +266,17 @@ def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, 
         qbuf |= {f"{name}.{b}" for b, _ in module.named_buffers(recurse=False)}
     return finish_load(model, path, tensors, qbuf | set(desc.get("tied", {})),
                        bool(desc.get("tied")))
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing or damaged file is a LowbitError naming
+    it."""
+    try:
+        return load_file(str(path))
+    except OSError as e:
+        raise LowbitError(f"{path}: {e.strerror or e}") from None
+    except SafetensorError as e:
+        raise LowbitError(f"{path}: damaged safetensors file ({e})") from None
 
 
 def finish_load(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor],

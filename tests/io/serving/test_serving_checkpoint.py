@@ -257,9 +257,15 @@ def test_existing_output_needs_overwrite(tmp_path):
     (out / "keep").write_text("mine")
     with pytest.raises(LowbitError, match="--overwrite"):
         write_checkpoint(out, "gptq", m, None, res.weights, {})
+    # a folder lowbit did not write (no lowbit.json) is never replaced
+    with pytest.raises(LowbitError, match="not written by lowbit"):
+        write_checkpoint(out, "gptq", m, None, res.weights, {}, overwrite=True)
     assert (out / "keep").read_text() == "mine"
+    (out / "keep").unlink()  # an empty folder holds nothing to lose
     write_checkpoint(out, "gptq", m, None, res.weights, {}, overwrite=True)
-    assert not (out / "keep").exists() and (out / "config.json").is_file()
+    assert (out / "config.json").is_file()
+    write_checkpoint(out, "awq", m, None, res.weights, {}, overwrite=True)  # lowbit's own
+    assert json.loads((out / "lowbit.json").read_text())["format"] == "awq"
 
 
 def test_failed_export_leaves_nothing(tmp_path):

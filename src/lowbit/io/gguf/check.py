@@ -91,7 +91,8 @@ class _Walker:
 
 
 def scan(buf) -> dict:
-    """Validate GGUF bytes; returns {"version", "alignment", "kv", "tensors", "data_offset"}."""
+    """Validate GGUF bytes; returns {"version", "alignment", "kv" (key -> value type),
+    "strings" (key -> value of the string keys), "tensors", "data_offset"}."""
     w = _Walker(buf)
     start = w.take(4, "magic")
     if bytes(buf[start : start + 4]) != MAGIC:
@@ -104,6 +105,7 @@ def scan(buf) -> dict:
     if n_kv * 13 > w.size - w.pos or n_tensors * 25 > w.size - w.pos:
         raise _Bad(f"truncated: header claims {n_kv} keys and {n_tensors} tensors")
     keys: dict[str, int] = {}
+    strings: dict[str, str] = {}
     alignment = 32
     for i in range(n_kv):
         key = w.string(f"key {i}")
@@ -112,6 +114,8 @@ def scan(buf) -> dict:
         vtype = w.u32(f"type of {key!r}")
         keys[key] = vtype
         raw = w.value(vtype, f"value of {key!r}")
+        if vtype == _STRING:
+            strings[key] = raw
         if key == "general.alignment":
             if vtype != 4:
                 raise _Bad("general.alignment must be a uint32")
@@ -154,6 +158,7 @@ def scan(buf) -> dict:
         "version": version,
         "alignment": alignment,
         "kv": keys,
+        "strings": strings,
         "tensors": tensors,
         "data_offset": data_offset,
     }
@@ -188,16 +193,32 @@ def open_gguf(path: str | Path):
 
 def read_tensor(reader, name: str) -> np.ndarray:
     """One tensor decoded to float32, numpy shape (rows, cols) as stored."""
+    for t in reader.tensors:
+        if t.name == name:
+            return _decode(t)
+    raise LowbitError(f"no tensor {name!r} in the GGUF file")
+
+
+def _decode(t) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
+    qtype = GGMLQuantizationType(t.tensor_type)
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if qtype == GGMLQuantizationType.F32:
+        return np.asarray(t.data, dtype=np.float32).reshape(shape)
+    if qtype == GGMLQuantizationType.F16:
+        return np.asarray(t.data).view(np.float16).astype(np.float32).reshape(shape)
+    return dequantize(np.asarray(t.data), qtype).astype(np.float32).reshape(shape)
+
+
+def check_gguf_finite(path: str | Path) -> None:
+    """Refuse a GGUF file whose tensors decode to NaN or inf (damaged data: the structure
+    ``check_gguf`` validates can be sound), naming the first such tensor."""
+    reader = open_gguf(path)
     for t in reader.tensors:
-        if t.name == name:
-            qtype = GGMLQuantizationType(t.tensor_type)
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            if qtype == GGMLQuantizationType.F32:
-                return np.asarray(t.data, dtype=np.float32).reshape(shape)
-            if qtype == GGMLQuantizationType.F16:
-                return np.asarray(t.data).view(np.float16).astype(np.float32).reshape(shape)
-            return dequantize(np.asarray(t.data), qtype).astype(np.float32).reshape(shape)
-    raise LowbitError(f"no tensor {name!r} in the GGUF file")
+        w = _decode(t)
+        if not np.isfinite(w).all():
+            n_nan, n_inf = int(np.isnan(w).sum()), int(np.isinf(w).sum())
+            raise LowbitError(f"{path}: tensor {t.name} holds {n_nan} NaN and {n_inf} inf "
+                              "values; refusing a damaged model")

@@ -14,11 +14,14 @@ it (`lowbit.io.gguf.presets`), weighted by an importance matrix when one is give
 tokenizer comes from a source GGUF file when there is one, else from the transformers
 tokenizer. The model may be a lowbit output folder (GPTQ, W8A8, LLM.int8, FP8 ...): the
 dequantized weights of its runtime modules are what gets encoded.
+
+The file records ``general.quantized_by = "lowbit"``: ``--overwrite`` replaces only a GGUF file
+that says lowbit wrote it (`check_gguf_output`). It is written atomically
+(`lowbit.io.atomic`).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from tqdm.auto import tqdm
 from lowbit.arch import checkpoint_name, language_model
 from lowbit.errors import LowbitError
 from lowbit.formats import ggml
+from lowbit.io.atomic import atomic_output, check_output_file, check_replaceable
 from lowbit.io.gguf.archs import GGUFArch, arch_for, arch_kv, dims
 from lowbit.io.gguf.presets import NEEDS_IMATRIX, get_preset, tensor_types, type_nbytes
 from lowbit.io.gguf.vocab import KV, hf_tokenizer_kv, source_kv
@@ -44,6 +48,27 @@ QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 # types whose llama.cpp quantizer ignores the importance matrix; so do we, so that the files
 # match (quantize_q8_0 takes no quant_weights)
 IMATRIX_IGNORED = {"Q8_0"}
+QUANTIZED_BY = "general.quantized_by"  # "lowbit": the --overwrite rule for GGUF files
+OURS = f"a GGUF file whose {QUANTIZED_BY} is lowbit"
+
+
+def is_lowbit_gguf(path: Path) -> bool:
+    """A GGUF file lowbit wrote (its ``general.quantized_by``)."""
+    from lowbit.io.gguf.check import check_gguf
+
+    try:
+        return check_gguf(path)["strings"].get(QUANTIZED_BY) == "lowbit"
+    except LowbitError:
+        return False
+
+
+def check_gguf_output(out: Path, overwrite: bool) -> None:
+    """Before any long run: ``out`` can be written as a GGUF file, and an existing file there
+    is replaced only with ``overwrite`` and only when lowbit wrote it."""
+    if out.is_dir():
+        raise LowbitError(f"{out} is a folder; give a file name ending in .gguf")
+    check_replaceable(out, overwrite, is_lowbit_gguf, OURS)
+    check_output_file(out, "GGUF file")
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -268,16 +293,10 @@ def export_gguf(
     )
     kv = arch_kv(model, ga) + _kv(model, tokenizer, arch, source_gguf)
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(out_path, folder=False) as tmp:
         stats = _write(
             tmp, arch, preset.ftype, kv, entries, types, imatrix, progress, dequantize_into_model
         )
-        os.replace(tmp, out_path)
-    except OSError as e:
-        raise LowbitError(f"cannot write {out_path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     stats |= {
         "path": str(out_path),
         "qtype": preset.name,
@@ -291,7 +310,9 @@ def export_gguf(
 def _write(path, arch, ftype, kv, entries, types, imatrix, progress, write_back) -> dict:
     w = GGUFWriter(path, arch)
     for key, value, vtype, sub in kv:
-        w.add_key_value(key, value, vtype, sub_type=sub)
+        if key != QUANTIZED_BY:  # a source GGUF's own: this file is lowbit's
+            w.add_key_value(key, value, vtype, sub_type=sub)
+    w.add_string(QUANTIZED_BY, "lowbit")
     w.add_uint32("general.file_type", ftype)
     w.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
     for e in entries:

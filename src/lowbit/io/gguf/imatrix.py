@@ -69,18 +69,14 @@ def collect_imatrix(
 
 def save_imatrix(im: Imatrix, path: str | Path) -> None:
     """Write a GGUF imatrix, or the legacy format when the path ends in `.dat`."""
+    from lowbit.io.atomic import atomic_output
+
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    try:
+    with atomic_output(p, folder=False) as tmp:
         if p.suffix == ".dat":
             tmp.write_bytes(_legacy_bytes(im))
         else:
             _write_gguf(im, tmp)
-        tmp.replace(p)
-    except OSError as e:
-        raise LowbitError(f"cannot write {p}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_gguf(im: Imatrix, path: Path) -> None:

@@ -6,7 +6,8 @@ A checkpoint is a transformers folder: safetensors shard(s) (``model.safetensors
 size), ``config.json`` with the format's ``quantization_config``, the tokenizer files and a
 model card (``README.md``). Quantized Linears hold the format's tensors; every other tensor
 (embeddings, norms, lm_head) is stored in ``dtype``. Writing is atomic
-(``lowbit.io.native.atomic_dir``).
+(``lowbit.io.native.atomic_dir``); ``lowbit.json`` records lowbit's description and the size and
+sha256 of every other file, checked when the checkpoint loads.
 
 Every format is a ``ServingFormat`` (``lowbit.io.serving.base``) registered in ``FORMATS``;
 writing and reading go through that protocol only.
@@ -18,13 +19,20 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lowbit.arch import checkpoint_name, get_blocks, has_module, spec_for_type
 from lowbit.errors import LowbitError
 from lowbit.formats.weight import GridWeight
-from lowbit.io.native import atomic_dir, finish_load, serving_record
+from lowbit.io.native import (
+    atomic_dir,
+    check_files,
+    finish_load,
+    read_description,
+    read_safetensors,
+    seal,
+    serving_record,
+)
 from lowbit.io.serving import awq, compressed_tensors, gptq
 from lowbit.io.serving.base import ServingFormat, scheme_name, scheme_of
 from lowbit.io.shards import ShardWriter
@@ -157,7 +165,6 @@ def write_checkpoint(
     cfg["quantization_config"] = qcfg
     cfg["torch_dtype"] = cfg["dtype"] = dtype
     cfg.pop("_name_or_path", None)
-    extra = {"lowbit.json": serving_record(fmt, weights, meta), **(extra or {})}
     with atomic_dir(out, overwrite) as tmp:
         # tensors are written as they are made: the whole output is never in memory at once
         with ShardWriter(tmp, max_bytes=max_shard_bytes, metadata={"format": "pt"}) as shards:
@@ -180,8 +187,9 @@ def write_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(fmt, scheme, meta, qcfg))
-        for fname, data in extra.items():
+        for fname, data in (extra or {}).items():
             (tmp / fname).write_bytes(data)
+        seal(tmp, serving_record(fmt, weights, meta))
     size = sum(p.stat().st_size for p in Path(out).iterdir() if p.suffix == ".safetensors")
     return {"format": fmt, "out": str(out), "scheme": scheme_name(scheme),
             "layers": len(weights), "shards": files, "tensor_bytes": size,
@@ -212,7 +220,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise LowbitError(f"{path}: no .safetensors files")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        tensors |= load_file(str(path / f))
+        tensors |= read_safetensors(path / f)
     return tensors
 
 
@@ -240,6 +248,8 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
+    if (path / "lowbit.json").is_file():  # written by lowbit: the files it records are intact
+        check_files(path, read_description(path))
     _, qweights, tensors = read_checkpoint(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if hasattr(config, "quantization_config"):
