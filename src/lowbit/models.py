@@ -242,9 +242,12 @@ def check_finite_weights(model: nn.Module, path: Path) -> None:
     """Refuse a model whose floating-point tensors hold NaN or inf (a damaged checkpoint),
     naming the tensor (GGUF files are checked before loading: ``check_gguf_finite``)."""
     from lowbit.formats.grid_base import all_finite
+    from lowbit.pipeline.release import page_out
 
     for name, t in model.state_dict().items():
-        if not all_finite(t):
+        ok = all_finite(t)
+        page_out([t])  # the check read it: give back what a checkpoint's file mapping holds
+        if not ok:
             n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             raise LowbitError(f"{path}: tensor {name} holds {n_nan} NaN and {n_inf} inf "
                               "values; refusing a damaged model")
