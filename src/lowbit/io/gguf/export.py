@@ -12,8 +12,10 @@ architecture uses it (llama, mistral); Gemma norms are stored as ``w + 1``. Each
 encoded by lowbit's own ggml quantizers (`lowbit.formats.ggml`) with the type the preset gives
 it (`lowbit.io.gguf.presets`), weighted by an importance matrix when one is given. The
 tokenizer comes from a source GGUF file when there is one, else from the transformers
-tokenizer. The model may be a lowbit output folder (GPTQ, W8A8, LLM.int8, FP8 ...): the
-dequantized weights of its runtime modules are what gets encoded.
+tokenizer. The model may be a lowbit output folder (GPTQ, W8A8, LLM.int8, FP8 ...): an integer
+grid goes into Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks from its own codes and scales where the tensor's
+type holds it (`lowbit.io.gguf.lossless`; ``qtype="native"`` picks that type per tensor), and
+any other runtime module's dequantized weight is encoded.
 
 The file records ``general.quantized_by = "lowbit"``: ``--overwrite`` replaces only a GGUF file
 that says lowbit wrote it (`check_gguf_output`). It is written atomically
@@ -270,12 +272,15 @@ def export_gguf(
     progress: bool = True,
     dequantize_into_model: bool = False,
 ) -> dict:
-    """Write ``model`` to ``out_path`` as a GGUF of preset ``qtype`` (Q4_K_M, Q8_0, F32 ...).
+    """Write ``model`` to ``out_path`` as a GGUF of preset ``qtype`` (Q4_K_M, Q8_0, F32 ...), or
+    (``native``) with each quantized Linear in the block type that holds its lowbit grid.
 
     ``imatrix``: llama.cpp tensor name -> per-input-column mean of x^2 (an importance matrix);
     ``source_gguf``: a GGUF file to take the tokenizer and general metadata from;
     ``dequantize_into_model``: afterwards the model holds exactly the weights llama.cpp will
-    decode (for evaluating the file with lowbit). Returns sizes and bits per weight.
+    decode (for evaluating the file with lowbit). Returns sizes and bits per weight, the
+    tensors written from lowbit's codes (``from_codes``), those re-encoded (``reencoded``: name
+    -> (type, why)) and a one-line ``note`` on both.
     """
     t0 = time.perf_counter()
     native = str(qtype).lower() == NATIVE
