@@ -209,6 +209,7 @@ def test_native_type_follows_each_grid(tmp_path, tok):
     types = {t.name: t.tensor_type.name for t in r.tensors}
     assert types["token_embd.weight"] == "Q4_1" and types["output.weight"] == "Q6_K"
     _compare(model, out, "Q4_1", affine=True)
+    assert export_gguf(model, mtok, tmp_path / "f.gguf", "F16", progress=False)["note"] is None
     with pytest.raises(LowbitError, match="no quantized weight a llama.cpp block type holds"):
         export_gguf(tiny_llama(hidden=256), tok, tmp_path / "f.gguf", "native", progress=False)
 

@@ -43,7 +43,14 @@ from lowbit.formats import ggml
 from lowbit.io.atomic import atomic_output, check_output_file, check_replaceable
 from lowbit.io.gguf.archs import GGUFArch, arch_for, arch_kv, dims
 from lowbit.io.gguf.lossless import BY_SIZE, carry, native_type, summary
-from lowbit.io.gguf.presets import NATIVE, NEEDS_IMATRIX, get_preset, tensor_types, type_nbytes
+from lowbit.io.gguf.presets import (
+    FLOAT_TYPES,
+    NATIVE,
+    NEEDS_IMATRIX,
+    get_preset,
+    tensor_types,
+    type_nbytes,
+)
 from lowbit.io.gguf.vocab import KV, hf_tokenizer_kv, source_kv
 from lowbit.runtime.experts import LinearExperts, moe_spec, unfuse_experts
 from lowbit.runtime.qlinear import QuantModule
@@ -359,7 +366,7 @@ def _write(path, arch, ftype, kv, entries, types, imatrix, progress, write_back)
     for e in tqdm(entries, desc=f"gguf {path.name}", unit="tensor", disable=not progress):
         t = types[e.name]
         data = None
-        if e.quantized:  # lowbit's own codes and scales, when the type holds them
+        if e.quantized and t not in FLOAT_TYPES:  # lowbit's codes and scales, if t holds them
             reorder = (lambda a, n=e.n_head: permute_qk(a, n)) if e.n_head else None
             data, why = carry(t, e.quantized, reorder)
             if data is None:
