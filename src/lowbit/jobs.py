@@ -327,10 +327,11 @@ def export_job(model_arg: str, out: str | Path, fmt: str = "gguf", qtype: str = 
     from lowbit.arch import language_model
     from lowbit.io.gguf.export import check_gguf_output, export_gguf, gguf_arch
     from lowbit.io.gguf.imatrix import load_imatrix
-    from lowbit.io.gguf.presets import get_preset
+    from lowbit.io.gguf.presets import NATIVE, get_preset
     from lowbit.models import load_model
 
-    get_preset(qtype)  # unknown type names fail before any loading
+    if qtype.lower() != NATIVE:
+        get_preset(qtype)  # unknown type names fail before any loading
     out = Path(out)
     check_gguf_output(out, overwrite)
     im = load_imatrix(imatrix_path) if imatrix_path else None

@@ -16,7 +16,10 @@ from lowbit.cli.common import check_outputs, dtype_option, dump_json, echo, note
 @click.option("--format", "fmt", default="gguf", show_default=True,
               help="gguf, compressed-tensors, gptq or awq")
 @click.option("--type", "qtype", default="Q4_K_M", show_default=True,
-              help="GGUF type: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_K_S, Q4_0, Q3_K_M, Q2_K, F16 ...")
+              help="GGUF type: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_K_S, Q4_0, Q3_K_M, Q2_K, F16 ...; "
+                   "native (MODEL a lowbit folder): each quantized Linear in the block type "
+                   "that holds its own grid as it is (Q4_0 for w4g32, Q4_1 for w4g32-asym, "
+                   "Q8_0 for w8 ...), the other tensors by that type's rules")
 @click.option("--imatrix", "imatrix_path", type=click.Path(),
               help="importance matrix file (GGUF or legacy .dat, from `lowbit imatrix` or "
                    "llama-imatrix)")
@@ -51,6 +54,8 @@ def command(model, out, fmt, qtype, imatrix_path, tp, dtype, overwrite, json_pat
          f"{res['file_bytes'] / 2**20:.1f} MiB, {res['bpw']:.3f} bits/weight "
          f"({res['bpw_linear']:.3f} over the blocks' Linears), tensors: {mix}, "
          f"{time.perf_counter() - t0:.0f} s", json_path)
+    if res["note"]:  # which quantized tensors kept lowbit's codes, which were re-encoded
+        note(res["note"])
     if res["imatrix_missing"]:
         note(f"the imatrix has no entry for {len(res['imatrix_missing'])} tensors")
     dump_json(json_path, res)

@@ -2,7 +2,8 @@
 
 `quantize(name, w, importance)` encodes a (rows, cols) float matrix row by row into ggml blocks;
 `dequantize(name, data, cols)` decodes them. Supported: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K,
-Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS.
+Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS. `from_codes(name, q, d, m)` writes codes chosen elsewhere (a
+lowbit integer grid's) and per-block scales (and mins) into Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks.
 
 Without `importance` the bytes are those `llama-quantize` writes without an imatrix (llama.cpp's
 reference quantizers). With `importance` (an imatrix: per column, or per weight) the K-quants and
@@ -25,7 +26,7 @@ import numpy as np
 from lowbit.formats import ggml_k as K
 from lowbit.formats.ggml_k import F32, f16, f16_bytes, f16_from, fallback_weights, nearest, safe_div
 
-__all__ = ["GGMLType", "GGML_TYPES", "bits_per_weight", "dequantize", "quantize"]
+__all__ = ["GGMLType", "GGML_TYPES", "bits_per_weight", "dequantize", "from_codes", "quantize"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,45 @@ def _enc_q8_0(x, qw, s2):
             better = e < best
             d, q, best = np.where(better, dc, d), np.where(better, qc, q), np.minimum(e, best)
     return np.concatenate([_f16b(d), q.astype(np.int8).view(np.uint8)], -1)
+
+
+# the codes `from_codes` takes, per type: (lowest, highest)
+CODE_RANGE = {"Q4_0": (0, 15), "Q5_0": (0, 31), "Q8_0": (-128, 127), "Q4_1": (0, 15),
+              "Q5_1": (0, 31)}
+AFFINE = {"Q4_1", "Q5_1"}  # x = d * q + m; the others x = d * (q - offset)
+
+
+def from_codes(name: str, q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None
+               ) -> np.ndarray:
+    """The blocks holding codes ``q`` (rows, cols), integers in the type's own range
+    (`CODE_RANGE`: Q4_0 0..15 decodes to d * (q - 8), Q5_0 0..31 to d * (q - 16), Q8_0
+    -128..127 to d * q, Q4_1 0..15 and Q5_1 0..31 to d * q + m), with per-block scales ``d``
+    (rows, cols // 32) and, for Q4_1/Q5_1, mins ``m`` of the same shape. The codes are written as
+    they are; d and m are rounded to float16 (ties to even), the only rounding."""
+    if name not in CODE_RANGE:
+        raise ValueError(f"{name} blocks are not written from codes; types: "
+                         f"{', '.join(CODE_RANGE)}")
+    q = np.asarray(q)
+    rows, cols = q.shape
+    _check_cols(GGML_TYPES[name], cols)
+    lo, hi = CODE_RANGE[name]
+    if q.size and (q.min() < lo or q.max() > hi):
+        raise ValueError(f"{name} codes must lie in {lo}..{hi}")
+    nblk = cols // 32
+    L = q.reshape(rows, nblk, 32)
+    d = np.asarray(d, dtype=F32).reshape(rows, nblk, 1)
+    parts = [_f16b(d)]
+    if name in AFFINE:
+        if m is None:
+            raise ValueError(f"{name} blocks need their mins")
+        parts.append(_f16b(np.asarray(m, dtype=F32).reshape(rows, nblk, 1)))
+    if name == "Q8_0":
+        parts.append(L.astype(np.int8).view(np.uint8))
+    else:
+        if name in ("Q5_0", "Q5_1"):
+            parts.append(_qh_bits(L))
+        parts.append(K.pack_nibbles(L[..., :16], L[..., 16:]))
+    return np.concatenate(parts, -1).reshape(rows, -1)
 
 
 def _dec_q8_0(b):

@@ -138,6 +138,50 @@ def test_tiny_hf_logits_match(tmp_path, family):
     np.testing.assert_allclose(theirs, ours, atol=2e-3 * np.abs(ours).max())
 
 
+def test_llamacpp_computes_with_lowbits_own_grid(tmp_path):
+    """A w4g32 model exported as Q4_0 (lowbit's codes and scales as they are): llama.cpp's
+    logits are those of lowbit's weights, not of the weights re-encoding would give. The float
+    twin holds lowbit's dequantized weights; its Q4_0 export (re-encoded, written back into it)
+    gives the embedding and output as the file has them, and the re-encoded block weights."""
+    import lowbit
+    from lowbit.runtime.qlinear import QLinear
+
+    tok = tiny_tokenizer()
+    model, twin = tiny_llama(hidden=256), tiny_llama(hidden=256)
+    lowbit.quantize(model, lowbit.shorthand("rtn", "w4g32"), None, progress=False)
+
+    def lowbit_weights():
+        with torch.no_grad():
+            for name, mod in model.named_modules():
+                if isinstance(mod, QLinear):
+                    twin.get_submodule(name).weight.copy_(mod.dequantized_weight())
+
+    def logits(m):
+        with torch.no_grad():
+            return m(torch.tensor([ids])).logits[0].numpy()
+
+    def llamacpp(path):
+        llm = load_llama(path, n_ctx=64, n_threads=1)
+        llm.eval(ids)
+        return np.asarray(llm.scores[: len(ids)])
+
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"][:48]
+    lowbit_weights()
+    export_gguf(twin, tok, tmp_path / "re.gguf", "Q4_0", progress=False,
+                dequantize_into_model=True)
+    reencoded = logits(twin)
+    lowbit_weights()  # block Linears: lowbit's weights; embedding, output: as in the files
+    ours = logits(twin)
+    res = export_gguf(model, tok, tmp_path / "own.gguf", "Q4_0", progress=False)
+    assert len(res["from_codes"]) == 14
+    theirs, scale = llamacpp(tmp_path / "own.gguf"), np.abs(ours).max()
+    # llama.cpp rounds activations to Q8_0 blocks: 1.7% of the largest logit here; re-encoding
+    # the weights moves the logits by 22%
+    assert np.abs(theirs - ours).max() < 0.04 * scale
+    assert np.abs(reencoded - ours).max() > 0.1 * scale
+    assert np.abs(llamacpp(tmp_path / "re.gguf") - reencoded).max() < 0.04 * scale
+
+
 def test_imatrix_means_the_same_to_llamacpp(tmp_path):
     """llama.cpp's own quantizer, given lowbit's importance matrix (as llama-quantize passes a
     loaded file), picks the same type for every tensor and writes the same K-quant bytes as

@@ -12,8 +12,10 @@ architecture uses it (llama, mistral); Gemma norms are stored as ``w + 1``. Each
 encoded by lowbit's own ggml quantizers (`lowbit.formats.ggml`) with the type the preset gives
 it (`lowbit.io.gguf.presets`), weighted by an importance matrix when one is given. The
 tokenizer comes from a source GGUF file when there is one, else from the transformers
-tokenizer. The model may be a lowbit output folder (GPTQ, W8A8, LLM.int8, FP8 ...): the
-dequantized weights of its runtime modules are what gets encoded.
+tokenizer. The model may be a lowbit output folder (GPTQ, W8A8, LLM.int8, FP8 ...): an integer
+grid goes into Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks from its own codes and scales where the tensor's
+type holds it (`lowbit.io.gguf.lossless`; ``qtype="native"`` picks that type per tensor), and
+any other runtime module's dequantized weight is encoded.
 
 The file records ``general.quantized_by = "lowbit"``: ``--overwrite`` replaces only a GGUF file
 that says lowbit wrote it (`check_gguf_output`). It is written atomically
@@ -23,6 +25,7 @@ that says lowbit wrote it (`check_gguf_output`). It is written atomically
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +42,15 @@ from lowbit.errors import LowbitError
 from lowbit.formats import ggml
 from lowbit.io.atomic import atomic_output, check_output_file, check_replaceable
 from lowbit.io.gguf.archs import GGUFArch, arch_for, arch_kv, dims
-from lowbit.io.gguf.presets import NEEDS_IMATRIX, get_preset, tensor_types, type_nbytes
+from lowbit.io.gguf.lossless import BY_SIZE, carry, native_type, summary
+from lowbit.io.gguf.presets import (
+    FLOAT_TYPES,
+    NATIVE,
+    NEEDS_IMATRIX,
+    get_preset,
+    tensor_types,
+    type_nbytes,
+)
 from lowbit.io.gguf.vocab import KV, hf_tokenizer_kv, source_kv
 from lowbit.runtime.experts import LinearExperts, moe_spec, unfuse_experts
 from lowbit.runtime.qlinear import QuantModule
@@ -124,6 +135,7 @@ class _Entry:
     module: nn.Module | None = None  # whose weight the decoded tensor can be written back to
     n_head: int = 0  # q/k: heads for the row permutation
     experts: list[nn.Module] | None = None  # stacked experts: each slice's Linear (write back)
+    quantized: list[nn.Module] | None = None  # lowbit runtime modules holding the weight
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -165,7 +177,8 @@ def _expert_entries(model: nn.Module, to_gguf) -> tuple[list[_Entry], set[str]]:
             name = to_gguf(checkpoint_name(spec, f"{path}.{proj}.weight"))
             shape = (len(lins), lins[0].out_features, lins[0].in_features)
             get = lambda ls=lins: np.stack([_np(_weight(m)) for m in ls])  # noqa: E731
-            out.append(_Entry(name, shape, get, experts=lins))
+            quantized = lins if all(isinstance(m, QuantModule) for m in lins) else None
+            out.append(_Entry(name, shape, get, experts=lins, quantized=quantized))
     return out, prefixes
 
 
@@ -199,7 +212,8 @@ def model_entries(model: nn.Module, ga: GGUFArch | None = None) -> list[_Entry]:
             else:
                 get = lambda t=p: _np(t)  # noqa: E731
         module = mod if pname == "weight" and len(shape) == 2 else None
-        out.append(_Entry(name, shape, get, module, n_head))
+        quantized = [mod] if p is None else None
+        out.append(_Entry(name, shape, get, module, n_head, quantized=quantized))
     return out
 
 
@@ -265,23 +279,37 @@ def export_gguf(
     progress: bool = True,
     dequantize_into_model: bool = False,
 ) -> dict:
-    """Write ``model`` to ``out_path`` as a GGUF of preset ``qtype`` (Q4_K_M, Q8_0, F32 ...).
+    """Write ``model`` to ``out_path`` as a GGUF of preset ``qtype`` (Q4_K_M, Q8_0, F32 ...), or
+    (``native``) with each quantized Linear in the block type that holds its lowbit grid.
 
     ``imatrix``: llama.cpp tensor name -> per-input-column mean of x^2 (an importance matrix);
     ``source_gguf``: a GGUF file to take the tokenizer and general metadata from;
     ``dequantize_into_model``: afterwards the model holds exactly the weights llama.cpp will
-    decode (for evaluating the file with lowbit). Returns sizes and bits per weight.
+    decode (for evaluating the file with lowbit). Returns sizes and bits per weight, the
+    tensors written from lowbit's codes (``from_codes``), those re-encoded (``reencoded``: name
+    -> (type, why)) and a one-line ``note`` on both.
     """
     t0 = time.perf_counter()
-    preset = get_preset(qtype)
+    native = str(qtype).lower() == NATIVE
+    preset = None if native else get_preset(qtype)
     model = language_model(model)  # multimodal: the vision tower goes to an mmproj file
     ga = arch_for(model)
     arch = ga.name
     imatrix = getattr(imatrix, "data", imatrix)  # an Imatrix object or a plain mapping
-    if preset.name in NEEDS_IMATRIX and not imatrix:
+    if preset is not None and preset.name in NEEDS_IMATRIX and not imatrix:
         raise LowbitError(f"{preset.name} needs an importance matrix (--imatrix), as in llama.cpp")
     d = dims(model.config)
     entries = model_entries(model, ga)
+    own = {e.name: native_type(e.quantized, e.shape[-1]) for e in entries if e.quantized}
+    own = {k: v for k, v in own.items() if v}
+    if native:
+        if not own:
+            raise LowbitError(
+                "--type native writes a lowbit model's integer grids as they are; this model "
+                "has no quantized weight a llama.cpp block type holds (give a --type such as "
+                "Q4_K_M)")
+        counts = Counter(own.values())
+        preset = get_preset(max(BY_SIZE, key=lambda t: (counts[t], -BY_SIZE.index(t))))
     types = tensor_types(
         preset.name,
         {e.name: e.shape for e in entries},
@@ -291,6 +319,8 @@ def export_gguf(
         n_expert=int(getattr(model.config, "num_local_experts", None)
                      or getattr(model.config, "num_experts", None) or 0),
     )
+    if native:  # each quantized tensor in its own grid's type, the rest by the preset's rules
+        types |= own
     kv = arch_kv(model, ga) + _kv(model, tokenizer, arch, source_gguf)
     out_path = Path(out_path)
     with atomic_output(out_path, folder=False) as tmp:
@@ -299,7 +329,7 @@ def export_gguf(
         )
     stats |= {
         "path": str(out_path),
-        "qtype": preset.name,
+        "qtype": f"native ({preset.name} rules)" if native else preset.name,
         "file_bytes": out_path.stat().st_size,
         "imatrix": bool(imatrix),
         "seconds": time.perf_counter() - t0,
@@ -331,31 +361,46 @@ def _write(path, arch, ftype, kv, entries, types, imatrix, progress, write_back)
     w.write_ti_data_to_file()
     per_type: dict[str, dict] = {}
     missing = []
+    carried: list[str] = []
+    reencoded: dict[str, tuple[str, str]] = {}
     for e in tqdm(entries, desc=f"gguf {path.name}", unit="tensor", disable=not progress):
         t = types[e.name]
-        x = e.get()
-        if e.n_head:
-            x = permute_qk(x, e.n_head)
-        imp = None
-        if x.ndim >= 2 and t not in ("F32", "F16", *IMATRIX_IGNORED) and e.name.startswith("blk."):
-            imp = _importance(imatrix, e.name, x.shape)
-            if imatrix and imp is None and e.name.endswith(".weight"):
-                missing.append(e.name)
-        try:
-            data, decoded = _encode(t, x, imp)
-        except ValueError as err:
-            raise LowbitError(f"cannot encode {e.name} as {t}: {err}") from None
+        data = None
+        if e.quantized and t not in FLOAT_TYPES:  # lowbit's codes and scales, if t holds them
+            reorder = (lambda a, n=e.n_head: permute_qk(a, n)) if e.n_head else None
+            data, why = carry(t, e.quantized, reorder)
+            if data is None:
+                reencoded[e.name] = (t, why)
+            else:
+                carried.append(e.name)
+                data = data.reshape(-1, data.shape[-1])
+                decoded = ggml.dequantize(t, data, e.shape[-1]).reshape(e.shape)
+        if data is None:
+            x = e.get()
+            if e.n_head:
+                x = permute_qk(x, e.n_head)
+            imp = None
+            if (x.ndim >= 2 and t not in ("F32", "F16", *IMATRIX_IGNORED)
+                    and e.name.startswith("blk.")):
+                imp = _importance(imatrix, e.name, x.shape)
+                if imatrix and imp is None and e.name.endswith(".weight"):
+                    missing.append(e.name)
+            try:
+                data, decoded = _encode(t, x, imp)
+            except ValueError as err:
+                raise LowbitError(f"cannot encode {e.name} as {t}: {err}") from None
         w.write_tensor_data(data)
         if write_back and (e.module is not None or e.experts):
             _write_back(e, decoded)
         row = per_type.setdefault(t, {"tensors": 0, "weights": 0, "bytes": 0})
         row["tensors"] += 1
-        row["weights"] += x.size
+        row["weights"] += decoded.size
         row["bytes"] += data.nbytes
     w.close()
     for row in per_type.values():
         row["bpw"] = 8 * row["bytes"] / row["weights"]
-    return _summary(per_type, entries, types, missing)
+    return _summary(per_type, entries, types, missing) | {
+        "from_codes": carried, "reencoded": reencoded, "note": summary(len(carried), reencoded)}
 
 
 def _write_back(e: _Entry, decoded: np.ndarray) -> None:

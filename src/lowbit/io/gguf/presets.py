@@ -61,6 +61,8 @@ _FALLBACK = {
     "Q5_K": "Q5_1",
     "Q6_K": "Q8_0",
 }
+# `--type native`: each quantized tensor in the block type its lowbit grid is (io/gguf/lossless.py)
+NATIVE = "native"
 # presets whose Q2_K tensors llama.cpp refuses to make without an importance matrix
 NEEDS_IMATRIX = {"Q2_K_S"}
 
@@ -69,7 +71,8 @@ def get_preset(name: str) -> Preset:
     """The preset called ``name`` (case-insensitive), or a LowbitError listing the known ones."""
     p = PRESETS.get(str(name).upper())
     if p is None:
-        raise LowbitError(f"unknown GGUF type {name!r}; known types: {', '.join(PRESETS)}")
+        raise LowbitError(
+            f"unknown GGUF type {name!r}; known types: {', '.join(PRESETS)}, {NATIVE}")
     return p
 
 
