@@ -126,7 +126,13 @@ def _take_file_weights(model, path) -> None:
     assert checked
 
 
-@pytest.mark.parametrize("family", list(REAL))
+# written, not yet run to the end at these shapes (next stop: run, then drop the mark)
+UNVERIFIED = {"gemma2", "gemma3_text", "phi3", "qwen2_moe", "qwen3_moe"}
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=pytest.mark.skip(reason="not yet verified at real shapes"))
+    if f in UNVERIFIED else f for f in REAL])
 def test_real_shapes_round_trip(tmp_path, family):
     from lowbit.eval.llamacpp import llamacpp_perplexity, load_llama
     from lowbit.eval.metrics import evaluate
