@@ -23,6 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
+from lowbit.pipeline.checkpoint import RunCheckpoint
 from lowbit.pipeline.plan import Plan, Result, execute, make_plan
 from lowbit.recipe import Recipe, load_recipe, recipe_from_data
 
@@ -51,13 +52,28 @@ def quantize(
     chunk: int = 8,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
+    checkpoint: str | Path | RunCheckpoint | None = None,
+    resume: str = "auto",
 ) -> Result:
     """Quantize ``model`` in place with ``recipe``; ``calib`` are calibration windows ((n,
     seq_len) token ids), needed when a step or a grid asks for statistics. ``result.recipe`` is
-    the recipe that ran."""
+    the recipe that ran.
+
+    ``checkpoint``: a folder that receives every finished block; a run interrupted (killed,
+    out of memory) and started again with the same folder, model, recipe and windows goes on
+    from its first unfinished block and gives the same result bit for bit. ``resume``:
+    ``auto`` (resume when the folder holds this run), ``require`` or ``never``. Given as a
+    path, the folder is removed when the run completes; a ``RunCheckpoint`` is left to its
+    owner (``lowbit.jobs.quantize_job`` removes it once the output is saved)."""
     r = as_recipe(recipe)
     p = make_plan(model, list(r.steps))
-    res = execute(model, p, calib, chunk=chunk, progress=progress, on_row=on_row)
+    ck = checkpoint
+    if ck is not None and not isinstance(ck, RunCheckpoint):
+        ck = RunCheckpoint(ck, mode=resume)
+    res = execute(model, p, calib, chunk=chunk, progress=progress, on_row=on_row,
+                  checkpoint=ck)
+    if ck is not None and ck is not checkpoint:
+        ck.clear()
     res.recipe = r
     return res
 

@@ -30,6 +30,17 @@ def _resolve(source: str, default: str) -> str:
     return default if source == "builtin" else source
 
 
+class _Tick:
+    """A logits processor that changes nothing and advances a progress bar by one step."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.bar.update(1)
+        return scores
+
+
 @torch.no_grad()
 def self_generated(
     model: nn.Module, n: int, seq_len: int, seed: int = 0, batch: int = 32, progress: bool = True
@@ -44,10 +55,16 @@ def self_generated(
     path = cache_dir() / "calib" / f"self-{key}-{n}x{seq_len}-s{seed}.pt"
     if path.is_file():
         return torch.load(path)
+    from transformers import LogitsProcessorList
+
     gen = torch.Generator().manual_seed(seed)
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else 0
     out = []
-    for i in tqdm(range(0, n, batch), desc="sampling calibration text", disable=not progress):
+    steps = seq_len - 2
+    # one tick per generated token of each batch: the bar has an ETA from the first seconds
+    bar = tqdm(total=-(-n // batch) * steps, desc="sampling calibration text", unit="tok",
+               unit_scale=min(batch, n), disable=not progress)
+    for i in range(0, n, batch):
         b = min(batch, n - i)
         first = torch.randint(0, cfg.vocab_size, (b, 1), generator=gen)
         ids = torch.cat([torch.full((b, 1), bos), first], dim=1)
@@ -59,11 +76,13 @@ def self_generated(
             temperature=1.0,
             top_k=0,
             top_p=1.0,
-            max_new_tokens=seq_len - 2,
-            min_new_tokens=seq_len - 2,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
             pad_token_id=bos,
+            logits_processor=LogitsProcessorList([_Tick(bar)]),
         )
         out.append(seqs[:, :seq_len])
+    bar.close()
     w = torch.cat(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(w, path)

@@ -4,6 +4,7 @@ what it can before any long run and returns plain data for display."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -128,8 +129,12 @@ def quantize_job(
     dtype: str = "auto",
     eval_windows: int = 0,
     eval_data: str = "builtin",
+    resume: str = "auto",
 ):
-    """Load (in ``dtype``), plan, calibrate, quantize, save. Returns (model, tokenizer,
+    """Load (in ``dtype``), plan, calibrate, quantize, save. Every finished block is written
+    to ``OUT.lowbit-resume`` (removed once the output is saved): a run killed part way goes on
+    from there when started again (``resume``: ``auto`` when the checkpoint is of the same
+    run, ``require``, ``never``). Returns (model, tokenizer,
     result, meta). ``eval_windows`` > 0: perplexity, KL and top-1 of the quantized model on
     that many windows of ``eval_data``, against the base log-probabilities taken from the same
     model before quantizing (no second copy in memory); recorded as ``eval`` in lowbit.json
@@ -151,6 +156,7 @@ def quantize_job(
         check_seq_len(model_arg, calibration.seq_len)
     out = Path(out)
     check_writable(out, overwrite)
+    ck = _checkpoint_for(model_arg, out, dtype, resume, note)
     t0 = time.perf_counter()
     model, tok = load_model(model_arg, dtype)
     p = plan(model, recipe)
@@ -169,7 +175,7 @@ def quantize_job(
         check_disjoint(record, eval_data, eval_windows, seq)
         ev = read_eval_windows(eval_data, tok, eval_windows, seq)
         base_lp = HeldLogprobs(model, ev)
-    res = quantize(model, recipe, windows, chunk=chunk, progress=progress)
+    res = quantize(model, recipe, windows, chunk=chunk, progress=progress, checkpoint=ck)
     meta = describe(res, recipe, base_model=str(model_arg), calibration=record,
                     dtype=DTYPE_NAMES.get(model_dtype(model), "fp32"))
     meta["output_format"] = fmt
@@ -185,8 +191,35 @@ def quantize_job(
         meta["eval"] = {k: r[k] for k in ("ppl", "kl_mean", "kl_p99", "top1")} | {
             "data": eval_data, "windows": eval_windows, "seq_len": seq}
     save(out, model, tok, res, meta, fmt=fmt, overwrite=overwrite)
+    ck.clear()  # the output is whole: the run needs no going back to
     meta["seconds"] = time.perf_counter() - t0
+    meta["checkpoint_seconds"] = round(ck.seconds, 3)
+    if ck.resumed_blocks:
+        meta["resumed_blocks"] = ck.resumed_blocks
     return model, tok, res, meta
+
+
+def resume_folder(out: Path) -> Path:
+    """Where a quantize job writing ``out`` keeps its finished blocks until it is saved."""
+    return out.with_name(out.name + ".lowbit-resume")
+
+
+def _checkpoint_for(model_arg: str, out: Path, dtype: str, resume: str, note):
+    """The job's checkpoint, fingerprinted by the model's files and the load dtype (the
+    pipeline adds the recipe, the windows and the versions); ``--resume`` without one fails
+    here, before the model loads."""
+    from lowbit.eval.base_cache import model_fingerprint
+    from lowbit.models import parse_dtype, resolve
+    from lowbit.pipeline.checkpoint import RunCheckpoint
+
+    folder = resume_folder(out)
+    if resume == "require" and not (folder / "state.json").is_file():
+        raise LowbitError(f"cannot resume: no checkpoint in {folder} (no run writing {out} "
+                          "was interrupted)")
+    files = model_fingerprint(resolve(model_arg))
+    fp = {"model files": hashlib.sha256(files.encode()).hexdigest()[:24],
+          "dtype": str(parse_dtype(dtype))}
+    return RunCheckpoint(folder, fp, mode=resume, note=note)
 
 
 def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: str | None,

@@ -72,6 +72,11 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
 @click.option("--tp", default=1, show_default=True,
               help="with --format: tensor-parallel degree the checkpoint must split into")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+@click.option("--resume/--no-resume", default=None,
+              help="finished blocks are kept in OUT.lowbit-resume until the output is saved; "
+                   "a run started again after a crash goes on from there when it is the same "
+                   "run (model files, recipe, calibration, dtype, versions) [default: resume "
+                   "when it is]; --resume fails unless it can, --no-resume starts over")
 @click.option("--json", "json_path", type=click.Path(),
               help="write the results as JSON (- for standard output)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
@@ -79,7 +84,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
             act_order, static_groups, damp, alpha, threshold, int8_kernel, eval_windows,
-            eval_data, chunk, out, fmt, tp, overwrite, json_path, quiet, dtype):
+            eval_data, chunk, out, fmt, tp, overwrite, resume, json_path, quiet, dtype):
     """Quantize MODEL (default: the built-in smollm2-135m, or the base model of a --recipe
     lowbit.json) and save it to --out."""
     from lowbit.cli.common import check_outputs
@@ -96,7 +101,8 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
     _, _, res, meta = quantize_job(model, recipe, out, calib_req, fmt=fmt, tp=tp,
                                    overwrite=overwrite, chunk=chunk, progress=not quiet,
                                    note=note, dtype=dtype, eval_windows=eval_windows,
-                                   eval_data=eval_data)
+                                   eval_data=eval_data,
+                                   resume={None: "auto", True: "require", False: "never"}[resume])
     losses = [r for r in res.rows if "loss" in r and "rtn_loss" in r]
     schemes = Counter(w.grid.name for w in res.weights.values() if hasattr(w, "grid"))
     summary = meta | {

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -226,6 +227,10 @@ def run_sequential(
     sample: Tensor | None = None,
     resume: bool = True,
     moe_min_tokens: float = MOE_MIN_TOKENS,
+    start: int = 0,
+    inputs: tuple[list[Tensor] | None, list[Tensor] | None] = (None, None),
+    on_block: Callable[[BlockContext, Stream, Stream | None, list[str]], None] | None = None,
+    sources: list[str] | None = None,
 ) -> Stream:
     """Visit every block in order (see the module docstring). Returns the last block's outputs.
 
@@ -234,6 +239,11 @@ def run_sequential(
     captured residual stream, the MLP then runs from the norm on that stream, and the block's
     output is the stream plus the rounded MLP output. Otherwise every group re-runs the block
     from its start.
+
+    A resumed run (``lowbit.pipeline.checkpoint``) gives ``start``, the first unfinished block,
+    with its stored ``inputs`` (main, sample) and the expert-statistics ``sources`` so far; the
+    blocks before it are already quantized. ``on_block`` is called when a block is finished
+    (after ``visitor.finish``), with the next block's inputs.
     """
     if windows.dim() != 2 or windows.numel() == 0:
         raise LowbitError(f"calibration windows must be a non-empty (n, seq_len) tensor of token "
@@ -241,12 +251,20 @@ def run_sequential(
     unfuse_experts(model)
     main = capture_inputs(model, spec, windows, chunk)
     samp = None if sample is None else capture_inputs(model, spec, sample, chunk)
+    if start:
+        main.hidden = inputs[0]
+        if samp is not None:
+            samp.hidden = inputs[1]
     blocks = get_blocks(model, spec)
     resumable = resume and spec.mlp_path is not None and len(spec.groups) == 4
     announced = False
-    sources: list[str] = []  # per rounded expert group: where its statistics came from
-    bar = tqdm(total=len(blocks), desc="blocks", unit="block", disable=not progress)
+    # per rounded expert group: where its statistics came from
+    sources = [] if sources is None else sources
+    bar = tqdm(total=len(blocks), initial=start, desc="blocks", unit="block",
+               disable=not progress)
     for bi, block in enumerate(blocks):
+        if bi < start:
+            continue
         for stream in (main, samp):
             if stream is not None:
                 stream.enter(bi)
@@ -279,6 +297,8 @@ def run_sequential(
         visitor.finish(ctx)
         if samp is not None:
             samp.hidden = ctx.run(samp)
+        if on_block is not None:
+            on_block(ctx, main, samp, sources)
         bar.update(1)
     bar.close()
     few = len(sources) - sources.count("own")

@@ -23,6 +23,12 @@ from tqdm.auto import tqdm
 from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight, spec_for
 from lowbit.errors import LowbitError
 from lowbit.formats.grid_base import all_finite
+from lowbit.pipeline.checkpoint import (
+    RunCheckpoint,
+    lowbit_version,
+    model_digest,
+    tensor_digest,
+)
 from lowbit.pipeline.driver import MOE_MIN_TOKENS, BlockContext, Stream, run_sequential
 from lowbit.pipeline.release import bound_heap, page_out, release, trim
 from lowbit.pipeline.stats import InputStats
@@ -319,12 +325,15 @@ def execute(
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
     moe_min_tokens: float = MOE_MIN_TOKENS,
+    checkpoint: RunCheckpoint | None = None,
 ) -> Result:
     """Quantize ``model`` in place as planned: every quantized Linear becomes a runtime module
     (rounded ones a ``QLinear`` when their block ends), so the model evaluates as the
     quantized model and holds what a reload from the saved folder holds. ``moe_min_tokens``:
     routed tokens per input channel from which an expert's own statistics are used alone
-    (``lowbit.pipeline.driver``)."""
+    (``lowbit.pipeline.driver``). ``checkpoint``: each finished block is written there, and a
+    run with the same fingerprint goes on from the first unfinished one
+    (``lowbit.pipeline.checkpoint``)."""
     if plan.needs_data and calib is None:
         names = sorted({la.step.step for la in plan.layers.values()
                         if plan.wants(la) or la.step.needs_data()}
@@ -335,26 +344,83 @@ def execute(
     t0 = time.perf_counter()
     spec = plan.spec
     ex = _Executor(model, plan, res, on_row, 0 if calib is None else calib.numel())
+    blocks = get_blocks(model, spec)
+    start, inputs, sources = 0, (None, None), []
+    if checkpoint is not None:
+        start = _resume(model, plan, calib, chunk, moe_min_tokens, checkpoint, res)
+        inputs = checkpoint.inputs()
+        sources = list(checkpoint.extra.get("sources", []))
+    done = len(res.rows)
+
+    def on_block(bi: int, block: nn.Module, main=None, samp=None, sources=None) -> None:
+        nonlocal done
+        if checkpoint is not None:
+            kept = {n: st for n, st in res.stats.items()
+                    if n.startswith(f"{spec.blocks}.{bi}.")}
+            checkpoint.save_block(bi, block, res.rows[done:], kept,
+                                  None if main is None else main.hidden,
+                                  None if samp is None else samp.hidden,
+                                  {"sources": list(sources or [])})
+        done = len(res.rows)
+
     if plan.needs_data:
         res.calibration_tokens = int(calib.numel())
         samples = [t.sample(calib) for t in plan.transforms]
         sample = next((s for s in samples if s is not None), None)
-        last = run_sequential(model, spec, calib, ex, chunk=chunk, progress=progress,
-                              sample=sample, moe_min_tokens=moe_min_tokens)
+        last = run_sequential(
+            model, spec, calib, ex, chunk=chunk, progress=progress, sample=sample,
+            moe_min_tokens=moe_min_tokens, start=start, inputs=inputs, sources=sources,
+            on_block=lambda ctx, main, samp, src: on_block(ctx.index, ctx.block, main, samp,
+                                                           src))
     else:
         last = None
-        for bi, block in enumerate(tqdm(get_blocks(model, spec), desc="blocks", unit="block",
-                                        disable=not progress)):
+        bar = tqdm(total=len(blocks), initial=start, desc="blocks", unit="block",
+                   disable=not progress)
+        for bi, block in enumerate(blocks):
+            if bi < start:
+                continue
             mods = {f"{spec.blocks}.{bi}.{n}": m for n, m in block_linears(block, spec).items()}
             ex.round_modules(bi, mods, None, spec.conv1d)
             for la in plan.in_block(bi):
                 if la.step.kind == "replacer":
                     ex.replace_module(block, la.local, la.full, la.step, None, bi, spec.conv1d)
             ex.finish(None)
+            on_block(bi, block)
+            bar.update(1)
+        bar.close()
     if HEAD in plan.layers:
         _head(model, plan, ex, last)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _resume(model: nn.Module, plan: Plan, calib: Tensor | None, chunk: int,
+            moe_min_tokens: float, checkpoint: RunCheckpoint, res: Result) -> int:
+    """Compare the run's fingerprint with the checkpoint's and put its finished blocks back
+    into ``model``; the number of finished blocks."""
+    fp = {
+        "model weights": model_digest(model),
+        "steps": repr(plan.steps),
+        "calibration windows": "none" if calib is None else tensor_digest(calib),
+        "chunk": str(chunk),
+        "moe_min_tokens": repr(moe_min_tokens),
+        "lowbit": lowbit_version(),
+        "torch": torch.__version__,
+    }
+    start = checkpoint.begin(fp)
+    spec = plan.spec
+    blocks = get_blocks(model, spec)
+    if start > len(blocks):
+        raise LowbitError(f"checkpoint {checkpoint.folder} records {start} finished blocks; "
+                          f"the model has {len(blocks)}")
+    if start:
+        checkpoint.note(f"resuming from {checkpoint.folder}: blocks 0-{start - 1} of "
+                        f"{len(blocks)} are finished")
+    for bi in range(start):
+        checkpoint.restore_block(bi, blocks[bi], f"{spec.blocks}.{bi}", res.weights,
+                                 res.stats)
+    res.rows.extend(checkpoint.rows)
+    return start
 
 
 def _head(model: nn.Module, plan: Plan, ex: _Executor, last: Stream | None) -> None:

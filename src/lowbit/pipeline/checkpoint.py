@@ -1,0 +1,264 @@
+"""Crash safety: a run's finished blocks on disk, and going on from the first unfinished one.
+
+After each block a ``RunCheckpoint`` folder receives what the rest of the run needs from it:
+
+- ``block-NNNNN.safetensors``: the block's quantized modules (each layer's stored tensors, its
+  record in the metadata: what ``lowbit.json`` records), the block's other tensors (norms that
+  a transform rescaled ...) and the statistics steps kept;
+- ``inputs-NNNNN.safetensors``: the next block's inputs (every chunk of the main stream, and
+  of the sample stream when a step has one) and torch's random-number state;
+- ``state.json``, written last (atomically): how many blocks are finished, the rows logged so
+  far, and the run's *fingerprint* (model, recipe, calibration windows, dtype, lowbit and torch
+  versions ...).
+
+A run given the folder again restores the finished blocks into the freshly loaded model (their
+runtime modules rebuilt from the records, as a saved folder's are) and starts at the next block
+from the stored inputs, so its result is the uninterrupted run's, bit for bit (on the same
+machine and thread count: a matrix product's summation order may depend on them). The commit
+point is ``state.json``: a run killed while writing a block's files resumes from the previous
+block. Only the newest inputs are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lowbit.errors import LowbitError
+from lowbit.pipeline.release import release
+from lowbit.pipeline.stats import InputStats
+from lowbit.runtime.modules import build_module
+from lowbit.runtime.qlinear import QuantModule
+
+VERSION = 1
+MODES = ("auto", "require", "never")
+_STATE = "state.json"
+
+
+def lowbit_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lowbit")
+    except PackageNotFoundError:  # run from a source tree
+        return "source"
+
+
+def tensor_digest(t: Tensor) -> str:
+    h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
+    h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def model_digest(model: nn.Module, probe: int = 4096) -> str:
+    """A cheap identity of a model's weights: every tensor's name, shape, dtype and its first
+    and last ``probe`` values (reading a whole 16 GB model would take minutes; a different
+    model or checkpoint differs in those)."""
+    h = hashlib.sha256(model.config.to_json_string().encode())
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        for part in (flat[:probe], flat[-probe:]):
+            h.update(part.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+class RunCheckpoint:
+    """The checkpoint folder of one run. ``mode``: ``auto`` resumes when the folder holds a
+    run with the same fingerprint (and otherwise starts over, replacing it), ``require`` fails
+    unless it can resume, ``never`` starts over."""
+
+    def __init__(self, folder: str | Path, fingerprint: dict[str, str] | None = None,
+                 mode: str = "auto", note=None) -> None:
+        if mode not in MODES:
+            raise LowbitError(f"unknown resume mode {mode!r}; known: {', '.join(MODES)}")
+        self.folder = Path(folder)
+        self.fingerprint = dict(fingerprint or {})
+        self.mode = mode
+        self.note = note or (lambda _m: None)
+        self.finished = 0
+        self.rows: list[dict] = []
+        self.extra: dict = {}
+        self.resumed_blocks = 0
+        self.seconds = 0.0  # spent writing checkpoints
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def _read_state(self) -> dict | None:
+        f = self.folder / _STATE
+        if not f.is_file():
+            return None
+        try:
+            state = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            self.note(f"checkpoint {self.folder} is unreadable ({e}); starting over")
+            return None
+        if not isinstance(state, dict) or state.get("version") != VERSION:
+            self.note(f"checkpoint {self.folder} is of another lowbit version; starting over")
+            return None
+        return state
+
+    def begin(self, fingerprint: dict[str, str]) -> int:
+        """Complete the fingerprint with what the pipeline knows, compare it with the folder's,
+        and return the number of finished blocks to restore (0: start over, folder emptied)."""
+        self.fingerprint |= fingerprint
+        state = None if self.mode == "never" else self._read_state()
+        if state is not None:
+            old = state.get("fingerprint", {})
+            differ = sorted(k for k in self.fingerprint.keys() | old.keys()
+                            if self.fingerprint.get(k) != old.get(k))
+            if differ:
+                msg = (f"checkpoint {self.folder} is of another run (its {', '.join(differ)} "
+                       "differ)")
+                if self.mode == "require":
+                    raise LowbitError(f"cannot resume: {msg}; run without --resume to start "
+                                      "over")
+                self.note(f"{msg}; starting over")
+                state = None
+        if state is None:
+            if self.mode == "require":
+                raise LowbitError(f"cannot resume: no checkpoint in {self.folder}")
+            self.clear()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._write_state()
+            return 0
+        self.finished = self.resumed_blocks = int(state["blocks"])
+        self.rows = list(state.get("rows", []))
+        self.extra = dict(state.get("extra", {}))
+        return self.finished
+
+    def restore_block(self, bi: int, block: nn.Module, prefix: str, weights, stats: dict) -> None:
+        """Put finished block ``bi`` back: its runtime modules (registered in ``weights`` by full
+        name) and other tensors, and the statistics kept with it."""
+        f = self.folder / f"block-{bi:05d}.safetensors"
+        tensors, meta = _read(f)
+        layers = json.loads(meta.get("layers", "{}"))
+        old = []
+        for local, info in layers.items():
+            full = f"{prefix}.{local}"
+            parts = {k.rsplit(".", 1)[1]: tensors.pop(k) for k in list(tensors)
+                     if k.startswith(f"q.{local}.")}
+            bias = parts.pop("bias", None)
+            owner, _, child = local.rpartition(".")
+            parent = block.get_submodule(owner) if owner else block
+            old_mod = getattr(parent, child)
+            if isinstance(getattr(old_mod, "weight", None), Tensor):
+                old.append(old_mod.weight.data)
+            module = build_module(info, parts, bias)
+            setattr(parent, child, module)
+            weights[full] = module
+        plain = {k[2:]: v for k, v in tensors.items() if k.startswith("p.")}
+        missing, unexpected = block.load_state_dict(plain, strict=False)
+        if unexpected or any(not _is_quantized(block, k) for k in missing):
+            raise LowbitError(f"{f}: does not match block {bi} of this model")
+        for name in json.loads(meta.get("stats", "[]")):
+            st = InputStats(tensors[f"s.{name}.absmax"].numel())
+            st.absmax, st.abs_sum = tensors[f"s.{name}.absmax"], tensors[f"s.{name}.abs_sum"]
+            st.token_absmax = tensors.get(f"s.{name}.token_absmax")
+            st.n = int(tensors[f"s.{name}.n"][0])
+            stats[name] = st
+        release(old)
+
+    def inputs(self) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+        """The stored inputs of the first unfinished block (main, sample), and the random state
+        as it was then."""
+        if self.finished == 0:
+            return None, None
+        f = self.folder / f"inputs-{self.finished:05d}.safetensors"
+        if not f.is_file():  # a data-free run stores none
+            return None, None
+        tensors, _ = _read(f)
+        torch.set_rng_state(tensors.pop("rng"))
+        main = [tensors[f"main.{i}"] for i in range(sum(k.startswith("main.") for k in tensors))]
+        samp = [tensors[f"samp.{i}"] for i in range(sum(k.startswith("samp.") for k in tensors))]
+        return main, samp or None
+
+    # -- going on ---------------------------------------------------------------------------
+
+    def save_block(self, bi: int, block: nn.Module, rows: list[dict], stats: dict,
+                   main: list[Tensor] | None, samp: list[Tensor] | None,
+                   extra: dict | None = None) -> None:
+        """Block ``bi`` is finished: write it, the next block's inputs, then the state."""
+        t0 = time.perf_counter()
+        tensors: dict[str, Tensor] = {}
+        layers = {}
+        quant = {n: m for n, m in block.named_modules() if isinstance(m, QuantModule)}
+        for local, mod in quant.items():
+            layers[local] = mod.layer_info()
+            for k, v in mod.to_tensors().items():
+                tensors[f"q.{local}.{k}"] = v
+            if getattr(mod, "bias", None) is not None:
+                tensors[f"q.{local}.bias"] = mod.bias.data
+        for k, v in block.state_dict().items():
+            if not any(k.startswith(f"{q}.") for q in quant):
+                tensors[f"p.{k}"] = v
+        for name, st in stats.items():
+            # Linears sharing an input share one object: each name gets its own copy
+            tensors[f"s.{name}.absmax"] = st.absmax.clone()
+            tensors[f"s.{name}.abs_sum"] = st.abs_sum.clone()
+            if st.token_absmax is not None:
+                tensors[f"s.{name}.token_absmax"] = st.token_absmax.clone()
+            tensors[f"s.{name}.n"] = torch.tensor([st.n], dtype=torch.int64)
+        _write(self.folder / f"block-{bi:05d}.safetensors", tensors,
+               {"layers": json.dumps(layers), "stats": json.dumps(sorted(stats))})
+        if main is not None:
+            inp = {f"main.{i}": h for i, h in enumerate(main)}
+            inp |= {f"samp.{i}": h for i, h in enumerate(samp or [])}
+            inp["rng"] = torch.get_rng_state()
+            _write(self.folder / f"inputs-{bi + 1:05d}.safetensors", inp, {})
+        self.finished = bi + 1
+        self.rows.extend(rows)
+        self.extra = dict(extra or {})
+        self._write_state()
+        stale = self.folder / f"inputs-{bi:05d}.safetensors"
+        stale.unlink(missing_ok=True)
+        self.seconds += time.perf_counter() - t0
+
+    def _write_state(self) -> None:
+        state = {"version": VERSION, "fingerprint": self.fingerprint, "blocks": self.finished,
+                 "rows": self.rows, "extra": self.extra}
+        tmp = self.folder / f".{_STATE}.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.folder / _STATE)
+
+    def clear(self) -> None:
+        """Remove the folder (the run's result is saved, or a new run starts)."""
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+
+
+def _is_quantized(block: nn.Module, key: str) -> bool:
+    owner = key.rpartition(".")[0]
+    try:
+        return isinstance(block.get_submodule(owner), QuantModule)
+    except AttributeError:
+        return False
+
+
+def _write(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except (OSError, SafetensorError) as e:
+        raise LowbitError(f"checkpoint file {path} is damaged ({e}); run with --no-resume "
+                          "to start over") from None
