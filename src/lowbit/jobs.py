@@ -154,7 +154,12 @@ def quantize_job(
     check_tp(tp)
     if recipe.needs_data() or eval_windows > 0:
         check_seq_len(model_arg, calibration.seq_len)
+    from lowbit.pipeline.dist import barrier, init_from_env
+
     out = Path(out)
+    rank, ranks = init_from_env()  # one process, or one of torchrun's (``lowbit.pipeline.dist``)
+    if rank:  # rank 0 reports and writes
+        progress, note = False, lambda _m: None
     check_writable(out, overwrite)
     ck = _checkpoint_for(model_arg, out, dtype, resume, note)
     t0 = time.perf_counter()
@@ -163,11 +168,15 @@ def quantize_job(
     fmt = choose_format(model, p, fmt, tp, note)
     windows, record = None, None
     if p.needs_data:
+        if rank:
+            barrier()  # rank 0 makes (and caches) the windows first: sampled text is costly
         windows, record = calibration.windows(model, tok, progress)
+        if not rank and ranks > 1:
+            barrier()
         # the recipe as it ran: with the calibration it used, so that it re-runs the same
         recipe = Recipe(recipe.steps, calibration.to_dict() | {"source": record["source"]})
     base_lp, ev = None, None
-    if eval_windows > 0:
+    if eval_windows > 0 and not rank:
         from lowbit.calib import check_disjoint
         from lowbit.calib import eval_windows as read_eval_windows
 
@@ -190,8 +199,14 @@ def quantize_job(
         r = evaluate(model, ev, base=base_lp, progress=progress)
         meta["eval"] = {k: r[k] for k in ("ppl", "kl_mean", "kl_p99", "top1")} | {
             "data": eval_data, "windows": eval_windows, "seq_len": seq}
-    save(out, model, tok, res, meta, fmt=fmt, overwrite=overwrite)
+    if not rank:
+        save(out, model, tok, res, meta, fmt=fmt, overwrite=overwrite)
+    barrier()
     ck.clear()  # the output is whole: the run needs no going back to
+    if ranks > 1:
+        barrier()
+        if not rank:
+            ck.folder.parent.rmdir()
     meta["seconds"] = time.perf_counter() - t0
     meta["checkpoint_seconds"] = round(ck.seconds, 3)
     if ck.resumed_blocks:
@@ -211,8 +226,12 @@ def _checkpoint_for(model_arg: str, out: Path, dtype: str, resume: str, note):
     from lowbit.eval.base_cache import model_fingerprint
     from lowbit.models import parse_dtype, resolve
     from lowbit.pipeline.checkpoint import RunCheckpoint
+    from lowbit.pipeline.dist import world
 
+    rank, ranks = world()
     folder = resume_folder(out)
+    if ranks > 1:  # each process its own (they may be on different machines)
+        folder = folder / f"rank-{rank}"
     if resume == "require" and not (folder / "state.json").is_file():
         raise LowbitError(f"cannot resume: no checkpoint in {folder} (no run writing {out} "
                           "was interrupted)")

@@ -155,9 +155,16 @@ def load_model(
     own dtype (config.json), a GGUF file and quantized folders in fp32; ``bf16``/``fp16``/
     ``fp32`` cast (a quantized folder: its unquantized tensors only). A lowbit folder loads its
     quantized runtime model; ``cache_weights`` keeps each dequantized weight after first use
-    (fast, fp32-sized)."""
+    (fast, fp32-sized; not when the decoded weights would take more than half of the memory
+    available: ``lowbit.runtime.qlinear.decoded_fits``)."""
     want = parse_dtype(dtype)
     m, tok = _load(model, want, cache_weights)
+    from lowbit.runtime.qlinear import QLinear, decoded_fits
+
+    if cache_weights and not decoded_fits(m):
+        for q in m.modules():
+            if isinstance(q, QLinear):
+                q.cache = False
     if want is not None and model_dtype(m) != want:
         cast_unquantized(m, want)
     return m, tok

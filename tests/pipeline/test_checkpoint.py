@@ -214,3 +214,29 @@ def test_cli_resume_flags(tiny_ckpt, tmp_path):
                    ok=False)
     one_line_error(r, f"cannot resume: no checkpoint in {tmp_path / 'q.lowbit-resume'}")
     assert not (tmp_path / "q.lowbit-resume").exists()
+
+
+def _mapped_files() -> dict[tuple[int, int], str]:
+    out = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                out[(lo, hi)] = parts[5]
+    return out
+
+
+def test_finished_blocks_are_held_in_their_checkpoint_files(windows, tmp_path):
+    """After each block, its QLinears hold their stored tensors as maps of the block's file:
+    what memory holds of the quantized model does not grow with the model's size."""
+    model = tiny_model("llama")
+    folder = tmp_path / "ck"
+    res = lowbit.quantize(model, shorthand("gptq", "w4g32"), windows, progress=False,
+                          checkpoint=RunCheckpoint(folder))
+    maps = _mapped_files()
+    for name, mod in res.weights.modules().items():
+        ptr = mod.qweight.untyped_storage().data_ptr()
+        files = [f for (lo, hi), f in maps.items() if lo <= ptr < hi]
+        block = int(name.split(".")[2])
+        assert files == [str(folder / f"block-{block:05d}.safetensors")], name

@@ -18,6 +18,7 @@ import click
 from lowbit.errors import LowbitError
 
 EXIT = {"ok": 0, "internal": 1, "error": 2, "interrupted": 130}
+ARGS: list[str] = []  # the command line being run (``lowbit.cli.launch`` runs it again)
 
 
 @click.group()
@@ -77,6 +78,8 @@ def describe_failure(e: BaseException) -> tuple[str, int]:
 
 def run(args: list[str]) -> int:
     """Run one command line; the exit code (``EXIT``)."""
+    global ARGS
+    ARGS = list(args)
     try:
         code = cli.main(args=args, prog_name="lowbit", standalone_mode=False)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one boundary

@@ -77,6 +77,10 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
                    "a run started again after a crash goes on from there when it is the same "
                    "run (model files, recipe, calibration, dtype, versions) [default: resume "
                    "when it is]; --resume fails unless it can, --no-resume starts over")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="calibrate in this many processes, each on a share of the windows "
+                   "(torch.distributed, gloo); the same as torchrun --nproc-per-node N -m "
+                   "lowbit quantize ...")
 @click.option("--json", "json_path", type=click.Path(),
               help="write the results as JSON (- for standard output)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
@@ -84,7 +88,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
             act_order, static_groups, damp, alpha, threshold, int8_kernel, eval_windows,
-            eval_data, chunk, out, fmt, tp, overwrite, resume, json_path, quiet, dtype):
+            eval_data, chunk, out, fmt, tp, overwrite, resume, nproc, json_path, quiet, dtype):
     """Quantize MODEL (default: the built-in smollm2-135m, or the base model of a --recipe
     lowbit.json) and save it to --out."""
     from lowbit.cli.common import check_outputs
@@ -92,6 +96,10 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
     from lowbit.jobs import quantize_job
 
     check_outputs(json_path=json_path)
+    if nproc != 1:
+        from lowbit.cli.launch import launch
+
+        return launch(nproc)  # this command line again, in nproc processes
     flags = {"act_order": act_order, "static_groups": static_groups, "damp": damp,
              "alpha": alpha, "threshold": threshold, "int8_kernel": int8_kernel}
     recipe = build_recipe(recipe_path, method, scheme, flags)
@@ -103,8 +111,13 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
                                    note=note, dtype=dtype, eval_windows=eval_windows,
                                    eval_data=eval_data,
                                    resume={None: "auto", True: "require", False: "never"}[resume])
+    from lowbit.pipeline.dist import world
+
+    if world()[0]:
+        return  # rank 0 reports
     losses = [r for r in res.rows if "loss" in r and "rtn_loss" in r]
-    schemes = Counter(w.grid.name for w in res.weights.values() if hasattr(w, "grid"))
+    schemes = Counter(w.grid.name for w in res.weights.modules().values()
+                      if hasattr(w, "grid"))
     summary = meta | {
         "out": str(out),
         "peak_rss_bytes": peak_rss_bytes(),

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
+from lowbit.pipeline.release import page_out
 
 DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -103,6 +104,7 @@ class ShardWriter:
         if self.max_bytes is not None and last.bytes and last.bytes + nb > self.max_bytes:
             self.shards.append(_Shard(self.folder, len(self.shards)))
         self.shards[-1].add(name, t)
+        page_out([t])  # a tensor mapped from a file (the model's, a checkpoint's): read, done
         self.names.add(name)
         self.total += nb
 

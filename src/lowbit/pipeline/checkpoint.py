@@ -6,7 +6,8 @@ After each block a ``RunCheckpoint`` folder receives what the rest of the run ne
   record in the metadata: what ``lowbit.json`` records), the block's other tensors (norms that
   a transform rescaled ...) and the statistics steps kept;
 - ``inputs-NNNNN.safetensors``: the next block's inputs (every chunk of the main stream, and
-  of the sample stream when a step has one) and torch's random-number state;
+  of the sample stream when a step has one) and torch's random-number state (the previous
+  block's are kept too);
 - ``state.json``, written last (atomically): how many blocks are finished, the rows logged so
   far, and the run's *fingerprint* (model, recipe, calibration windows, dtype, lowbit and torch
   versions ...).
@@ -16,7 +17,8 @@ runtime modules rebuilt from the records, as a saved folder's are) and starts at
 from the stored inputs, so its result is the uninterrupted run's, bit for bit (on the same
 machine and thread count: a matrix product's summation order may depend on them). The commit
 point is ``state.json``: a run killed while writing a block's files resumes from the previous
-block. Only the newest inputs are kept.
+block. With several processes (``lowbit.pipeline.dist``) each keeps its own folder (they may be
+on different machines) and all go on from the smallest number of finished blocks.
 """
 
 from __future__ import annotations
@@ -29,15 +31,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
-from lowbit.pipeline.release import release
-from lowbit.pipeline.stats import InputStats
+from lowbit.formats.grids import grid_from_info
+from lowbit.pipeline.release import release, trim
+from lowbit.pipeline.stats import stats_from_tensors, stats_tensors
 from lowbit.runtime.modules import build_module
-from lowbit.runtime.qlinear import QuantModule
+from lowbit.runtime.qlinear import QLinear, QuantModule
 
 VERSION = 1
 MODES = ("auto", "require", "never")
@@ -136,15 +138,44 @@ class RunCheckpoint:
         self.extra = dict(state.get("extra", {}))
         return self.finished
 
+    def rewind(self, blocks: int) -> None:
+        """Go on from block ``blocks`` (at most one before the last finished one: the ranks of a
+        run agree on the smallest)."""
+        if blocks < self.finished:
+            self.finished = blocks
+            self.rows = [r for r in self.rows if r.get("block") is None or r["block"] < blocks]
+            self.resumed_blocks = blocks
+
     def restore_block(self, bi: int, block: nn.Module, prefix: str, weights, stats: dict) -> None:
         """Put finished block ``bi`` back: its runtime modules (registered in ``weights`` by full
-        name) and other tensors, and the statistics kept with it."""
-        f = self.folder / f"block-{bi:05d}.safetensors"
-        tensors, meta = _read(f)
-        layers = json.loads(meta.get("layers", "{}"))
+        name; their stored tensors mapped from the file) and other tensors, and the statistics
+        kept with it."""
+        f = self._block_file(bi)
+        tensors = self._install(f, block, prefix, weights)
+        plain = {k[2:]: v.clone() for k, v in tensors.items() if k.startswith("p.")}
+        missing, unexpected = block.load_state_dict(plain, strict=False)
+        if unexpected or any(not _is_quantized(block, k) for k in missing):
+            raise LowbitError(f"{f}: does not match block {bi} of this model")
+        stats |= stats_from_tensors({k[2:]: v.clone() for k, v in tensors.items()
+                                     if k.startswith("s.")})
+
+    def offload(self, bi: int, block: nn.Module, prefix: str, weights) -> None:
+        """Swap block ``bi``'s runtime modules for the same modules over the tensors just
+        written (mapped from the file, read back only when used): the quantized model held in
+        memory shrinks to what is in use, and memory no longer grows with the model's size."""
+        self._install(self._block_file(bi), block, prefix, weights)
+        trim()
+
+    def _block_file(self, bi: int) -> Path:
+        return self.folder / f"block-{bi:05d}.safetensors"
+
+    def _install(self, f: Path, block: nn.Module, prefix: str, weights) -> dict[str, Tensor]:
+        """The block's runtime modules rebuilt over the file's (mapped) tensors and put in
+        place; the file's other tensors are returned."""
+        tensors, self._meta = map_safetensors(f)
+        layers = json.loads(self._meta.get("layers", "{}"))
         old = []
         for local, info in layers.items():
-            full = f"{prefix}.{local}"
             parts = {k.rsplit(".", 1)[1]: tensors.pop(k) for k in list(tensors)
                      if k.startswith(f"q.{local}.")}
             bias = parts.pop("bias", None)
@@ -153,20 +184,18 @@ class RunCheckpoint:
             old_mod = getattr(parent, child)
             if isinstance(getattr(old_mod, "weight", None), Tensor):
                 old.append(old_mod.weight.data)
-            module = build_module(info, parts, bias)
+            try:
+                if info.get("kind") is None:
+                    module = QLinear.from_stored(grid_from_info(info), tuple(info["shape"]),
+                                                 parts, bias)
+                else:
+                    module = build_module(info, parts, bias)
+            except (LowbitError, KeyError, ValueError) as e:
+                raise LowbitError(f"{f}: layer {local}: {e}") from None
             setattr(parent, child, module)
-            weights[full] = module
-        plain = {k[2:]: v for k, v in tensors.items() if k.startswith("p.")}
-        missing, unexpected = block.load_state_dict(plain, strict=False)
-        if unexpected or any(not _is_quantized(block, k) for k in missing):
-            raise LowbitError(f"{f}: does not match block {bi} of this model")
-        for name in json.loads(meta.get("stats", "[]")):
-            st = InputStats(tensors[f"s.{name}.absmax"].numel())
-            st.absmax, st.abs_sum = tensors[f"s.{name}.absmax"], tensors[f"s.{name}.abs_sum"]
-            st.token_absmax = tensors.get(f"s.{name}.token_absmax")
-            st.n = int(tensors[f"s.{name}.n"][0])
-            stats[name] = st
+            weights[f"{prefix}.{local}"] = module
         release(old)
+        return tensors
 
     def inputs(self) -> tuple[list[Tensor] | None, list[Tensor] | None]:
         """The stored inputs of the first unfinished block (main, sample), and the random state
@@ -176,7 +205,8 @@ class RunCheckpoint:
         f = self.folder / f"inputs-{self.finished:05d}.safetensors"
         if not f.is_file():  # a data-free run stores none
             return None, None
-        tensors, _ = _read(f)
+        tensors, _ = map_safetensors(f)
+        tensors = {k: v.clone() for k, v in tensors.items()}
         torch.set_rng_state(tensors.pop("rng"))
         main = [tensors[f"main.{i}"] for i in range(sum(k.startswith("main.") for k in tensors))]
         samp = [tensors[f"samp.{i}"] for i in range(sum(k.startswith("samp.") for k in tensors))]
@@ -201,15 +231,9 @@ class RunCheckpoint:
         for k, v in block.state_dict().items():
             if not any(k.startswith(f"{q}.") for q in quant):
                 tensors[f"p.{k}"] = v
-        for name, st in stats.items():
-            # Linears sharing an input share one object: each name gets its own copy
-            tensors[f"s.{name}.absmax"] = st.absmax.clone()
-            tensors[f"s.{name}.abs_sum"] = st.abs_sum.clone()
-            if st.token_absmax is not None:
-                tensors[f"s.{name}.token_absmax"] = st.token_absmax.clone()
-            tensors[f"s.{name}.n"] = torch.tensor([st.n], dtype=torch.int64)
+        tensors |= {f"s.{k}": v for k, v in stats_tensors(stats).items()}
         _write(self.folder / f"block-{bi:05d}.safetensors", tensors,
-               {"layers": json.dumps(layers), "stats": json.dumps(sorted(stats))})
+               {"layers": json.dumps(layers)})
         if main is not None:
             inp = {f"main.{i}": h for i, h in enumerate(main)}
             inp |= {f"samp.{i}": h for i, h in enumerate(samp or [])}
@@ -219,7 +243,9 @@ class RunCheckpoint:
         self.rows.extend(rows)
         self.extra = dict(extra or {})
         self._write_state()
-        stale = self.folder / f"inputs-{bi:05d}.safetensors"
+        # the previous block's inputs stay: with several processes, one may have committed a
+        # block more than another when killed, and all go on from the same block
+        stale = self.folder / f"inputs-{bi - 1:05d}.safetensors"
         stale.unlink(missing_ok=True)
         self.seconds += time.perf_counter() - t0
 
@@ -252,13 +278,34 @@ def _write(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None
     os.replace(tmp, path)
 
 
-def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import safe_open
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
+
+def map_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors of a safetensors file as views of a private memory map of it (nothing is
+    read until used; pages read are file pages the kernel can drop again), and its metadata."""
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        return load_file(str(path)), meta
-    except (OSError, SafetensorError) as e:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+        whole = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+        meta = header.pop("__metadata__", None) or {}
+        out = {}
+        for name, rec in header.items():
+            lo, hi = (8 + n + o for o in rec["data_offsets"])
+            if hi > size:
+                raise ValueError(f"{name} runs past the end of the file")
+            dt = _DTYPES[rec["dtype"]]
+            raw = whole[lo:hi]
+            if lo % dt.itemsize:  # not aligned for a view: a copy
+                raw = raw.clone()
+            out[name] = raw.view(dt).reshape(rec["shape"])
+        return out, meta
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise LowbitError(f"checkpoint file {path} is damaged ({e}); run with --no-resume "
                           "to start over") from None

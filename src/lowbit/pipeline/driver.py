@@ -48,6 +48,7 @@ from lowbit.arch import (
 )
 from lowbit.errors import LowbitError
 from lowbit.formats.grid_base import all_finite
+from lowbit.pipeline.dist import sync_stats
 from lowbit.pipeline.stats import InputStats, blend
 from lowbit.runtime.experts import unfuse_experts
 
@@ -195,6 +196,9 @@ class BlockContext:
         finally:
             for h in handles:
                 h.remove()
+        if stream is None or stream is self.main:  # each rank holds a share of the main stream
+            for st in stats.values():
+                sync_stats(st)
         return stats, kept
 
 
@@ -337,7 +341,7 @@ def _collect(ctx: BlockContext, group, want) -> InputStats:
                 pass
     finally:
         handle.remove()
-    return st
+    return sync_stats(st)
 
 
 def _block_moe(ctx: BlockContext, visitor: BlockVisitor, steps, min_tokens: float,
@@ -392,6 +396,8 @@ def _collect_many(ctx: BlockContext, wants: dict) -> tuple[dict, list[Tensor]]:
     finally:
         for h in handles:
             h.remove()
+    for st in stats.values():
+        sync_stats(st)
     return stats, xs
 
 
@@ -413,7 +419,7 @@ def _expert_stats(ctx: BlockContext, group, e: int, own: InputStats, xs: list[Te
             expert(x)
     finally:
         handle.remove()
-    st = blend(own, prior, need)
+    st = blend(own, sync_stats(prior), need)
     st.info = info | {"hessian": "blend" if own.n else "pooled",
                       "prior_share": round(1 - own.n / need, 4)}
     return st
@@ -461,7 +467,7 @@ def _block_resumed(ctx: BlockContext, visitor: BlockVisitor, wants) -> list[Tens
         for h in handles:
             h.remove()
     w_old = get_weight(o_lin, spec).clone()
-    step(g_attn_out, w_attn_out, st)
+    step(g_attn_out, w_attn_out, sync_stats(st))
     delta = get_weight(o_lin, spec) - w_old
     stream = [s + a @ delta.T for s, a in zip(stream, a_in, strict=True)]
     a_in.clear()
@@ -469,7 +475,7 @@ def _block_resumed(ctx: BlockContext, visitor: BlockVisitor, wants) -> list[Tens
     st = _stats(ctx, g_mlp, w_mlp)
     for i in chunks:
         _add(ctx, st, norm(stream[i]), g_mlp)
-    step(g_mlp, w_mlp, st)
+    step(g_mlp, w_mlp, sync_stats(st))
 
     st = _stats(ctx, g_mlp_out, w_mlp_out)
     d_in: list[Tensor] = []
@@ -488,7 +494,7 @@ def _block_resumed(ctx: BlockContext, visitor: BlockVisitor, wants) -> list[Tens
                 pass
     finally:
         handle.remove()
-    step(g_mlp_out, w_mlp_out, st)
+    step(g_mlp_out, w_mlp_out, sync_stats(st))
     return [s + down_lin(d) for s, d in zip(stream, d_in, strict=True)]
 
 

@@ -23,12 +23,14 @@ from tqdm.auto import tqdm
 from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight, spec_for
 from lowbit.errors import LowbitError
 from lowbit.formats.grid_base import all_finite
+from lowbit.formats.weight import GridWeight
 from lowbit.pipeline.checkpoint import (
     RunCheckpoint,
     lowbit_version,
     model_digest,
     tensor_digest,
 )
+from lowbit.pipeline.dist import min_over_ranks, share, share_rounding, sync_stats, world
 from lowbit.pipeline.driver import MOE_MIN_TOKENS, BlockContext, Stream, run_sequential
 from lowbit.pipeline.release import bound_heap, page_out, release, trim
 from lowbit.pipeline.stats import InputStats
@@ -240,7 +242,18 @@ class _Executor:
             step = self.plan.layers[fulls[0]].step
             weights = {f: _weight(mods[f], conv1d) for f in fulls}
             grids = {f: self.plan.layers[f].grid for f in fulls}
-            for full, (gw, info) in step.round_layers(weights, grids, stats).items():
+
+            def round_some(names, step=step, weights=weights, grids=grids):
+                return step.round_layers({f: weights[f] for f in names},
+                                         {f: grids[f] for f in names}, stats) if names else {}
+
+            # several processes: the Linears are shared out and the results exchanged
+            done = share_rounding(
+                fulls, round_some, lambda gw: gw.to_tensors(),
+                lambda f, t, weights=weights, grids=grids: GridWeight.from_tensors(
+                    grids[f], tuple(weights[f].shape), t))
+            for full in fulls:
+                gw, info = done[full]
                 _set(mods[full], gw.dequantize(), conv1d)
                 self.res.weights[full] = gw
                 self.rounded.append(full)
@@ -361,14 +374,15 @@ def execute(
                                   None if main is None else main.hidden,
                                   None if samp is None else samp.hidden,
                                   {"sources": list(sources or [])})
+            checkpoint.offload(bi, block, f"{spec.blocks}.{bi}", res.weights)
         done = len(res.rows)
 
     if plan.needs_data:
         res.calibration_tokens = int(calib.numel())
-        samples = [t.sample(calib) for t in plan.transforms]
+        samples = [t.sample(calib) for t in plan.transforms]  # every rank: the whole sample
         sample = next((s for s in samples if s is not None), None)
         last = run_sequential(
-            model, spec, calib, ex, chunk=chunk, progress=progress, sample=sample,
+            model, spec, share(calib), ex, chunk=chunk, progress=progress, sample=sample,
             moe_min_tokens=moe_min_tokens, start=start, inputs=inputs, sources=sources,
             on_block=lambda ctx, main, samp, src: on_block(ctx.index, ctx.block, main, samp,
                                                            src))
@@ -407,7 +421,11 @@ def _resume(model: nn.Module, plan: Plan, calib: Tensor | None, chunk: int,
         "lowbit": lowbit_version(),
         "torch": torch.__version__,
     }
-    start = checkpoint.begin(fp)
+    rank, size = world()
+    if size > 1:
+        fp["process"] = f"{rank} of {size}"
+    start = min_over_ranks(checkpoint.begin(fp))
+    checkpoint.rewind(start)
     spec = plan.spec
     blocks = get_blocks(model, spec)
     if start > len(blocks):
@@ -437,6 +455,7 @@ def _head(model: nn.Module, plan: Plan, ex: _Executor, last: Stream | None) -> N
                 if mod is not None:
                     h = mod(h)
             stats.add(h)
+        sync_stats(stats)
     if la.step.kind == "rounder":
         ex.round_modules(None, {HEAD: head}, stats, False)
         ex.swap()

@@ -80,9 +80,9 @@ def blend(own: InputStats, prior: InputStats, tokens: int) -> InputStats:
     return out
 
 
-def save_stats(path: Path, stats: dict[str, InputStats]) -> None:
-    """Per-input statistics by Linear name (no Hessians: they are large and cheap to redo).
-    Linears that share an input share one object in memory; each gets its own copy on disk."""
+def stats_tensors(stats: dict[str, InputStats]) -> dict[str, Tensor]:
+    """Per-input statistics by Linear name as tensors (no Hessians: they are large and cheap
+    to redo). Linears that share an input share one object in memory; each gets its own copy."""
     tensors = {}
     for name, st in stats.items():
         tensors[f"{name}.absmax"] = st.absmax.clone()
@@ -90,7 +90,23 @@ def save_stats(path: Path, stats: dict[str, InputStats]) -> None:
         if st.token_absmax is not None:
             tensors[f"{name}.token_absmax"] = st.token_absmax.clone()
         tensors[f"{name}.n"] = torch.tensor([st.n], dtype=torch.int64)
-    save_file(tensors, str(path), metadata={"format": "lowbit-act-stats"})
+    return tensors
+
+
+def stats_from_tensors(t: dict[str, Tensor]) -> dict[str, InputStats]:
+    """Inverse of ``stats_tensors``; KeyError naming a missing tensor."""
+    out = {}
+    for name in sorted({k.rsplit(".", 1)[0] for k in t}):
+        st = InputStats(t[f"{name}.absmax"].numel())
+        st.absmax, st.abs_sum = t[f"{name}.absmax"], t[f"{name}.abs_sum"]
+        st.token_absmax = t.get(f"{name}.token_absmax")
+        st.n = int(t[f"{name}.n"][0])
+        out[name] = st
+    return out
+
+
+def save_stats(path: Path, stats: dict[str, InputStats]) -> None:
+    save_file(stats_tensors(stats), str(path), metadata={"format": "lowbit-act-stats"})
 
 
 def load_stats(path: Path) -> dict[str, InputStats]:
@@ -98,17 +114,10 @@ def load_stats(path: Path) -> dict[str, InputStats]:
         t = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
         raise LowbitError(f"{path}: unreadable activation statistics ({e})") from None
-    out = {}
     try:
-        for name in sorted({k.rsplit(".", 1)[0] for k in t}):
-            st = InputStats(t[f"{name}.absmax"].numel())
-            st.absmax, st.abs_sum = t[f"{name}.absmax"], t[f"{name}.abs_sum"]
-            st.token_absmax = t.get(f"{name}.token_absmax")
-            st.n = int(t[f"{name}.n"][0])
-            out[name] = st
+        return stats_from_tensors(t)
     except KeyError as e:
         raise LowbitError(f"{path}: activation statistics lack {e}") from None
-    return out
 
 
 def outlier_profile(stats: dict[str, InputStats], blocks_path: str,

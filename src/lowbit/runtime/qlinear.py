@@ -67,6 +67,24 @@ class QLinear(QuantModule):
         self.cache = cache
         self._w: torch.Tensor | None = None
 
+    @classmethod
+    def from_stored(cls, grid, shape: tuple[int, int], stored: dict[str, torch.Tensor],
+                    bias: torch.Tensor | None = None) -> QLinear:
+        """A QLinear over stored tensors as they are (``to_tensors``'s form; no decoding, no
+        copy: tensors mapped from a file stay in the file until read)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.grid = grid
+        self.out_features, self.in_features = shape
+        self._dtypes = {k: v.dtype for k, v in stored.items()}
+        for k, v in stored.items():
+            self.register_buffer(k, v.view(_BITS[v.dtype]) if v.dtype in _BITS else v)
+        self.bias = (None if bias is None
+                     else nn.Parameter(bias.detach().clone(), requires_grad=False))
+        self.cache = False
+        self._w = None
+        return self
+
     def grid_weight(self) -> GridWeight:
         return GridWeight.from_tensors(self.grid, self.shape, self.to_tensors())
 
@@ -107,16 +125,38 @@ class QLinear(QuantModule):
         return f"in={self.in_features}, out={self.out_features}, grid={self.grid.name}"
 
 
+def _available_bytes() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")  # unknown: as before
+
+
+def decoded_fits(model: nn.Module) -> bool:
+    """Whether every QLinear's decoded fp32 weight together takes at most half of the memory
+    available now."""
+    need = sum(4 * m.out_features * m.in_features for m in model.modules()
+               if isinstance(m, QLinear))
+    return need <= _available_bytes() / 2
+
+
 @contextmanager
 def decoded_once(model: nn.Module) -> Iterator[None]:
     """Within the block, every ``QLinear`` of ``model`` decodes its weight once and keeps it
     (evaluating many windows would otherwise decode every weight at every forward pass: the
     demo's evaluation spent 44 of 74 s decoding, on the 135M model); afterwards the decoded
     copies are dropped and each module's own ``cache`` setting is restored. Memory: the
-    decoded weights, fp32."""
+    decoded weights, fp32 - only when they take at most half of the memory available now
+    (``/proc/meminfo``); a larger model (an 8B model's would take 28 GB) decodes each weight
+    at each pass instead."""
     mods = [(m, m.cache) for m in model.modules() if isinstance(m, QLinear)]
+    fits = decoded_fits(model)
     for m, _ in mods:
-        m.cache = True
+        m.cache = fits
     try:
         yield
     finally:
