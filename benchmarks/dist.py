@@ -37,18 +37,24 @@ def compare(a: Path, b: Path) -> tuple[int, int, float]:
     return differ, codes, worst
 
 
+WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--scheme", default="w4g64")
+    ap.add_argument("--calib", default=str(WIKI) if WIKI.is_file() else "builtin",
+                    help="calibration text (default: WikiText-2 test, so no time goes into "
+                         "sampling text)")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--nproc", type=int, default=2)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-dist-"))
     base = [sys.executable, "-m", "lowbit", "quantize", args.model, "--method", args.method,
-            "--scheme", args.scheme, "--calib-samples", str(args.calib_samples), "--quiet",
-            "--json", "-", "--no-resume"]
+            "--scheme", args.scheme, "--calib", args.calib, "--calib-samples",
+            str(args.calib_samples), "--quiet", "--json", "-", "--no-resume"]
     rows = {}
     for n in (1, args.nproc):
         wall, res = run([*base, "--out", str(tmp / f"n{n}"), "--nproc", str(n)])

@@ -184,24 +184,32 @@ def quantize_job(
         check_disjoint(record, eval_data, eval_windows, seq)
         ev = read_eval_windows(eval_data, tok, eval_windows, seq)
         base_lp = HeldLogprobs(model, ev)
-    res = quantize(model, recipe, windows, chunk=chunk, progress=progress, checkpoint=ck)
-    meta = describe(res, recipe, base_model=str(model_arg), calibration=record,
-                    dtype=DTYPE_NAMES.get(model_dtype(model), "fp32"))
-    meta["output_format"] = fmt
-    if base_lp is not None:
-        from lowbit.api import checkpoint_dtype
-        from lowbit.eval.metrics import evaluate
-        from lowbit.io.serving.checkpoint import round_unquantized
+    try:
+        res = quantize(model, recipe, windows, chunk=chunk, progress=progress, checkpoint=ck)
+        meta = describe(res, recipe, base_model=str(model_arg), calibration=record,
+                        dtype=DTYPE_NAMES.get(model_dtype(model), "fp32"))
+        meta["output_format"] = fmt
+        if base_lp is not None:
+            from lowbit.api import checkpoint_dtype
+            from lowbit.eval.metrics import evaluate
+            from lowbit.io.serving.checkpoint import round_unquantized
 
-        if fmt != "native":
-            round_unquantized(model, set(res.weights), checkpoint_dtype(model_dtype(model)))
+            if fmt != "native":
+                round_unquantized(model, set(res.weights), checkpoint_dtype(model_dtype(model)))
 
-        r = evaluate(model, ev, base=base_lp, progress=progress)
-        meta["eval"] = {k: r[k] for k in ("ppl", "kl_mean", "kl_p99", "top1")} | {
-            "data": eval_data, "windows": eval_windows, "seq_len": seq}
-    if not rank:
-        save(out, model, tok, res, meta, fmt=fmt, overwrite=overwrite)
-    barrier()
+            r = evaluate(model, ev, base=base_lp, progress=progress)
+            meta["eval"] = {k: r[k] for k in ("ppl", "kl_mean", "kl_p99", "top1")} | {
+                "data": eval_data, "windows": eval_windows, "seq_len": seq}
+        if not rank:
+            save(out, model, tok, res, meta, fmt=fmt, overwrite=overwrite)
+        barrier()
+    except BaseException as e:  # noqa: BLE001 - re-raised, saying what a rerun can use
+        if ck.finished:
+            e.add_note(f"{ck.finished} finished blocks are kept in {ck.folder}: the same "
+                       "command goes on from there, --no-resume starts over")
+        else:
+            ck.clear()  # nothing worth keeping
+        raise
     ck.clear()  # the output is whole: the run needs no going back to
     if ranks > 1:
         barrier()

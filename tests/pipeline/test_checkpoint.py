@@ -240,3 +240,48 @@ def test_finished_blocks_are_held_in_their_checkpoint_files(windows, tmp_path):
         files = [f for (lo, hi), f in maps.items() if lo <= ptr < hi]
         block = int(name.split(".")[2])
         assert files == [str(folder / f"block-{block:05d}.safetensors")], name
+
+
+def test_a_full_disk_while_saving_keeps_the_blocks_for_the_rerun(tiny_ckpt, tmp_path,
+                                                                  monkeypatch):
+    """Saving fails (no space): the one-line error says where the finished blocks are; the
+    same command, once there is space, goes on from them and writes the uninterrupted run's
+    output."""
+    import errno
+
+    from safetensors.torch import load_file
+
+    from lowbit.io.shards import ShardWriter
+
+    ckpt, text = tiny_ckpt
+    args = ["quantize", ckpt, "--method", "gptq", "--scheme", "w4g32", "--calib", text,
+            "--calib-samples", "4", "--seq-len", "64", "--quiet", "--format", "native"]
+    lowbit_cli(*args, "--out", tmp_path / "ref")
+
+    def full(self, name, t):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ShardWriter, "add", full)
+    r = lowbit_cli(*args, "--out", tmp_path / "q", ok=False)
+    monkeypatch.undo()
+    folder = tmp_path / "q.lowbit-resume"
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1
+    assert f"2 finished blocks are kept in {folder}: the same command goes on" in r.err
+    r = lowbit_cli(*args, "--out", tmp_path / "q")
+    assert "blocks 0-1 of 2 are finished" in r.err and not folder.exists()
+    a = load_file(tmp_path / "ref" / "lowbit.safetensors")
+    b = load_file(tmp_path / "q" / "lowbit.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method,scheme", [("w8a8", "w8a8-fp8-static"), ("rtn", "nvfp4")])
+def test_resume_of_other_stored_forms(method, scheme, windows, tmp_path, monkeypatch):
+    """FP8 tensors (safetensors' F8_E4M3) and NVFP4's two-level scales go through the
+    checkpoint files too."""
+    recipe = shorthand(method, scheme)
+    calib = windows if method != "rtn" else None
+    ref = _run("llama", recipe, calib)
+    folder = tmp_path / "ck"
+    with pytest.raises(Crash):
+        _run("llama", recipe, calib, folder, crash_after=0, monkeypatch=monkeypatch)
+    _equal(ref, _run("llama", recipe, calib, folder, resume="require"))

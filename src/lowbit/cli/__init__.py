@@ -57,7 +57,18 @@ def one_line(text: str) -> str:
 
 
 def describe_failure(e: BaseException) -> tuple[str, int]:
-    """The one-line message and exit code of a failure."""
+    """The one-line message and exit code of a failure; the exception's notes (what was kept,
+    how to go on) end the line."""
+    msg, code = _describe(e)
+    notes: list[str] = []
+    cause: BaseException | None = e
+    while cause is not None:  # click turns Ctrl-C into its own Abort, caused by the original
+        notes += getattr(cause, "__notes__", [])
+        cause = cause.__cause__ or cause.__context__
+    return (f"{msg} ({one_line('; '.join(notes))})" if notes else msg), code
+
+
+def _describe(e: BaseException) -> tuple[str, int]:
     if isinstance(e, LowbitError):
         return one_line(e), EXIT["error"]
     if isinstance(e, click.UsageError):

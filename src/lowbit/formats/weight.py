@@ -77,6 +77,17 @@ class GridWeight:
             start += n
         return parts
 
+    @classmethod
+    def cat_rows(cls, parts: list[GridWeight]) -> GridWeight:
+        """One weight of row blocks on one stackable grid (the inverse of ``split_rows``)."""
+        grid = parts[0].grid
+        per_row = set(grid.group_keys) | set(grid.row_keys)
+        params = {k: torch.cat([p.params[k] for p in parts]) if k in per_row else v
+                  for k, v in parts[0].params.items()}
+        sats = [p.saturated for p in parts]
+        sat = None if any(x is None for x in sats) else torch.cat(sats)  # not stored
+        return cls(grid, torch.cat([p.codes for p in parts]), params, parts[0].g_idx, sat)
+
     def bits_per_weight(self) -> float:
         """The grid's accounting for this shape, plus act-order's g_idx (one int32 per column)."""
         bpw = self.grid.bits_per_weight(*self.shape)

@@ -146,6 +146,9 @@ class Rounder(Step):
     """A step that puts weights on a grid: ``scheme`` for every target, ``overrides`` by layer."""
 
     kind: ClassVar[str] = "rounder"
+    # each output row is rounded on its own (on a grid whose rows are independent, ``stackable``)
+    # so the rows of a Linear may be rounded in separate processes (``lowbit.pipeline.dist``)
+    row_separable: ClassVar[bool] = False
     scheme: str = "w4g64"
     overrides: tuple[tuple[str, str], ...] = ()
 

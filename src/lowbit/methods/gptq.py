@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -202,6 +203,8 @@ class GPTQ(Rounder):
     kernel holds the result; off, groups follow the rounding order and a ``g_idx`` maps
     columns to groups (GPTQ layout only). Static groups measured as good or better (BENCHMARKS.md,
     issue 14)."""
+
+    row_separable: ClassVar[bool] = True
 
     step = "gptq"
     act_order: bool | None = None

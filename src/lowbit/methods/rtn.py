@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -44,6 +45,8 @@ def hessian_loss(delta: Tensor, h: Tensor) -> float:
 class RTN(Rounder):
     """Round-to-nearest onto each layer's grid; calibration only for grids that need the
     Hessian diagonal (SqueezeLLM)."""
+
+    row_separable: ClassVar[bool] = True
 
     step = "rtn"
 

@@ -278,9 +278,12 @@ def _write(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None
     os.replace(tmp, path)
 
 
+# safetensors' dtype names (its format specification)
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+           "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+           "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+           "F8_E5M2": torch.float8_e5m2}
 
 
 def map_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -4,10 +4,12 @@ Every process (rank) loads the model and the recipe and takes a contiguous share
 calibration windows. The driver runs each block on the rank's own share; before a group of
 Linears is rounded its input statistics are summed over the ranks (``sync_stats``: token
 counts and Hessian sums added, per-channel maxima taken, per-token maxima gathered), so each
-rank sees the statistics of all windows. The Linears of a group are then shared out: rank
-``i % world`` rounds the group's ``i``-th Linear and sends the result (``GridWeight`` tensors
-and its log row) to the others (``share_rounding``), so every rank holds the same quantized
-block before running its share through it. Only rank 0 writes the output.
+rank sees the statistics of all windows. The rounding is then shared out: a rounder whose rows
+are independent (``row_separable``, on a ``stackable`` grid: GPTQ, RTN) rounds a share of every
+Linear's rows on each rank and the row blocks are exchanged and joined (``share_rows``);
+otherwise rank ``i % world`` rounds the group's ``i``-th Linear and sends it to the others
+(``share_rounding``). Every rank then holds the same quantized block before running its share
+of windows through it. Only rank 0 writes the output.
 
 With one process everything here is a no-op. The result equals the one-process run up to the
 order of fp32 summation in the statistics (a Hessian summed per share, then across shares).
@@ -107,6 +109,52 @@ def share_rounding(names: list[str], round_some: Callable[[list[str]], dict],
         dist.broadcast_object_list(box, src=owner)
         tensors, info = box[0]
         out[name] = (mine[name][0] if owner == rank else from_tensors(name, tensors), info)
+    return out
+
+
+def share_rows(names: list[str], rows: dict[str, int],
+               round_slices: Callable[[dict[str, slice]], dict],
+               to_tensors: Callable[[object], dict[str, Tensor]],
+               from_tensors: Callable[[str, dict[str, Tensor], int], object],
+               cat: Callable[[list], object]) -> dict:
+    """Round every Linear of ``names`` by rows across the ranks: rank ``r`` rounds rows
+    ``[r m / world, (r + 1) m / world)`` of each (``round_slices({name: slice})`` gives
+    {name: (weight, info)}), the parts are exchanged and joined in rank order (``cat``), and
+    the parts' log rows merged (``merge_infos``). Every rank returns the whole weights."""
+    rank, size = world()
+    import torch.distributed as dist
+
+    slices = {n: slice(rank * rows[n] // size, (rank + 1) * rows[n] // size) for n in names}
+    mine = round_slices(slices)
+    payload = {n: (to_tensors(w), info, slices[n].stop - slices[n].start)
+               for n, (w, info) in mine.items()}
+    every: list = [None] * size
+    dist.all_gather_object(every, payload)
+    out = {}
+    for n in names:
+        parts = [mine[n][0] if r == rank else from_tensors(n, every[r][n][0], every[r][n][2])
+                 for r in range(size)]
+        out[n] = (cat(parts), merge_infos([every[r][n][1] for r in range(size)],
+                                          [every[r][n][2] for r in range(size)]))
+    return out
+
+
+def merge_infos(infos: list[dict], rows: list[int]) -> dict:
+    """A Linear's log row from its row blocks' rows: ``seconds`` the longest (they ran at the
+    same time), ``saturated`` (a count) summed, other numbers (per-row means: losses) weighted
+    by rows, anything else the first block's."""
+    out = dict(infos[0])
+    total = sum(rows)
+    for k in infos[0]:
+        vals = [i.get(k) for i in infos]
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in vals):
+            continue
+        if k == "seconds":
+            out[k] = max(vals)
+        elif k == "saturated":
+            out[k] = sum(vals)
+        else:
+            out[k] = sum(x * r for x, r in zip(vals, rows, strict=True)) / total
     return out
 
 

@@ -30,7 +30,14 @@ from lowbit.pipeline.checkpoint import (
     model_digest,
     tensor_digest,
 )
-from lowbit.pipeline.dist import min_over_ranks, share, share_rounding, sync_stats, world
+from lowbit.pipeline.dist import (
+    min_over_ranks,
+    share,
+    share_rounding,
+    share_rows,
+    sync_stats,
+    world,
+)
 from lowbit.pipeline.driver import MOE_MIN_TOKENS, BlockContext, Stream, run_sequential
 from lowbit.pipeline.release import bound_heap, page_out, release, trim
 from lowbit.pipeline.stats import InputStats
@@ -247,11 +254,24 @@ class _Executor:
                 return step.round_layers({f: weights[f] for f in names},
                                          {f: grids[f] for f in names}, stats) if names else {}
 
-            # several processes: the Linears are shared out and the results exchanged
-            done = share_rounding(
-                fulls, round_some, lambda gw: gw.to_tensors(),
-                lambda f, t, weights=weights, grids=grids: GridWeight.from_tensors(
-                    grids[f], tuple(weights[f].shape), t))
+            def round_slices(sl, step=step, weights=weights, grids=grids):
+                return step.round_layers({f: weights[f][sl[f]] for f in sl}, grids, stats)
+
+            # several processes (lowbit.pipeline.dist): rows or Linears shared out, exchanged
+            ranks = world()[1]
+            if ranks > 1 and step.row_separable and all(
+                    grids[f].stackable and weights[f].shape[0] >= ranks for f in fulls):
+                done = share_rows(
+                    fulls, {f: weights[f].shape[0] for f in fulls}, round_slices,
+                    lambda gw: gw.to_tensors(),
+                    lambda f, t, n, weights=weights, grids=grids: GridWeight.from_tensors(
+                        grids[f], (n, weights[f].shape[1]), t),
+                    GridWeight.cat_rows)
+            else:
+                done = share_rounding(
+                    fulls, round_some, lambda gw: gw.to_tensors(),
+                    lambda f, t, weights=weights, grids=grids: GridWeight.from_tensors(
+                        grids[f], tuple(weights[f].shape), t))
             for full in fulls:
                 gw, info = done[full]
                 _set(mods[full], gw.dequantize(), conv1d)
