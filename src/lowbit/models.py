@@ -157,6 +157,9 @@ def load_model(
     quantized runtime model; ``cache_weights`` keeps each dequantized weight after first use
     (fast, fp32-sized; not when the decoded weights would take more than half of the memory
     available: ``lowbit.runtime.qlinear.decoded_fits``)."""
+    from lowbit.pipeline.release import bound_heap
+
+    bound_heap()  # decoded weights and activations are transients: returned when freed
     want = parse_dtype(dtype)
     m, tok = _load(model, want, cache_weights)
     from lowbit.runtime.qlinear import QLinear, decoded_fits

@@ -239,14 +239,14 @@ def serving_record(fmt: str, weights: dict, meta: dict) -> dict:
 
 def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, object]:
     """Rebuild the model with runtime modules (``QLinear`` ...) holding the stored weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(path)
     desc = read_description(path)
     check_files(path, desc)
     tensors = read_safetensors(path / (WEIGHTS if desc["version"] >= 2 else "model.safetensors"))
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config)
+    model = empty_model(config)
     unfuse_experts(model)  # MoE: experts saved one Linear each
     qbuf = set()
     for name, info in desc["layers"].items():
@@ -268,6 +268,16 @@ def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, 
                        bool(desc.get("tied")))
 
 
+def empty_model(config) -> nn.Module:
+    """The model of ``config`` with its parameters on the meta device (no memory: an 8B model
+    in fp32 would take 32 GB before any tensor is read); buffers (RoPE tables) are real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a missing or damaged file is a LowbitError naming
     it."""
@@ -285,13 +295,19 @@ def finish_load(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor],
     nothing else is missing or left over, tie the embeddings if asked; (model, tokenizer)."""
     from transformers import AutoTokenizer
 
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    # the model's own parameters are on the meta device (``empty_model``): the tensors read
+    # become them (fp32, as quantized folders load), nothing is allocated twice
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     missing = [k for k in missing if k not in expected_missing]
     if missing or unexpected:
         raise LowbitError(f"{path}: tensors do not match the model (missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]})")
     if tie:
         model.tie_weights()
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise LowbitError(f"{path}: tensors do not match the model (missing {empty[:5]})")
     model.eval()
     tok = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):

@@ -27,6 +27,7 @@ from lowbit.formats.weight import GridWeight
 from lowbit.io.native import (
     atomic_dir,
     check_files,
+    empty_model,
     finish_load,
     read_description,
     read_safetensors,
@@ -245,7 +246,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
 def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module, object]:
     """A compressed-tensors / GPTQ / AWQ folder as a lowbit model with runtime modules
     (``QLinear`` for grid weights, ``W8A8Linear`` for int-quantized W8A8)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(path)
     if (path / "lowbit.json").is_file():  # written by lowbit: the files it records are intact
@@ -254,9 +255,11 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = empty_model(config)
     unfuse_experts(model)  # MoE: one Linear per expert, as the checkpoint stores them
-    for name, qw in qweights.items():
+    names = list(qweights)
+    for name in names:
+        qw = qweights.pop(name)  # the module below keeps its own copy of the stored tensors
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
@@ -274,7 +277,7 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
             raise LowbitError(f"{path}: {name}: cannot load a {type(qw).__name__}")
         setattr(parent, child, QLinear(qw, bias, cache=cache_weights))
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    qbuf = {f"{n}.{b}" for n, m in model.named_modules() if n in qweights
+    qbuf = {f"{n}.{b}" for n, m in model.named_modules() if n in names
             for b in m.state_dict()}  # stored tensors and the bias given above
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     return finish_load(model, path, tensors, qbuf | tied, bool(tied))

@@ -25,6 +25,8 @@ give an ``IntGrid`` with ``scale_dtype="float32"`` (bf16 -> fp32 is exact).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from lowbit.errors import LowbitError
@@ -235,10 +237,30 @@ def read_layers(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict:
     # FP8 layers are the ones with a weight_scale beside a float8 weight
     key = ".weight_scale" if fmt == ct_float.FP8 else ".weight_packed"
     names = sorted(k[: -len(key)] for k in tensors if k.endswith(key))
-    out = {}
+    stored = {}
     for n in names:
-        parts = {k[len(n) + 1 :]: tensors.pop(k) for k in list(tensors) if k.startswith(n + ".")
-                 and k[len(n) + 1 :].startswith("weight")}
-        out[n] = read_layer(n, parts, args) if fmt == FORMAT else ct_float.read_layer(
-            n, parts, args)
-    return out
+        stored[n] = {k[len(n) + 1 :]: tensors.pop(k) for k in list(tensors)
+                     if k.startswith(n + ".") and k[len(n) + 1 :].startswith("weight")}
+    read = read_layer if fmt == FORMAT else ct_float.read_layer
+    return StoredLayers(stored, lambda n, parts: read(n, parts, args))
+
+
+class StoredLayers(Mapping):
+    """Layers as stored (packed), each decoded to its ``GridWeight`` when read and not kept:
+    an 8B model's unpacked codes (one byte each) would take 7 GB at once."""
+
+    def __init__(self, stored: dict[str, dict[str, torch.Tensor]], read) -> None:
+        self.stored, self.read = stored, read
+
+    def __getitem__(self, name: str):
+        return self.read(name, dict(self.stored[name]))
+
+    def __iter__(self):
+        return iter(self.stored)
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def pop(self, name: str):
+        """The layer decoded, its stored tensors dropped (a loader that keeps its own copy)."""
+        return self.read(name, self.stored.pop(name))
