@@ -12,13 +12,12 @@ cores / N threads each (``OMP_NUM_THREADS``, as torchrun sets it).
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from resume import run  # benchmarks/resume.py
+from resume import run, run_options  # benchmarks/resume.py
 from safetensors.torch import load_file
 
 
@@ -37,18 +36,8 @@ def compare(a: Path, b: Path) -> tuple[int, int, float]:
     return differ, codes, worst
 
 
-WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--method", default="gptq")
-    ap.add_argument("--scheme", default="w4g64")
-    ap.add_argument("--calib", default=str(WIKI) if WIKI.is_file() else "builtin",
-                    help="calibration text (default: WikiText-2 test, so no time goes into "
-                         "sampling text)")
-    ap.add_argument("--calib-samples", type=int, default=64)
+    ap = run_options(__doc__, 64)
     ap.add_argument("--nproc", type=int, default=2)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-dist-"))

@@ -70,15 +70,21 @@ def outputs_equal(a: Path, b: Path) -> bool:
 WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_options(doc: str, samples: int) -> argparse.ArgumentParser:
+    """The options of a benchmark that runs `lowbit quantize` (shared with dist.py)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--scheme", default="w4g64")
     ap.add_argument("--calib", default=str(WIKI) if WIKI.is_file() else "builtin",
                     help="calibration text (default: WikiText-2 test, so no time goes into "
                          "sampling text)")
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-samples", type=int, default=samples)
+    return ap
+
+
+def main() -> None:
+    ap = run_options(__doc__, 32)
     ap.add_argument("--seed", type=int, default=0, help="chooses the block after which to kill")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-resume-"))
