@@ -285,3 +285,13 @@ def test_resume_of_other_stored_forms(method, scheme, windows, tmp_path, monkeyp
     with pytest.raises(Crash):
         _run("llama", recipe, calib, folder, crash_after=0, monkeypatch=monkeypatch)
     _equal(ref, _run("llama", recipe, calib, folder, resume="require"))
+
+
+def test_missing_inputs_are_a_one_line_error(windows, tmp_path, monkeypatch):
+    folder = tmp_path / "ck"
+    with pytest.raises(Crash):
+        _run("llama", shorthand("gptq", "w4g32"), windows, folder, crash_after=0,
+             monkeypatch=monkeypatch)
+    (folder / "inputs-00001.safetensors").unlink()
+    with pytest.raises(LowbitError, match="lacks the inputs of block 1; run with --no-resume"):
+        _run("llama", shorthand("gptq", "w4g32"), windows, folder)
