@@ -172,8 +172,9 @@ def check_exports(out: Path, dtype: str = "fp32", gguf: bool = True) -> dict:
 
 
 def evaluate_out(out: Path, windows: int) -> dict:
-    """`lowbit eval OUT` on WikiText windows: perplexity and the process's peak RSS."""
-    r = run(["lowbit", "eval", str(out), "--data", str(WIKI), "--windows", str(windows),
+    """`lowbit eval OUT` on the built-in evaluation text (not the calibration text): perplexity
+    and the process's peak RSS."""
+    r = run(["lowbit", "eval", str(out), "--data", "builtin", "--windows", str(windows),
              "--json", "-", "--quiet"])
     return {"eval_ppl": r["ppl"], "eval_peak_rss_bytes": r["peak_rss_bytes"],
             "eval_seconds": r["wall_s"]}

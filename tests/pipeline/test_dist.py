@@ -26,7 +26,7 @@ def _compare(a_dir, b_dir):
     assert differ <= 0.01 * codes, f"{differ} of {codes} packed bytes differ"
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", pytest.param("awq", marks=pytest.mark.slow)])
 def test_two_processes_give_the_one_process_result(tiny_ckpt, tmp_path, method):
     ckpt, text = tiny_ckpt
     args = ["quantize", ckpt, "--method", method, "--scheme", "w4g32", "--calib", text,
@@ -59,6 +59,7 @@ def test_one_process_is_the_identity(windows):
     assert sync_stats(st) is st and torch.equal(st.h, h) and st.n == 10
 
 
+@pytest.mark.slow
 def test_torchrun_runs_the_same_command(tiny_ckpt, tmp_path):
     """The documented torchrun form (what several machines run) gives --nproc's output."""
     import subprocess
