@@ -10,6 +10,16 @@ from __future__ import annotations
 
 import torch
 
+# stored tensors' dtypes by the names safetensors gives them (its format specification): the
+# writer of shards (lowbit.io.shards) and the reader of checkpoint maps both use this table
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32",
+    torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e8m0fnu: "F8_E8M0",
+}
+
 
 def packed_bytes(n: int, bits: int, word_bytes: int = 1) -> int:
     nbytes = (n * bits + 7) // 8

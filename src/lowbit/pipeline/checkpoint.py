@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats.grids import grid_from_info
+from lowbit.formats.pack import SAFETENSORS_DTYPES
 from lowbit.pipeline.release import release, trim
 from lowbit.pipeline.stats import stats_from_tensors, stats_tensors
 from lowbit.runtime.modules import build_module
@@ -152,7 +153,7 @@ class RunCheckpoint:
         kept with it."""
         f = self._block_file(bi)
         tensors = self._install(f, block, prefix, weights)
-        plain = {k[2:]: v.clone() for k, v in tensors.items() if k.startswith("p.")}
+        plain = {k[2:]: v for k, v in tensors.items() if k.startswith("p.")}  # copied in
         missing, unexpected = block.load_state_dict(plain, strict=False)
         if unexpected or any(not _is_quantized(block, k) for k in missing):
             raise LowbitError(f"{f}: does not match block {bi} of this model")
@@ -172,8 +173,8 @@ class RunCheckpoint:
     def _install(self, f: Path, block: nn.Module, prefix: str, weights) -> dict[str, Tensor]:
         """The block's runtime modules rebuilt over the file's (mapped) tensors and put in
         place; the file's other tensors are returned."""
-        tensors, self._meta = map_safetensors(f)
-        layers = json.loads(self._meta.get("layers", "{}"))
+        tensors, meta = map_safetensors(f)
+        layers = json.loads(meta.get("layers", "{}"))
         old = []
         for local, info in layers.items():
             parts = {k.rsplit(".", 1)[1]: tensors.pop(k) for k in list(tensors)
@@ -278,12 +279,7 @@ def _write(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None
     os.replace(tmp, path)
 
 
-# safetensors' dtype names (its format specification)
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
-           "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-           "F8_E5M2": torch.float8_e5m2}
+_DTYPES = {name: dt for dt, name in SAFETENSORS_DTYPES.items()}
 
 
 def map_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -4,12 +4,12 @@ Every process (rank) loads the model and the recipe and takes a contiguous share
 calibration windows. The driver runs each block on the rank's own share; before a group of
 Linears is rounded its input statistics are summed over the ranks (``sync_stats``: token
 counts and Hessian sums added, per-channel maxima taken, per-token maxima gathered), so each
-rank sees the statistics of all windows. The rounding is then shared out: a rounder whose rows
-are independent (``row_separable``, on a ``stackable`` grid: GPTQ, RTN) rounds a share of every
-Linear's rows on each rank and the row blocks are exchanged and joined (``share_rows``);
-otherwise rank ``i % world`` rounds the group's ``i``-th Linear and sends it to the others
-(``share_rounding``). Every rank then holds the same quantized block before running its share
-of windows through it. Only rank 0 writes the output.
+rank sees the statistics of all windows. The rounding is then shared out (``round_shared``): a
+rounder whose rows are independent (``row_separable``, on a ``stackable`` grid: GPTQ, RTN)
+rounds a share of every Linear's rows on each rank and the row blocks are exchanged and joined;
+otherwise rank ``i % world`` rounds the group's ``i``-th Linear and sends it to the others.
+Every rank then holds the same quantized block before running its share of windows through it.
+Only rank 0 writes the output.
 
 With one process everything here is a no-op. The result equals the one-process run up to the
 order of fp32 summation in the statistics (a Hessian summed per share, then across shares).
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
+from lowbit.formats.weight import GridWeight
 from lowbit.pipeline.stats import InputStats
 
 
@@ -88,54 +89,63 @@ def sync_stats(st: InputStats) -> InputStats:
     return st
 
 
-def share_rounding(names: list[str], round_some: Callable[[list[str]], dict],
-                   to_tensors: Callable[[object], dict[str, Tensor]],
-                   from_tensors: Callable[[str, dict[str, Tensor]], object]) -> dict:
-    """Round ``names`` across the ranks: ``round_some(subset)`` gives {name: (weight, info)}
-    for this rank's part (name ``i`` is rank ``i % world``'s); each result is broadcast from
-    its owner (``to_tensors`` / ``from_tensors`` move a weight) and every rank returns all of
-    them."""
-    rank, size = world()
+RoundLayers = Callable[[dict[str, Tensor], dict], dict]
+
+
+def round_shared(round_layers: RoundLayers, weights: dict[str, Tensor], grids: dict,
+                 row_separable: bool) -> dict:
+    """``round_layers(weights, grids)`` ({name: (GridWeight, info)}) with the work shared out
+    over the ranks, every rank returning every result: by rows (``_by_rows``) for a rounder
+    whose rows are independent on grids that keep them so (``stackable``), else by Linears
+    (``_by_layers``). One process: the call itself."""
+    size = world()[1]
     if size == 1:
-        return round_some(names)
+        return round_layers(weights, grids)
+    if row_separable and all(grids[n].stackable and w.shape[0] >= size
+                             for n, w in weights.items()):
+        return _by_rows(round_layers, weights, grids)
+    return _by_layers(round_layers, weights, grids)
+
+
+def _by_layers(round_layers: RoundLayers, weights: dict[str, Tensor], grids: dict) -> dict:
+    """Linear ``i`` is rounded by rank ``i % world`` and broadcast from there."""
     import torch.distributed as dist
 
-    mine = round_some([n for i, n in enumerate(names) if i % size == rank])
+    rank, size = world()
+    names = list(weights)
+    mine = round_layers({n: weights[n] for i, n in enumerate(names) if i % size == rank}, grids)
     out = {}
     for i, name in enumerate(names):
         owner = i % size
         # a quantized Linear is a few MB of stored tensors: sent pickled, with its row
-        box = [(to_tensors(mine[name][0]), mine[name][1])] if owner == rank else [None]
+        box = [(mine[name][0].to_tensors(), mine[name][1])] if owner == rank else [None]
         dist.broadcast_object_list(box, src=owner)
         tensors, info = box[0]
-        out[name] = (mine[name][0] if owner == rank else from_tensors(name, tensors), info)
+        gw = mine[name][0] if owner == rank else GridWeight.from_tensors(
+            grids[name], tuple(weights[name].shape), tensors)
+        out[name] = (gw, info)
     return out
 
 
-def share_rows(names: list[str], rows: dict[str, int],
-               round_slices: Callable[[dict[str, slice]], dict],
-               to_tensors: Callable[[object], dict[str, Tensor]],
-               from_tensors: Callable[[str, dict[str, Tensor], int], object],
-               cat: Callable[[list], object]) -> dict:
-    """Round every Linear of ``names`` by rows across the ranks: rank ``r`` rounds rows
-    ``[r m / world, (r + 1) m / world)`` of each (``round_slices({name: slice})`` gives
-    {name: (weight, info)}), the parts are exchanged and joined in rank order (``cat``), and
-    the parts' log rows merged (``merge_infos``). Every rank returns the whole weights."""
-    rank, size = world()
+def _by_rows(round_layers: RoundLayers, weights: dict[str, Tensor], grids: dict) -> dict:
+    """Rank ``r`` rounds rows ``[r m / world, (r + 1) m / world)`` of every Linear; the row
+    blocks are exchanged, joined in rank order and their log rows merged (``merge_infos``)."""
     import torch.distributed as dist
 
-    slices = {n: slice(rank * rows[n] // size, (rank + 1) * rows[n] // size) for n in names}
-    mine = round_slices(slices)
-    payload = {n: (to_tensors(w), info, slices[n].stop - slices[n].start)
-               for n, (w, info) in mine.items()}
+    rank, size = world()
+    part = {n: w[rank * w.shape[0] // size : (rank + 1) * w.shape[0] // size]
+            for n, w in weights.items()}
+    mine = round_layers(part, grids)
     every: list = [None] * size
-    dist.all_gather_object(every, payload)
+    dist.all_gather_object(every, {n: (gw.to_tensors(), info, part[n].shape[0])
+                                   for n, (gw, info) in mine.items()})
     out = {}
-    for n in names:
-        parts = [mine[n][0] if r == rank else from_tensors(n, every[r][n][0], every[r][n][2])
-                 for r in range(size)]
-        out[n] = (cat(parts), merge_infos([every[r][n][1] for r in range(size)],
-                                          [every[r][n][2] for r in range(size)]))
+    for n, w in weights.items():
+        blocks = [mine[n][0] if r == rank else GridWeight.from_tensors(
+            grids[n], (every[r][n][2], w.shape[1]), every[r][n][0]) for r in range(size)]
+        out[n] = (GridWeight.cat_rows(blocks),
+                  merge_infos([every[r][n][1] for r in range(size)],
+                              [every[r][n][2] for r in range(size)]))
     return out
 
 

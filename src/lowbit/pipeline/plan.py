@@ -23,21 +23,13 @@ from tqdm.auto import tqdm
 from lowbit.arch import ArchSpec, block_linears, get_blocks, get_weight, spec_for
 from lowbit.errors import LowbitError
 from lowbit.formats.grid_base import all_finite
-from lowbit.formats.weight import GridWeight
 from lowbit.pipeline.checkpoint import (
     RunCheckpoint,
     lowbit_version,
     model_digest,
     tensor_digest,
 )
-from lowbit.pipeline.dist import (
-    min_over_ranks,
-    share,
-    share_rounding,
-    share_rows,
-    sync_stats,
-    world,
-)
+from lowbit.pipeline.dist import min_over_ranks, round_shared, share, sync_stats, world
 from lowbit.pipeline.driver import MOE_MIN_TOKENS, BlockContext, Stream, run_sequential
 from lowbit.pipeline.release import bound_heap, page_out, release, trim
 from lowbit.pipeline.stats import InputStats
@@ -249,29 +241,9 @@ class _Executor:
             step = self.plan.layers[fulls[0]].step
             weights = {f: _weight(mods[f], conv1d) for f in fulls}
             grids = {f: self.plan.layers[f].grid for f in fulls}
-
-            def round_some(names, step=step, weights=weights, grids=grids):
-                return step.round_layers({f: weights[f] for f in names},
-                                         {f: grids[f] for f in names}, stats) if names else {}
-
-            def round_slices(sl, step=step, weights=weights, grids=grids):
-                return step.round_layers({f: weights[f][sl[f]] for f in sl}, grids, stats)
-
             # several processes (lowbit.pipeline.dist): rows or Linears shared out, exchanged
-            ranks = world()[1]
-            if ranks > 1 and step.row_separable and all(
-                    grids[f].stackable and weights[f].shape[0] >= ranks for f in fulls):
-                done = share_rows(
-                    fulls, {f: weights[f].shape[0] for f in fulls}, round_slices,
-                    lambda gw: gw.to_tensors(),
-                    lambda f, t, n, weights=weights, grids=grids: GridWeight.from_tensors(
-                        grids[f], (n, weights[f].shape[1]), t),
-                    GridWeight.cat_rows)
-            else:
-                done = share_rounding(
-                    fulls, round_some, lambda gw: gw.to_tensors(),
-                    lambda f, t, weights=weights, grids=grids: GridWeight.from_tensors(
-                        grids[f], tuple(weights[f].shape), t))
+            done = round_shared(lambda w, g, step=step: step.round_layers(w, g, stats),
+                                weights, grids, step.row_separable)
             for full in fulls:
                 gw, info = done[full]
                 _set(mods[full], gw.dequantize(), conv1d)

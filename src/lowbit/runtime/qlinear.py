@@ -55,17 +55,7 @@ class QLinear(QuantModule):
 
     def __init__(self, gw: GridWeight, bias: torch.Tensor | None = None, cache: bool = False):
         super().__init__()
-        self.grid = gw.grid
-        self.out_features, self.in_features = gw.shape
-        stored = gw.to_tensors()
-        self._dtypes = {k: v.dtype for k, v in stored.items()}
-        for k, v in stored.items():
-            self.register_buffer(k, v.view(_BITS[v.dtype]) if v.dtype in _BITS else v)
-        self.bias = (
-            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        )
-        self.cache = cache
-        self._w: torch.Tensor | None = None
+        self._hold(gw.grid, gw.shape, gw.to_tensors(), bias, cache)
 
     @classmethod
     def from_stored(cls, grid, shape: tuple[int, int], stored: dict[str, torch.Tensor],
@@ -74,16 +64,21 @@ class QLinear(QuantModule):
         copy: tensors mapped from a file stay in the file until read)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
+        self._hold(grid, shape, stored, bias, False)
+        return self
+
+    def _hold(self, grid, shape: tuple[int, int], stored: dict[str, torch.Tensor],
+              bias: torch.Tensor | None, cache: bool) -> None:
         self.grid = grid
         self.out_features, self.in_features = shape
         self._dtypes = {k: v.dtype for k, v in stored.items()}
         for k, v in stored.items():
             self.register_buffer(k, v.view(_BITS[v.dtype]) if v.dtype in _BITS else v)
-        self.bias = (None if bias is None
-                     else nn.Parameter(bias.detach().clone(), requires_grad=False))
-        self.cache = False
-        self._w = None
-        return self
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
+        self.cache = cache
+        self._w: torch.Tensor | None = None
 
     def grid_weight(self) -> GridWeight:
         return GridWeight.from_tensors(self.grid, self.shape, self.to_tensors())

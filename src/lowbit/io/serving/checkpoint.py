@@ -276,7 +276,6 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
         if not isinstance(qw, GridWeight):
             raise LowbitError(f"{path}: {name}: cannot load a {type(qw).__name__}")
         setattr(parent, child, QLinear(qw, bias, cache=cache_weights))
-    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     qbuf = {f"{n}.{b}" for n, m in model.named_modules() if n in names
             for b in m.state_dict()}  # stored tensors and the bias given above
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
