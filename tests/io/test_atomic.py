@@ -119,3 +119,21 @@ def test_concurrent_overwrites_both_finish_and_leave_one_whole_output(tmp_path):
     assert _hidden(tmp_path) == []
     texts = {(out / f"f{k}").read_text() for k in range(20)}
     assert len(texts) == 1  # one writer's whole output, never a mix
+
+
+def test_an_output_moved_aside_by_a_concurrent_writer_is_not_refused(tmp_path):
+    # the race CI met: another run renames ``out`` aside between our exists() and our look
+    # inside it; what is gone cannot be "not lowbit's"
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "lowbit.json").write_text('{"format": "lowbit-native"}')
+
+    def moved_aside(p):
+        p.rename(tmp_path / f".q{atomic.OLD}1-ab")
+        return False
+
+    atomic.check_replaceable(out, True, moved_aside, "rule")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("x")
+    with pytest.raises(LowbitError, match="not written by lowbit"):
+        atomic.check_replaceable(tmp_path / "mine", True, lambda p: False, "rule")

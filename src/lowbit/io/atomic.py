@@ -113,10 +113,31 @@ def check_replaceable(out: Path, overwrite: bool, ours: Callable[[Path], bool],
         return
     if not overwrite:
         raise LowbitError(f"{out} exists; pass --overwrite to replace it")
-    empty = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
-    if not (empty or ours(out)):
-        raise LowbitError(f"{out} was not written by lowbit ({rule}); --overwrite replaces "
-                          "only lowbit's outputs: remove it yourself or choose another path")
+    for _ in range(RENAME_ATTEMPTS):
+        try:
+            empty = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+        except FileNotFoundError:
+            empty = False
+        if empty or ours(out):
+            return
+        # another lowbit run replacing ``out`` moves it aside for a moment: gone is fine, and
+        # a folder that came back is looked at again
+        if not (out.exists() or out.is_symlink()):
+            return
+        if not _moved_aside_meanwhile(out):
+            break
+    raise LowbitError(f"{out} was not written by lowbit ({rule}); --overwrite replaces "
+                      "only lowbit's outputs: remove it yourself or choose another path")
+
+
+def _moved_aside_meanwhile(out: Path) -> bool:
+    """Whether a concurrent writer of ``out`` is at work (its temporaries are beside it)."""
+    prefix = f".{out.name}"
+    try:
+        return any(_writer_pid(p.name, prefix) not in (None, os.getpid())
+                   for p in out.parent.iterdir())
+    except OSError:
+        return False
 
 
 def check_writable(out: Path, overwrite: bool, ours: Callable[[Path], bool],
