@@ -10,7 +10,8 @@ from lowbit.errors import LowbitError
 from lowbit.formats.grid_base import grouped_args, n_groups
 from lowbit.formats.grids import GRID_NAMES, get_grid
 from lowbit.formats.weight import GridWeight
-from lowbit.methods.rtn import RTN, hessian_loss, rtn
+from lowbit.methods import rtn as rtn_module
+from lowbit.methods.rtn import RTN, grid_loss, hessian_loss, rtn
 from lowbit.pipeline.stats import InputStats
 
 NAMES = [*GRID_NAMES, "w4g32", "w3g64-asym", "w8", "w8-tensor", "w4g32-mse"]
@@ -71,6 +72,18 @@ def test_hessian_loss_is_the_mean_row_quadratic_form() -> None:
     # = 2 * mean over rows and tokens of the squared output error
     assert hessian_loss(delta, h) == pytest.approx(
         2 * float(((x @ delta.T) ** 2).sum()) / (256 * 5), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grid_loss_by_row_blocks_equals_the_whole_loss(name: str, monkeypatch) -> None:
+    w = weight(rows=40)
+    x = torch.randn(256, 128, generator=torch.Generator().manual_seed(4))
+    h = 2 * x.T @ x / 256
+    gw = rtn(w, get_grid(name))
+    whole = hessian_loss(gw.dequantize() - w, h)
+    monkeypatch.setattr(rtn_module, "LOSS_BLOCK", 3 * 128)  # blocks of 3 rows, the last of 1
+    assert gw.row_blocks(3 * 128)[-1] == ((39, 40) if gw.grid.stackable else (0, 40))
+    assert grid_loss(gw, w, h) == pytest.approx(whole, rel=1e-5)
 
 
 def _stats() -> InputStats:

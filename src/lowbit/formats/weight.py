@@ -60,22 +60,38 @@ class GridWeight:
         """float32 (out, in): what the quantized model computes with."""
         return apply_grouped(self.grid, self.grid.decode, self.codes, self.params, self.g_idx)
 
+    def rows(self, start: int, stop: int) -> GridWeight:
+        """Rows ``start:stop`` as views of this weight's tensors (stackable grids only)."""
+        if not self.grid.stackable:
+            raise LowbitError(f"{self.grid.name} weights cannot be split by rows")
+        sl = slice(start, stop)
+        per_row = set(self.grid.group_keys) | set(self.grid.row_keys)
+        params = {k: v[sl] if k in per_row else v for k, v in self.params.items()}
+        sat = None if self.saturated is None else self.saturated[sl]
+        return GridWeight(self.grid, self.codes[sl], params, self.g_idx, sat)
+
     def split_rows(self, sizes: list[int]) -> list[GridWeight]:
         """Row blocks of a weight rounded as one (Linears that share an input). Each part owns
         its tensors (safetensors refuses tensors that share memory)."""
-        if not self.grid.stackable:
-            raise LowbitError(f"{self.grid.name} weights cannot be split by rows")
-        per_row = set(self.grid.group_keys) | set(self.grid.row_keys)
         parts = []
         start = 0
         for n in sizes:
-            sl = slice(start, start + n)
-            params = {k: (v[sl] if k in per_row else v).clone() for k, v in self.params.items()}
-            g = None if self.g_idx is None else self.g_idx.clone()
-            sat = None if self.saturated is None else self.saturated[sl].clone()
-            parts.append(GridWeight(self.grid, self.codes[sl].clone(), params, g, sat))
+            view = self.rows(start, start + n)
+            parts.append(GridWeight(
+                self.grid, view.codes.clone(), {k: v.clone() for k, v in view.params.items()},
+                None if view.g_idx is None else view.g_idx.clone(),
+                None if view.saturated is None else view.saturated.clone()))
             start += n
         return parts
+
+    def row_blocks(self, max_elements: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` row ranges of at most ``max_elements`` weights each - the whole
+        weight at once when its grid cannot be split by rows."""
+        out_f, in_f = self.shape
+        if not self.grid.stackable:
+            return [(0, out_f)]
+        step = max(1, max_elements // max(in_f, 1))
+        return [(r, min(r + step, out_f)) for r in range(0, out_f, step)]
 
     @classmethod
     def cat_rows(cls, parts: list[GridWeight]) -> GridWeight:

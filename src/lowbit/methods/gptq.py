@@ -41,7 +41,7 @@ from lowbit.formats.grid_base import (
 )
 from lowbit.formats.weight import GridWeight
 from lowbit.methods.base import Rounder, register
-from lowbit.methods.rtn import hessian_loss, rtn
+from lowbit.methods.rtn import grid_loss, rtn
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +187,8 @@ def layer_losses(w: Tensor, gw: GridWeight, h: Tensor) -> dict:
     """Layer-output loss of ``gw`` and of plain RTN of ``w`` onto the same grid, on H."""
     w0, h0 = w.detach().float(), h.detach().float()
     sens = torch.diag(h0) if gw.grid.needs_sensitivity else None
-    return {
-        "loss": hessian_loss(gw.dequantize() - w0, h0),
-        "rtn_loss": hessian_loss(rtn(w0, gw.grid, sens).dequantize() - w0, h0),
-    }
+    return {"loss": grid_loss(gw, w0, h0),
+            "rtn_loss": grid_loss(rtn(w0, gw.grid, sens), w0, h0)}
 
 
 @register

@@ -35,9 +35,25 @@ def rtn(w: Tensor, grid: WeightGrid, sensitivity: Tensor | None = None) -> GridW
     return GridWeight(grid, codes, params, saturated=sat)
 
 
+LOSS_BLOCK = 1 << 22  # weights per row block of ``grid_loss``: 16 MB of fp32 temporaries
+
+
 def hessian_loss(delta: Tensor, h: Tensor) -> float:
     """Mean over output rows of dW H dW^T: the layer-output error GPTQ minimises."""
     return float(((delta @ h) * delta).sum() / delta.shape[0])
+
+
+def grid_loss(gw: GridWeight, w: Tensor, h: Tensor) -> float:
+    """``hessian_loss(gw.dequantize() - w, h)`` decoded a row block at a time, so the
+    temporaries stay a few MB whatever the weight's size (grids whose parameters span rows
+    decode whole)."""
+    total = 0.0
+    for r0, r1 in gw.row_blocks(LOSS_BLOCK):
+        delta = gw.rows(r0, r1).dequantize() if (r0, r1) != (0, gw.shape[0]) \
+            else gw.dequantize()
+        delta -= w[r0:r1]
+        total += float(((delta @ h) * delta).sum())
+    return total / gw.shape[0]
 
 
 @register
