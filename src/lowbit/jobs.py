@@ -453,13 +453,12 @@ def serving_dtype(dtype: str, recorded: str | None) -> str:
 
 
 def imatrix_job(model_arg: str, out: str | Path, calibration: Calibration, chunk: int = 8,
-                progress: bool = True, dtype: str = "auto") -> dict:
-    from lowbit.io.atomic import check_output_file
-    from lowbit.io.gguf.imatrix import collect_imatrix, save_imatrix
+                progress: bool = True, dtype: str = "auto", overwrite: bool = False) -> dict:
+    from lowbit.io.gguf.imatrix import check_imatrix_output, collect_imatrix, save_imatrix
     from lowbit.models import check_seq_len, load_model
 
     out = Path(out)
-    check_output_file(out, "importance matrix")
+    check_imatrix_output(out, overwrite)
     check_chunk(chunk)
     check_seq_len(model_arg, calibration.seq_len)
     t0 = time.perf_counter()

@@ -16,16 +16,18 @@ from lowbit.cli.common import calibration, calibration_options, dtype_option, du
 @click.option("--json", "json_path", type=click.Path(),
               help="write the results as JSON (- for standard output)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--overwrite", is_flag=True, help="replace an existing importance matrix file")
 @dtype_option()
 def command(model, out, calib, calib_samples, calib_offset, seq_len, chunk, json_path, quiet,
-            dtype):
+            overwrite, dtype):
     """Collect an importance matrix (per input column mean of x^2) for llama.cpp quantization."""
     from lowbit.cli.common import check_outputs
     from lowbit.jobs import imatrix_job
 
     check_outputs(json_path=json_path)
     cal = calibration(calib, calib_samples, calib_offset, seq_len)
-    res = imatrix_job(model, out, cal, chunk, progress=not quiet, dtype=dtype)
+    res = imatrix_job(model, out, cal, chunk, progress=not quiet, dtype=dtype,
+                      overwrite=overwrite)
     echo(f"wrote {res['out']}: {res['entries']} entries ({res['format']}), "
          f"{cal.samples}x{cal.seq_len} tokens, {res['seconds']:.0f} s", json_path)
     dump_json(json_path, res)

@@ -802,6 +802,12 @@ def test_cli_imatrix_then_export(tmp_path, model, tok):
                         "--quiet"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "14 entries (dat)" in r.output and len(load_imatrix(im_path).data) == 14
+    again = [str(folder), "--out", str(im_path), "--calib", str(tmp_path / "calib.txt"),
+             "--calib-samples", "3", "--seq-len", "16", "--quiet"]
+    r = run("imatrix", again)
+    assert r.exit_code != 0 and "exists; pass --overwrite" in str(r.exception)
+    assert run("imatrix", [*again, "--overwrite"]).exit_code == 0  # an imatrix: replaced
+    assert load_imatrix(im_path).chunks == 3
     r = run(
         "export", [str(folder), str(out), "--type", "q4_k_m", "--imatrix", str(im_path), "--quiet"]
     )  # noqa: E501

@@ -118,6 +118,28 @@ def _legacy_bytes(im: Imatrix) -> bytes:
     return b"".join(out)
 
 
+OURS = "an importance matrix file"  # the --overwrite rule, for messages
+
+
+def is_imatrix(path: Path) -> bool:
+    """A file that reads as an importance matrix (GGUF or legacy): what ``--overwrite`` may
+    replace."""
+    try:
+        load_imatrix(path)
+    except LowbitError:
+        return False
+    return True
+
+
+def check_imatrix_output(out: Path, overwrite: bool) -> None:
+    """Before the run: ``out`` can be written, and an existing file there is replaced only
+    with ``overwrite`` and only when it is an importance matrix."""
+    from lowbit.io.atomic import check_output_file, check_replaceable
+
+    check_output_file(out, "importance matrix")
+    check_replaceable(out, overwrite, is_imatrix, OURS)
+
+
 def load_imatrix(path: str | Path) -> Imatrix:
     """Read a GGUF or legacy imatrix file (as `llama-quantize` does); clear errors if corrupt."""
     p = Path(path)
