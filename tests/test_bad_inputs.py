@@ -34,11 +34,13 @@ def built(tiny_ckpt, tmp_path_factory):
                "--out", d / "native", "--quiet")
     lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", "w4g32", "--format",
                "compressed-tensors", "--out", d / "ct", "--quiet")
+    lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", "fp8-e4m3", "--format",
+               "native", "--out", d / "fp8", "--quiet")  # fp8-e5m2 codes are stored alike
     lowbit_cli("export", ckpt, d / "m.gguf", "--type", "F16", "--quiet")
     lowbit_cli("imatrix", ckpt, "--out", d / "im.gguf", "--calib", text, *SMALL, "--quiet")
     lowbit_cli("inspect", ckpt, "--calib", text, *SMALL, "--save-stats", d / "s.safetensors",
                "--quiet")
-    return {"model": ckpt, "text": text, "native": d / "native", "ct": d / "ct",
+    return {"model": ckpt, "text": text, "native": d / "native", "ct": d / "ct", "fp8": d / "fp8",
             "gguf": d / "m.gguf", "im": d / "im.gguf", "stats": d / "s.safetensors"}
 
 
@@ -85,11 +87,15 @@ def mkdir(rel: str) -> Callable:
     return f
 
 
-def edit_json(rel: str, change: Callable[[dict], object]) -> Callable:
+def edit_json(rel: str, change: Callable[[dict], object], keep_digest: bool = False) -> Callable:
+    """Edit a JSON file. A lowbit.json's own sha256 is dropped unless ``keep_digest`` (as in a
+    folder of a lowbit that wrote none), so that the checks behind it are reached."""
     def f(p: dict, _mp) -> None:
         path = p["tmp"] / rel
         d = json.loads(path.read_text())
         change(d)
+        if not keep_digest:
+            d.pop("sha256", None)
         path.write_text(json.dumps(d))
     return f
 
@@ -323,6 +329,10 @@ CASES = [
      edit_json("native/lowbit.json", set_layer("shape", [32, 64]))),
     ("e-native-unknown-grid", ("eval", "{native}", *EV), "unknown scheme",
      edit_json("native/lowbit.json", set_layer("grid", "w5q"))),
+    ("e-native-grid-e4m3-to-e5m2", ("eval", "{fp8}", *EV), "edited or damaged",
+     edit_json("fp8/lowbit.json", set_layer("grid", "fp8-e5m2"), keep_digest=True)),
+    ("e-native-recipe-edited", ("info", "{native}"), "edited or damaged",
+     edit_json("native/lowbit.json", lambda d: d.update(recipe="gptq"), keep_digest=True)),
     ("e-native-wrong-format", ("eval", "{native}", *EV), "not a lowbit-native folder",
      edit_json("native/lowbit.json", lambda d: d.update(format="other"))),
     ("e-native-edited-checksum", ("eval", "{native}", *EV), "lowbit.safetensors",
@@ -450,7 +460,7 @@ CASES = [
 ]
 
 
-COPIES = ("model", "native", "ct", "gguf", "im", "stats")
+COPIES = ("model", "native", "fp8", "ct", "gguf", "im", "stats")
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:

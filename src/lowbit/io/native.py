@@ -98,10 +98,18 @@ def sha256_file(path: Path) -> str:
 
 
 def seal(folder: Path, desc: dict) -> None:
-    """Write ``lowbit.json``: ``desc`` with the size and sha256 of every other file (``files``),
-    checked when the folder loads."""
-    record = desc | {"files": file_records(folder)}
-    (Path(folder) / "lowbit.json").write_text(json.dumps(record, indent=1, default=str))
+    """Write ``lowbit.json``: ``desc`` with the size and sha256 of every other file (``files``)
+    and the sha256 of its own contents (``sha256``), both checked when the folder loads."""
+    record = json.loads(json.dumps(desc | {"files": file_records(folder)}, default=str))
+    record["sha256"] = _record_digest(record)
+    (Path(folder) / "lowbit.json").write_text(json.dumps(record, indent=1))
+
+
+def _record_digest(record: dict) -> str:
+    """sha256 of a description without its own ``sha256``, keys sorted: an edit of any value
+    (a layer's grid name from nf4 to fp4 keeps every stored size) is seen."""
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def check_files(path: Path, desc: dict) -> None:
@@ -203,6 +211,9 @@ def read_description(path: Path) -> dict:
     if version is not None and version not in READS:
         raise LowbitError(f"{f}: {fmt} version {version!r}; this lowbit reads versions "
                           f"{', '.join(map(str, READS))} (a newer lowbit wrote it?)")
+    if "sha256" in desc and desc["sha256"] != _record_digest(desc):  # older folders: none
+        raise LowbitError(f"{f}: edited or damaged (its contents differ from the sha256 it "
+                          "records)")
     _check_layers(f, desc.get("layers", None if fmt in SERVING_RECORDS else "missing"))
     return desc
 
