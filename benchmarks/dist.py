@@ -7,11 +7,16 @@ differ (packed code bytes that differ, largest relative difference of any other 
     python benchmarks/dist.py --nproc 2 --calib-samples 64
 
 One process uses every core for its matrix products (torch's threads); N processes get
-cores / N threads each (``OMP_NUM_THREADS``, as torchrun sets it).
+cores / N threads each (``OMP_NUM_THREADS``, as torchrun sets it). ``--threads T`` gives every
+process T threads instead, the one process too: N processes then have N times the compute of
+one, as N machines would, which is the scaling that adding machines buys.
+
+    python benchmarks/dist.py --nproc 2 --calib-samples 64 --threads 1
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -39,7 +44,11 @@ def compare(a: Path, b: Path) -> tuple[int, int, float]:
 def main() -> None:
     ap = run_options(__doc__, 64)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="threads of every process (default: the "
+                    "cores, shared out among the processes)")
     args = ap.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-dist-"))
     base = [sys.executable, "-m", "lowbit", "quantize", args.model, "--method", args.method,
             "--scheme", args.scheme, "--calib", args.calib, "--calib-samples",

@@ -28,6 +28,7 @@ from lowbit.formats.pack import SAFETENSORS_DTYPES
 from lowbit.pipeline.release import page_out
 
 DTYPES = SAFETENSORS_DTYPES
+WRITE_PIECE = 64 << 20  # bytes of a tensor read and written at a time
 
 
 class _Shard:
@@ -42,8 +43,11 @@ class _Shard:
         size = t.element_size()
         nb = t.numel() * size
         if nb:
-            data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            self.files[size].write(memoryview(data))
+            flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            for i in range(0, nb, WRITE_PIECE):  # a tensor mapped from a file: read a piece,
+                piece = flat[i : i + WRITE_PIECE]  # write it, give its pages back
+                self.files[size].write(memoryview(piece.numpy()))
+                page_out([piece])
         self.entries[size].append((name, DTYPES[t.dtype], list(t.shape), nb))
         self.bytes += nb
 
@@ -98,8 +102,7 @@ class ShardWriter:
         last = self.shards[-1]
         if self.max_bytes is not None and last.bytes and last.bytes + nb > self.max_bytes:
             self.shards.append(_Shard(self.folder, len(self.shards)))
-        self.shards[-1].add(name, t)
-        page_out([t])  # a tensor mapped from a file (the model's, a checkpoint's): read, done
+        self.shards[-1].add(name, t)  # pages out each piece of a tensor mapped from a file
         self.names.add(name)
         self.total += nb
 

@@ -82,8 +82,12 @@ def _advise(tensors: list[Tensor], advice: int) -> int:
     page = mmap.PAGESIZE
     freed = 0
     for t in tensors:
-        st = t.untyped_storage()
-        start, end = st.data_ptr(), st.data_ptr() + st.nbytes()
+        if t.is_contiguous():  # its own bytes (a view of a mapped file shares its storage)
+            start = t.data_ptr()
+            end = start + t.numel() * t.element_size()
+        else:
+            st = t.untyped_storage()
+            start, end = st.data_ptr(), st.data_ptr() + st.nbytes()
         if not any(lo <= start and end <= hi for lo, hi in maps):
             continue
         lo, hi = -(-start // page) * page, end // page * page  # whole pages inside only
