@@ -499,3 +499,150 @@ def inspect_job(model_arg: str, calibration: Calibration, stats_path: str | None
     order = {n: i for i, n in enumerate(spec.linears)}  # MoE experts: after the table's
     rows.sort(key=lambda r: (r["block"], order.get(r["feeds"][0], len(order)), r["feeds"][0]))
     return rows, stats, spec
+
+
+def generate_job(model_arg: str, prompt: str, max_new_tokens: int = 64, *,
+                 temperature: float = 0.0, seed: int = 0, kernel: str = "auto",
+                 compile: bool = False, dtype: str = "auto", chat: bool = False,
+                 threads: int | None = None,
+                 on_text: Callable[[str], None] | None = None) -> dict:
+    """Continue ``prompt`` (through the tokenizer's chat template with ``chat``), streaming the
+    new text to ``on_text``; a GGUF file runs in llama.cpp (llama-cpp-python)."""
+    session = TextGenerator(model_arg, kernel=kernel, compile=compile, dtype=dtype,
+                            threads=threads)
+    return session.run(prompt, max_new_tokens, temperature=temperature, seed=seed, chat=chat,
+                       on_text=on_text)
+
+
+class TextGenerator:
+    """A model loaded once for generation (``lowbit chat`` runs many prompts through one)."""
+
+    def __init__(self, model_arg: str, *, kernel: str = "auto", compile: bool = False,
+                 dtype: str = "auto", threads: int | None = None) -> None:
+        import torch
+
+        from lowbit.models import BUILTIN_MODELS, load_model, resolve
+        from lowbit.runtime.kernels import KERNELS, prepare_kernels
+
+        if kernel not in KERNELS:
+            raise LowbitError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+        if threads is not None:
+            if threads < 1:
+                raise LowbitError(f"--threads must be at least 1, not {threads}")
+            torch.set_num_threads(threads)
+        self.model_arg, self.compile, self.threads = model_arg, compile, threads
+        path = resolve(model_arg)
+        named_file = str(model_arg) not in BUILTIN_MODELS  # built-in: converted, as lowbit's
+        self.gguf = path if named_file and path.is_file() and path.suffix == ".gguf" else None
+        if self.gguf is not None:
+            from lowbit.eval.llamacpp import load_llama
+
+            self.llm = load_llama(self.gguf, n_ctx=2048, n_threads=threads)
+            self.used = {"llama.cpp": 1}
+            return
+        self.model, self.tok = load_model(model_arg, dtype)
+        self.used = dict(prepare_kernels(self.model, kernel))
+
+    def run(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
+            seed: int = 0, chat: bool = False, history: list[dict] | None = None,
+            on_text: Callable[[str], None] | None = None) -> dict:
+        """``history``: the earlier turns of a chat (role/content messages), extended with
+        this turn."""
+        import torch
+
+        from lowbit.runtime.decode import Timing, generate, max_positions
+
+        if max_new_tokens < 1:
+            raise LowbitError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+        emit = on_text or (lambda _t: None)
+        if self.gguf is not None:
+            return self._run_llamacpp(prompt, max_new_tokens, temperature, seed, chat, emit,
+                                      history)
+        ids = _prompt_ids(self.tok, prompt, chat, history)
+        limit = max_positions(self.model)
+        if limit is not None and ids.shape[1] + max_new_tokens > limit:
+            raise LowbitError(f"{ids.shape[1]} prompt tokens and {max_new_tokens} new ones take "
+                              f"more than the model's {limit} positions")
+        stop = {t for t in [self.tok.eos_token_id, *_extra_stops(self.tok)] if t is not None}
+        timing, new = Timing(), []
+        text = Detokenizer(self.tok)
+        for t in generate(self.model, ids, max_new_tokens, temperature=temperature, seed=seed,
+                          stop=stop, compile=self.compile, timing=timing):
+            new.append(t)
+            emit(text.add(t))
+        emit(text.flush())
+        reply = self.tok.decode(new, skip_special_tokens=True)
+        if history is not None:
+            history += [{"role": "user", "content": prompt},
+                        {"role": "assistant", "content": reply}]
+        return {"model": str(self.model_arg), "prompt_tokens": timing.prompt_tokens,
+                "new_tokens": len(new),
+                "text": reply,
+                "prefill_tokens_per_s": timing.prefill_tokens_per_s,
+                "decode_tokens_per_s": timing.decode_tokens_per_s,
+                "kernel": self.used, "threads": torch.get_num_threads()}
+
+    def _run_llamacpp(self, prompt, max_new_tokens, temperature, seed, chat, emit,
+                      history) -> dict:
+        llm = self.llm
+        messages = [*(history or []), {"role": "user", "content": prompt}]
+        if chat:
+            stream = llm.create_chat_completion(messages,
+                                                max_tokens=max_new_tokens,
+                                                temperature=temperature, seed=seed,
+                                                stream=True)
+            pieces = (c["choices"][0]["delta"].get("content", "") for c in stream)
+        else:
+            stream = llm.create_completion(prompt, max_tokens=max_new_tokens,
+                                           temperature=temperature, seed=seed, stream=True)
+            pieces = (c["choices"][0]["text"] for c in stream)
+        text = []
+        t0 = time.perf_counter()
+        for p in pieces:
+            text.append(p)
+            emit(p)
+        if history is not None:
+            history += [messages[-1], {"role": "assistant", "content": "".join(text)}]
+        return {"model": str(self.model_arg), "text": "".join(text), "kernel": self.used,
+                "seconds": time.perf_counter() - t0, "threads": self.threads}
+
+
+def _prompt_ids(tok, prompt: str, chat: bool, history: list[dict] | None = None):
+    import torch
+
+    if not chat:
+        return tok(prompt, return_tensors="pt").input_ids
+    if not getattr(tok, "chat_template", None):
+        raise LowbitError("this model's tokenizer has no chat template")
+    ids = tok.apply_chat_template([*(history or []), {"role": "user", "content": prompt}],
+                                  add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"]
+    return torch.as_tensor(ids).reshape(1, -1)
+
+
+def _extra_stops(tok) -> list[int]:
+    """The chat templates' end-of-turn tokens, where the vocabulary has them."""
+    vocab = tok.get_vocab()
+    return [vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+            if t in vocab]
+
+
+class Detokenizer:
+    """Text of a growing token list, handed out as it becomes final (a piece of a multi-byte
+    character is held back until the character is whole)."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.ids, self.sent = tok, [], 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        out, self.sent = text[self.sent:], len(text)
+        return out
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        out, self.sent = text[self.sent:], len(text)
+        return out

@@ -31,10 +31,11 @@ def cli(debug: bool) -> None:
 
 
 def _register() -> None:
-    from lowbit.cli import demo, eval, export, imatrix, info, inspect, quantize
+    from lowbit.cli import demo, eval, export, generate, imatrix, info, inspect, quantize
 
-    for mod in (quantize, eval, info, demo, export, imatrix, inspect):
+    for mod in (quantize, eval, info, demo, export, imatrix, inspect, generate):
         cli.add_command(mod.command)
+    cli.add_command(generate.chat_command)
 
 
 _register()

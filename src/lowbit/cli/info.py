@@ -40,6 +40,10 @@ def command(path, verify, json_path):
     mix = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
     echo(f"  layers: {len(layers)} ({mix}), bits/weight {desc.get('bits_per_weight', 0):.3f}, "
          f"{size / 2**20:.1f} MiB on disk", json_path)
+    kernels = layer_kernels(layers)
+    if kernels:
+        echo("  CPU kernels: " + ", ".join(f"{k} {n}" for k, n in kernels.most_common()),
+             json_path)
     steps = (desc.get("recipe") or {}).get("steps")
     if steps:
         echo("  recipe: " + " -> ".join(_step_label(s) for s in steps), json_path)
@@ -50,8 +54,26 @@ def command(path, verify, json_path):
     if checked:
         echo(f"  verified: {checked['files']} files (size, sha256), {checked['layers']} "
              "quantized layers decode to finite weights", json_path)
-    dump_json(json_path, desc | {"bytes_on_disk": size} |
+    dump_json(json_path, desc | {"bytes_on_disk": size, "kernels": dict(kernels)} |
               ({"verified": checked} if checked else {}))
+
+
+def layer_kernels(layers: dict) -> Counter:
+    """How many weight-only layers each CPU kernel multiplies (``lowbit.runtime.kernels``),
+    from the records alone; the int8 and FP8 modules (``kind``) name their own."""
+    from lowbit.formats.grids import grid_from_info
+    from lowbit.runtime.kernels import kernel_for
+
+    out: Counter = Counter()
+    for info in layers.values():
+        if "kind" in info:
+            out[f"{info['kind']} ({info.get('kernel', 'auto')})"] += 1
+        elif "grid" in info:
+            try:
+                out[kernel_for(grid_from_info(info), tuple(info["shape"]))] += 1
+            except LowbitError:
+                out["?"] += 1
+    return out
 
 
 def _step_label(s: dict) -> str:

@@ -79,6 +79,7 @@ class QLinear(QuantModule):
         )
         self.cache = cache
         self._w: torch.Tensor | None = None
+        self._kernel = None  # lowbit.runtime.kernels: None = decode, then a dense product
 
     def grid_weight(self) -> GridWeight:
         return GridWeight.from_tensors(self.grid, self.shape, self.to_tensors())
@@ -91,7 +92,22 @@ class QLinear(QuantModule):
             self._w = w
         return w
 
+    @property
+    def kernel(self) -> str:
+        return "dequant" if self._kernel is None else self._kernel.name
+
+    def use_kernel(self, name: str = "auto") -> str:
+        """Multiply through ``name`` (``lowbit.runtime.kernels``; ``auto``: the fastest that
+        takes this weight); returns the kernel used."""
+        from lowbit.runtime.kernels import build_kernel
+
+        self._kernel = build_kernel(self.grid_weight(), name)
+        return self.kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is not None:
+            y = self._kernel(x).to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
@@ -106,7 +122,8 @@ class QLinear(QuantModule):
         return {k: getattr(self, k).view(dt) for k, dt in self._dtypes.items()}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._w = None  # new stored tensors: decode again
+        self._w = None  # new stored tensors: decode again, no kernel built from the old ones
+        self._kernel = None
         for k, dt in self._dtypes.items():  # accept the tensors in their own dtypes too
             t = state_dict.get(prefix + k)
             if t is not None and t.dtype == dt and dt in _BITS:
@@ -117,7 +134,8 @@ class QLinear(QuantModule):
         return {"shape": list(self.shape)} | grid_info(self.grid)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, grid={self.grid.name}"
+        return (f"in={self.in_features}, out={self.out_features}, grid={self.grid.name}, "
+                f"kernel={self.kernel}")
 
 
 def _available_bytes() -> float:

@@ -1,0 +1,101 @@
+"""The static-cache decode loop against a full forward pass (greedy tokens are the argmax of
+the teacher-forced logits), on every family; sampling, stop tokens and limits; and the
+``lowbit generate`` command on a tiny checkpoint and its quantized folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cli_helpers import lowbit_cli, one_line_error
+from conftest import FAMILIES, MOE_FAMILIES, tiny_model
+
+from lowbit.errors import LowbitError
+from lowbit.runtime.decode import Timing, generate
+from lowbit.runtime.kernels import prepare_kernels
+
+TEXT_FAMILIES = [f for f in (*FAMILIES, *MOE_FAMILIES) if f != "gemma3"]
+
+
+def teacher_forced(model, prompt, tokens) -> list[int]:
+    seq = torch.cat([prompt, torch.tensor([tokens])], 1)
+    with torch.no_grad():
+        logits = model(seq).logits[0, prompt.shape[1] - 1 : -1]
+    return logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_greedy_tokens_are_the_full_passes_argmax(family):
+    model = tiny_model(family)
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    timing = Timing()
+    out = list(generate(model, prompt, 12, timing=timing))
+    assert len(out) == 12 and out == teacher_forced(model, prompt, out)
+    assert timing.prompt_tokens == 9 and len(timing.decode_s) == 11
+    assert timing.decode_tokens_per_s > 0 and timing.prefill_tokens_per_s > 0
+
+
+def test_quantized_kernels_generate_what_the_reference_does(tiny_ckpt, tmp_path):
+    from lowbit.models import load_model
+
+    ckpt, _ = tiny_ckpt
+    lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", "w4g32", "--format", "native",
+               "--out", tmp_path / "q", "--quiet")
+    model, _ = load_model(tmp_path / "q")
+    prompt = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(1))
+    ref = list(generate(model, prompt, 10))
+    assert prepare_kernels(model, "auto") == {"int4pack": 14}
+    assert list(generate(model, prompt, 10)) == ref == teacher_forced(model, prompt, ref)
+
+
+def test_sampling_follows_the_seed_and_stop_tokens_end_it():
+    model = tiny_model("llama")
+    prompt = torch.tensor([[1, 2, 3]])
+    a = list(generate(model, prompt, 16, temperature=1.0, seed=3))
+    assert a == list(generate(model, prompt, 16, temperature=1.0, seed=3))
+    assert a != list(generate(model, prompt, 16, temperature=1.0, seed=4))
+    greedy = list(generate(model, prompt, 16))
+    cut = list(generate(model, prompt, 16, stop={greedy[4]}))
+    assert cut == greedy[: greedy.index(greedy[4]) + 1]
+
+
+def test_limits_are_one_line_errors():
+    model = tiny_model("llama")  # 256 positions
+    with pytest.raises(LowbitError, match="256"):
+        list(generate(model, torch.zeros(1, 200, dtype=torch.long), 100))
+    with pytest.raises(LowbitError, match="at least 1"):
+        list(generate(model, torch.zeros(1, 4, dtype=torch.long), 0))
+
+
+def test_generate_command(tiny_ckpt, tmp_path):
+    ckpt, _ = tiny_ckpt
+    r = lowbit_cli("generate", ckpt, "--prompt", "The quick brown fox", "--max-new-tokens", "8",
+                   "--json", tmp_path / "g.json")
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert res["new_tokens"] == 8 and res["text"] and res["text"] in r.out
+    assert res["decode_tokens_per_s"] > 0 and res["kernel"] == {}  # a float model
+    assert "tokens/s" in r.err
+    lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", "w8", "--out", tmp_path / "q",
+               "--quiet")  # compressed-tensors, the default output
+    r = lowbit_cli("generate", tmp_path / "q", "--prompt", "The quick", "--max-new-tokens", "4",
+                   "--threads", "1", "--json", "-")
+    res = json.loads(r.out)
+    assert res["kernel"] == {"int8pack": 14} and res["threads"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--max-new-tokens", "100000"], "positions"),
+    (["--kernel", "int4pack"], "int4pack kernel cannot multiply"),
+])
+def test_generate_bad_inputs(tiny_ckpt, tmp_path, args, message):
+    ckpt, _ = tiny_ckpt
+    target = ckpt
+    if "int4pack" in args:
+        lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", "w8", "--out",
+                   tmp_path / "q", "--quiet")
+        target = tmp_path / "q"
+    r = lowbit_cli("generate", target, "--prompt", "hi", *args, ok=False)
+    one_line_error(r, message)
