@@ -249,21 +249,21 @@ def _checkpoint_for(model_arg: str, out: Path, dtype: str, resume: str, note):
     return RunCheckpoint(folder, fp, mode=resume, note=note)
 
 
+SPEED_PROMPT_TOKENS, SPEED_NEW_TOKENS = 512, 128  # `--speed`: prefill, then batch-1 decode
+
+
 def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: str | None,
              speed: bool, progress: bool = True, dtype: str = "auto", batch: int = 1,
-             base_cache: bool = True, note: Callable[[str], None] = lambda _m: None) -> dict:
+             base_cache: bool = True, note: Callable[[str], None] = lambda _m: None,
+             kernel: str = "auto") -> dict:
     """Perplexity (and KL / top-1 against a base) of a model or a quantized folder. The base's
     log-probabilities are cached on disk (``lowbit.eval.base_cache``): evaluating N models
     against one base runs the base once."""
+    import torch
+
     from lowbit.calib import check_disjoint, eval_windows
     from lowbit.eval.base_cache import base_logprobs, model_fingerprint
-    from lowbit.eval.metrics import (
-        current_rss_bytes,
-        evaluate,
-        generation_speed,
-        model_bytes,
-        peak_rss_bytes,
-    )
+    from lowbit.eval.metrics import current_rss_bytes, evaluate, model_bytes, peak_rss_bytes
     from lowbit.io.native import read_description
     from lowbit.models import (
         cache_dir,
@@ -279,12 +279,19 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
     if windows < 1 or seq_len < 2:
         raise LowbitError(f"--windows must be at least 1 and --seq-len at least 2, not "
                           f"{windows} and {seq_len}")
+    from lowbit.runtime.kernels import KERNELS, prepare_kernels
+
+    if kernel not in KERNELS:
+        raise LowbitError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
     check_seq_len(model_arg, seq_len)
+    if speed:
+        check_seq_len(model_arg, min(seq_len, SPEED_PROMPT_TOKENS) + SPEED_NEW_TOKENS)
     path = resolve(model_arg)
     desc = read_description(path) if is_lowbit_dir(path) else {}
     check_disjoint(desc.get("calibration"), data, windows, seq_len)
     rss0 = current_rss_bytes()
     model, tok = load_model(model_arg, dtype, cache_weights=True)
+    used = prepare_kernels(model, kernel)
     rss1 = current_rss_bytes()
     ev = eval_windows(data, tok, windows, seq_len)
     vocab = model.get_input_embeddings().num_embeddings
@@ -308,8 +315,16 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
     if desc:
         res |= {"method": desc.get("method"), "scheme": scheme_label(desc),
                 "bpw": desc.get("bits_per_weight")}
+    res["kernel"] = dict(used)
     if speed:
-        res |= generation_speed(model, ev[0, :64])
+        from lowbit.runtime.decode import measure_speed
+
+        t = measure_speed(model, ev[0, :SPEED_PROMPT_TOKENS], SPEED_NEW_TOKENS)
+        res |= {"prefill_tokens_per_s": t.prefill_tokens_per_s,
+                "decode_tokens_per_s": t.decode_tokens_per_s,
+                "speed_prompt_tokens": t.prompt_tokens, "speed_new_tokens": SPEED_NEW_TOKENS,
+                "threads": torch.get_num_threads(),
+                "peak_rss_mb": peak_rss_bytes() / 2**20}
     return res
 
 

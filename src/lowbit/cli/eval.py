@@ -7,7 +7,8 @@ import click
 from lowbit.cli.common import check_outputs, dtype_option, dump_json, echo, format_table, note
 
 COLS = [("model", "model", ""), ("ppl", "ppl", ".3f"), ("kl_mean", "KL", ".4f"),
-        ("kl_p99", "KL p99", ".3f"), ("top1", "top-1", ".3f"), ("decode_tok_s", "tok/s", ".1f"),
+        ("kl_p99", "KL p99", ".3f"), ("top1", "top-1", ".3f"),
+        ("prefill_tokens_per_s", "prefill tok/s", ".0f"), ("decode_tokens_per_s", "tok/s", ".1f"),
         ("mib", "MiB", ".1f")]
 
 
@@ -21,14 +22,20 @@ COLS = [("model", "model", ""), ("ppl", "ppl", ".3f"), ("kl_mean", "KL", ".4f"),
 @click.option("--base", "base_arg", help="base model for KL divergence and top-1 agreement")
 @click.option("--base-cache/--no-base-cache", default=True, show_default=True,
               help="keep the base's log-probabilities on disk (LOWBIT_CACHE) and reuse them")
-@click.option("--speed", is_flag=True, help="also measure batch-1 decoding speed")
+@click.option("--speed", is_flag=True,
+              help="also measure batch-1 speed: prefill of a 512-token prompt (the first "
+                   "window), then 128 new tokens")
+@click.option("--kernel", default="auto", show_default=True,
+              type=click.Choice(["auto", "int4pack", "int8pack", "dequant"]),
+              help="matrix product of quantized Linears: auto = the fastest each layer allows "
+                   "(lowbit info lists them); dequant = decode, then a dense product")
 @click.option("--json", "json_path", type=click.Path(),
               help="write the results as JSON (- for standard output): an object for one "
                    "model, a list for several")
 @click.option("--quiet", is_flag=True)
 @dtype_option()
-def command(models, data, windows, seq_len, batch, base_arg, base_cache, speed, json_path,
-            quiet, dtype):
+def command(models, data, windows, seq_len, batch, base_arg, base_cache, speed, kernel,
+            json_path, quiet, dtype):
     """Perplexity of each MODEL (models or quantized folders; default: the built-in model),
     and KL/top-1 against --base, whose log-probabilities are computed once for all."""
     from lowbit.jobs import eval_job
@@ -37,7 +44,8 @@ def command(models, data, windows, seq_len, batch, base_arg, base_cache, speed, 
     results = []
     for model in models or ("smollm2-135m",):
         res = eval_job(model, data, windows, seq_len, base_arg, speed, progress=not quiet,
-                       dtype=dtype, batch=batch, base_cache=base_cache, note=note)
+                       dtype=dtype, batch=batch, base_cache=base_cache, note=note,
+                       kernel=kernel)
         results.append(res | {"mib": res["model_bytes"] / 2**20})
     first = results[0]
     echo(format_table(results, [c for c in COLS if any(c[0] in r for r in results)]) +

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import resource
-import time
 
 import torch
 from torch import nn
@@ -70,29 +69,9 @@ def _evaluate(model: nn.Module, windows: torch.Tensor, base: BaseLogprobs | None
     return out
 
 
-@torch.no_grad()
-def generation_speed(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 64) -> dict:
-    """Batch-1 greedy decoding speed with a KV cache: decode tokens/s, prefill seconds."""
-    ids = prompt_ids.reshape(1, -1)
-    mask = torch.ones_like(ids)
-    kw = dict(do_sample=False, attention_mask=mask, pad_token_id=0)
-    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-    t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-    prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-    total = time.perf_counter() - t0
-    decode = max(total - prefill, 1e-9)
-    return {
-        "decode_tok_s": (new_tokens - 1) / decode,
-        "prefill_s": prefill,
-        "prompt_tokens": int(ids.shape[1]),
-    }
-
-
 def model_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers (tied tensors counted once)."""
+    """Bytes held by the model's parameters and buffers (tied tensors counted once) and by the
+    kernels' packed copies of quantized weights (``lowbit.runtime.kernels``)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         key = t.data_ptr()
@@ -100,6 +79,10 @@ def model_bytes(model: nn.Module) -> int:
             continue
         seen.add(key)
         total += t.numel() * t.element_size()
+    for m in model.modules():
+        kernel = getattr(m, "_kernel", None)
+        if kernel is not None:
+            total += kernel.nbytes()
     return total
 
 

@@ -89,6 +89,9 @@ class _PerDtype:
             t = self._by[dtype] = self._by[torch.float32].to(dtype)
         return t
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._by.values())
+
 
 def _flat(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     lead = tuple(x.shape[:-1])
@@ -130,7 +133,8 @@ class Int4Pack:
         return y.reshape(*lead, self.out_features)
 
     def nbytes(self) -> int:
-        return self.packed.numel() + self.sz(torch.float32).numel() * 4
+        return self.packed.numel() + self.sz.nbytes() + \
+            (0 if self.perm is None else self.perm.numel() * 8)
 
 
 class Int8Pack:
@@ -157,7 +161,8 @@ class Int8Pack:
         return y.reshape(*lead, self.out_features)
 
     def nbytes(self) -> int:
-        return self.wq.numel() + self.scale(torch.float32).numel() * 4
+        return self.wq.numel() + self.scale.nbytes() + \
+            (0 if self.shift is None else self.shift.nbytes())
 
 
 BUILD: dict[str, Callable[[GridWeight], object]] = {"int4pack": Int4Pack, "int8pack": Int8Pack}
