@@ -52,7 +52,7 @@ def test_kernels_read_back_the_decoded_weight(name):
     q = layer(name, bias=False)
     ref = q.dequantized_weight()
     q.use_kernel("auto")
-    got = q(torch.eye(512)).T
+    got = q._kernel(torch.eye(512)).T  # the kernel itself (QLinear takes 512 rows densely)
     if "asym" in name:
         torch.testing.assert_close(got, ref, rtol=2e-7, atol=1e-9)
     else:
@@ -95,3 +95,17 @@ def test_prepare_kernels_counts_the_model_and_dequant_undoes_it():
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
     assert prepare_kernels(model, "dequant") == {"dequant": 3}
     assert torch.equal(model(x), ref)
+
+
+def test_many_rows_go_through_the_decoded_weight():
+    """A prompt or an evaluation window (more than KERNEL_MAX_ROWS rows) is multiplied densely
+    (bit for bit the reference); a decode step through the kernel."""
+    from lowbit.runtime.qlinear import KERNEL_MAX_ROWS
+
+    q = layer("w4g64-asym")
+    x = torch.randn(KERNEL_MAX_ROWS + 1, 512)
+    ref = q(x)
+    q.use_kernel("auto")
+    assert torch.equal(q(x), ref)
+    assert not torch.equal(q(x[:KERNEL_MAX_ROWS]), ref[:KERNEL_MAX_ROWS])  # the kernel's sums
+    torch.testing.assert_close(q(x[:KERNEL_MAX_ROWS]), ref[:KERNEL_MAX_ROWS])

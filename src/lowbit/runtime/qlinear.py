@@ -44,6 +44,10 @@ class QuantModule(nn.Module):
         raise NotImplementedError
 
 
+# the kernels (lowbit.runtime.kernels) are matrix-vector kernels: from this many rows on (a
+# prompt, an evaluation window) decoding the weight and one dense product is faster (BENCHMARKS)
+KERNEL_MAX_ROWS = 16
+
 # stored floating-point tensors are kept as integer views of their bits, so that casting the
 # model (``model.half()``, ``.to(torch.bfloat16)``) cannot round the stored scales
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
@@ -105,7 +109,7 @@ class QLinear(QuantModule):
         return self.kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is not None:
+        if self._kernel is not None and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]:
             y = self._kernel(x).to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
