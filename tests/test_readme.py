@@ -72,7 +72,8 @@ def adapt(args: list[str], model: str, text: str) -> list[str]:
 
 def test_readme_has_the_commands_it_documents():
     cmds = {c[0] for c in commands()}
-    assert cmds == {"quantize", "info", "eval", "export", "imatrix", "inspect", "demo"}
+    assert cmds == {"quantize", "info", "eval", "export", "imatrix", "inspect", "demo",
+                    "generate"}
     assert len(commands()) >= 20
 
 

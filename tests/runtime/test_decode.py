@@ -99,3 +99,20 @@ def test_generate_bad_inputs(tiny_ckpt, tmp_path, args, message):
         target = tmp_path / "q"
     r = lowbit_cli("generate", target, "--prompt", "hi", *args, ok=False)
     one_line_error(r, message)
+
+
+def test_chat_keeps_the_conversation(tiny_ckpt, monkeypatch):
+    import io
+
+    from lowbit.jobs import TextGenerator
+
+    ckpt, _ = tiny_ckpt
+    session = TextGenerator(str(ckpt))
+    history: list[dict] = []
+    a = session.run("Hello", 4, chat=True, history=history)
+    b = session.run("And then?", 4, chat=True, history=history)
+    assert [m["role"] for m in history] == ["user", "assistant"] * 2
+    assert history[1]["content"] == a["text"] and b["prompt_tokens"] > a["prompt_tokens"] + 4
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd then?\n\n"))
+    r = lowbit_cli("chat", ckpt, "--max-new-tokens", "4")
+    assert r.out.count("> ") == 3 and a["text"] in r.out
