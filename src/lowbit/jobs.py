@@ -555,7 +555,8 @@ class TextGenerator:
             self.llm = load_llama(self.gguf, n_ctx=2048, n_threads=threads)
             self.used = {"llama.cpp": 1}
             return
-        self.model, self.tok = load_model(model_arg, dtype)
+        # fp32 activations multiply through decoded weights (runtime.kernels): keep them
+        self.model, self.tok = load_model(model_arg, dtype, cache_weights=True)
         self.used = dict(prepare_kernels(self.model, kernel))
 
     def run(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0,

@@ -64,7 +64,7 @@ def test_kernels_equal_the_reference_to_fp32_rounding(name):
     q = layer(name)
     x = torch.randn(2, 7, 512, generator=torch.Generator().manual_seed(1))
     ref = q(x)
-    q.use_kernel("auto")
+    q.use_kernel(EXPECTED[name])  # named: used for fp32 activations too
     y = q(x)
     assert y.shape == ref.shape and y.dtype == torch.float32
     assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
@@ -82,7 +82,7 @@ def test_act_order_groups_are_gathered_back():
     assert gw.g_idx is not None and not torch.equal(gw.g_idx, torch.arange(256) // 64)
     q = QLinear(gw)
     ref = q(x[:5])
-    assert q.use_kernel() == "int4pack"
+    assert q.use_kernel("int4pack") == "int4pack"
     torch.testing.assert_close(q(x[:5]), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -105,7 +105,35 @@ def test_many_rows_go_through_the_decoded_weight():
     q = layer("w4g64-asym")
     x = torch.randn(KERNEL_MAX_ROWS + 1, 512)
     ref = q(x)
-    q.use_kernel("auto")
+    q.use_kernel("int4pack")
     assert torch.equal(q(x), ref)
     assert not torch.equal(q(x[:KERNEL_MAX_ROWS]), ref[:KERNEL_MAX_ROWS])  # the kernel's sums
     torch.testing.assert_close(q(x[:KERNEL_MAX_ROWS]), ref[:KERNEL_MAX_ROWS])
+
+
+class Counting:
+    def __init__(self, kernel) -> None:
+        self.kernel, self.calls = kernel, 0
+        self.name, self.fast_dtypes = kernel.name, kernel.fast_dtypes
+
+    def __call__(self, x):
+        self.calls += 1
+        return self.kernel(x)
+
+
+@pytest.mark.parametrize("name", ["w4g32", "w8"])
+def test_auto_sends_only_bf16_activations_through_the_kernel(name):
+    """torch's kernels are slow for fp32 activations (BENCHMARKS.md): auto multiplies those
+    through the decoded weight, bf16 ones through the kernel; a named kernel takes both."""
+    q = layer(name)
+    x = torch.randn(4, 512)
+    ref = q(x)
+    q.use_kernel("auto")
+    q._kernel = counting = Counting(q._kernel)
+    assert torch.equal(q(x), ref) and counting.calls == 0
+    q(x.bfloat16())
+    assert counting.calls == 1
+    q.use_kernel(EXPECTED[name])
+    q._kernel = counting = Counting(q._kernel)
+    q(x)
+    assert counting.calls == 1

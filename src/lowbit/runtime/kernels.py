@@ -19,7 +19,11 @@ A ``QLinear`` multiplies through one of these, chosen per layer when the model i
   product - the reference the other two are checked against.
 
 Activations in fp32 or bf16 go to the kernels as they are (fp16 is computed in fp32); the
-kernels' scale tensors are kept per activation dtype.
+kernels' scale tensors are kept per activation dtype. torch's two kernels are fast only for
+bf16 activations: with fp32 ones they take a scalar path, 5x slower than the dense product of
+the decoded weight (BENCHMARKS.md, issue 16). So ``auto`` multiplies bf16 activations through
+the kernel and fp32 ones through the decoded weight (kept decoded when the model caches
+weights); a kernel named explicitly (``--kernel int4pack``) is used for every dtype.
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ class Int4Pack:
     """``y = x W^T`` for a 4-bit grouped integer weight, packed for torch's CPU int4 kernel."""
 
     name = "int4pack"
+    fast_dtypes = (torch.bfloat16,)
 
     def __init__(self, gw: GridWeight) -> None:
         grid: IntGrid = gw.grid  # type: ignore[assignment]
@@ -141,6 +146,7 @@ class Int8Pack:
     """``y = x W^T`` for an 8-bit integer weight with one scale per output row."""
 
     name = "int8pack"
+    fast_dtypes = (torch.bfloat16,)
 
     def __init__(self, gw: GridWeight) -> None:
         scale = gw.params["scale"].float().reshape(-1)

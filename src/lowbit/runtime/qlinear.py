@@ -84,6 +84,7 @@ class QLinear(QuantModule):
         self.cache = cache
         self._w: torch.Tensor | None = None
         self._kernel = None  # lowbit.runtime.kernels: None = decode, then a dense product
+        self._kernel_always = False
 
     def grid_weight(self) -> GridWeight:
         return GridWeight.from_tensors(self.grid, self.shape, self.to_tensors())
@@ -102,14 +103,21 @@ class QLinear(QuantModule):
 
     def use_kernel(self, name: str = "auto") -> str:
         """Multiply through ``name`` (``lowbit.runtime.kernels``; ``auto``: the fastest that
-        takes this weight); returns the kernel used."""
+        takes this weight, for the activation dtypes it is fast in; a named kernel for all);
+        returns the kernel used."""
         from lowbit.runtime.kernels import build_kernel
 
         self._kernel = build_kernel(self.grid_weight(), name)
+        self._kernel_always = name != "auto"
         return self.kernel
 
+    def _through_kernel(self, x: torch.Tensor) -> bool:
+        k = self._kernel
+        return k is not None and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1] and \
+            (self._kernel_always or x.dtype in k.fast_dtypes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is not None and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]:
+        if self._through_kernel(x):
             y = self._kernel(x).to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
