@@ -279,10 +279,9 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
     if windows < 1 or seq_len < 2:
         raise LowbitError(f"--windows must be at least 1 and --seq-len at least 2, not "
                           f"{windows} and {seq_len}")
-    from lowbit.runtime.kernels import KERNELS, prepare_kernels
+    from lowbit.runtime.kernels import check_kernel_name, prepare_kernels
 
-    if kernel not in KERNELS:
-        raise LowbitError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+    check_kernel_name(kernel)
     check_seq_len(model_arg, seq_len)
     if speed:
         check_seq_len(model_arg, min(seq_len, SPEED_PROMPT_TOKENS) + SPEED_NEW_TOKENS)
@@ -537,10 +536,9 @@ class TextGenerator:
         import torch
 
         from lowbit.models import BUILTIN_MODELS, load_model, resolve
-        from lowbit.runtime.kernels import KERNELS, prepare_kernels
+        from lowbit.runtime.kernels import check_kernel_name, prepare_kernels
 
-        if kernel not in KERNELS:
-            raise LowbitError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+        check_kernel_name(kernel)
         if threads is not None:
             if threads < 1:
                 raise LowbitError(f"--threads must be at least 1, not {threads}")
@@ -566,7 +564,7 @@ class TextGenerator:
         this turn."""
         import torch
 
-        from lowbit.runtime.decode import Timing, generate, max_positions
+        from lowbit.runtime.decode import Timing, generate
 
         if max_new_tokens < 1:
             raise LowbitError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
@@ -575,10 +573,6 @@ class TextGenerator:
             return self._run_llamacpp(prompt, max_new_tokens, temperature, seed, chat, emit,
                                       history)
         ids = _prompt_ids(self.tok, prompt, chat, history)
-        limit = max_positions(self.model)
-        if limit is not None and ids.shape[1] + max_new_tokens > limit:
-            raise LowbitError(f"{ids.shape[1]} prompt tokens and {max_new_tokens} new ones take "
-                              f"more than the model's {limit} positions")
         stop = {t for t in [self.tok.eos_token_id, *_extra_stops(self.tok)] if t is not None}
         timing, new = Timing(), []
         text = Detokenizer(self.tok)

@@ -71,7 +71,7 @@ def _evaluate(model: nn.Module, windows: torch.Tensor, base: BaseLogprobs | None
 
 def model_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (tied tensors counted once) and by the
-    kernels' packed copies of quantized weights (``lowbit.runtime.kernels``)."""
+    kernels' packed copies of quantized weights made so far (``lowbit.runtime.kernels``)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         key = t.data_ptr()
@@ -79,11 +79,9 @@ def model_bytes(model: nn.Module) -> int:
             continue
         seen.add(key)
         total += t.numel() * t.element_size()
-    for m in model.modules():
-        kernel = getattr(m, "_kernel", None)
-        if kernel is not None:
-            total += kernel.nbytes()
-    return total
+    from lowbit.runtime.qlinear import QLinear
+
+    return total + sum(m.kernel_bytes() for m in model.modules() if isinstance(m, QLinear))
 
 
 def peak_rss_bytes() -> int:

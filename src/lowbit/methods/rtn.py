@@ -47,13 +47,12 @@ def grid_loss(gw: GridWeight, w: Tensor, h: Tensor) -> float:
     """``hessian_loss(gw.dequantize() - w, h)`` decoded a row block at a time, so the
     temporaries stay a few MB whatever the weight's size (grids whose parameters span rows
     decode whole)."""
-    total = 0.0
+    total, rows = 0.0, gw.shape[0]
     for r0, r1 in gw.row_blocks(LOSS_BLOCK):
-        delta = gw.rows(r0, r1).dequantize() if (r0, r1) != (0, gw.shape[0]) \
-            else gw.dequantize()
+        delta = (gw if (r0, r1) == (0, rows) else gw.rows(r0, r1)).dequantize()
         delta -= w[r0:r1]
         total += float(((delta @ h) * delta).sum())
-    return total / gw.shape[0]
+    return total / rows
 
 
 @register

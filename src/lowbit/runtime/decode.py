@@ -56,10 +56,7 @@ class Decoder:
                               f"{limit} (max_position_embeddings)")
         self.model = model
         self.max_len = max_len
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                     torch.float32)
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self._dtype = dtype
         # transformers 5 renames past_key_values to cache (the old name warns)
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"

@@ -63,13 +63,19 @@ def kernel_for(grid, shape: tuple[int, int], g_idx: bool = False) -> str:
     return "dequant"
 
 
-def check_kernel(name: str, grid, shape: tuple[int, int], g_idx: bool = False) -> str:
-    """Resolve ``auto``; a named kernel that cannot multiply this weight is a LowbitError."""
+def check_kernel_name(name: str) -> None:
     if name not in KERNELS:
         raise LowbitError(f"unknown kernel {name!r}; known: {', '.join(KERNELS)}")
+
+
+def check_kernel(name: str, grid, shape: tuple[int, int], g_idx: bool = False) -> str:
+    """Resolve ``auto``; a named kernel that cannot multiply this weight is a LowbitError."""
+    check_kernel_name(name)
     best = kernel_for(grid, shape, g_idx)
-    if name in ("auto", best) or name == "dequant":
-        return best if name == "auto" else name
+    if name == "auto":
+        return best
+    if name in ("dequant", best):
+        return name
     raise LowbitError(f"the {name} kernel cannot multiply a {grid.name} weight of shape "
                       f"{tuple(shape)} (it takes: {_KERNEL_TAKES[name]})")
 
@@ -171,13 +177,8 @@ class Int8Pack:
             (0 if self.shift is None else self.shift.nbytes())
 
 
+# the kernel objects by name, built from a GridWeight (``QLinear`` builds one at first use)
 BUILD: dict[str, Callable[[GridWeight], object]] = {"int4pack": Int4Pack, "int8pack": Int8Pack}
-
-
-def build_kernel(gw: GridWeight, name: str = "auto"):
-    """The kernel object multiplying ``gw`` (None for ``dequant``)."""
-    k = check_kernel(name, gw.grid, gw.shape, gw.g_idx is not None)
-    return None if k == "dequant" else BUILD[k](gw)
 
 
 def prepare_kernels(model: nn.Module, name: str = "auto") -> Counter:
@@ -185,8 +186,7 @@ def prepare_kernels(model: nn.Module, name: str = "auto") -> Counter:
     weight; ``dequant``: none). Returns how many layers use each kernel."""
     from lowbit.runtime.qlinear import QLinear
 
-    if name not in KERNELS:
-        raise LowbitError(f"unknown kernel {name!r}; known: {', '.join(KERNELS)}")
+    check_kernel_name(name)
     used: Counter = Counter()
     for m in model.modules():
         if isinstance(m, QLinear):

@@ -18,6 +18,7 @@ from torch import nn
 
 from lowbit.formats.grids import grid_info
 from lowbit.formats.weight import GridWeight
+from lowbit.runtime.kernels import BUILD, check_kernel
 
 
 class QuantModule(nn.Module):
@@ -83,7 +84,8 @@ class QLinear(QuantModule):
         )
         self.cache = cache
         self._w: torch.Tensor | None = None
-        self._kernel = None  # lowbit.runtime.kernels: None = decode, then a dense product
+        self._kernel_name = "dequant"  # lowbit.runtime.kernels: dequant = decode, dense product
+        self._kernel = None  # its object, built from the stored codes at first use
         self._kernel_always = False
 
     def grid_weight(self) -> GridWeight:
@@ -99,26 +101,36 @@ class QLinear(QuantModule):
 
     @property
     def kernel(self) -> str:
-        return "dequant" if self._kernel is None else self._kernel.name
+        return self._kernel_name
 
     def use_kernel(self, name: str = "auto") -> str:
         """Multiply through ``name`` (``lowbit.runtime.kernels``; ``auto``: the fastest that
         takes this weight, for the activation dtypes it is fast in; a named kernel for all);
-        returns the kernel used."""
-        from lowbit.runtime.kernels import build_kernel
-
-        self._kernel = build_kernel(self.grid_weight(), name)
+        returns the kernel used. Its packed copy is made when a product first needs it (an
+        fp32 model under ``auto`` never does)."""
+        self._kernel_name = check_kernel(name, self.grid, self.shape, "g_idx" in self._dtypes)
         self._kernel_always = name != "auto"
-        return self.kernel
+        self._kernel = None
+        return self._kernel_name
+
+    def built_kernel(self):
+        """The kernel object (None for ``dequant``), built at its first use."""
+        if self._kernel is None and self._kernel_name != "dequant":
+            self._kernel = BUILD[self._kernel_name](self.grid_weight())
+        return self._kernel
+
+    def kernel_bytes(self) -> int:
+        """Bytes of the kernel's packed copy of the weight, once built."""
+        return 0 if self._kernel is None else self._kernel.nbytes()
 
     def _through_kernel(self, x: torch.Tensor) -> bool:
-        k = self._kernel
-        return k is not None and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1] and \
-            (self._kernel_always or x.dtype in k.fast_dtypes)
+        name = self._kernel_name
+        return name != "dequant" and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1] and \
+            (self._kernel_always or x.dtype in BUILD[name].fast_dtypes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._through_kernel(x):
-            y = self._kernel(x).to(x.dtype)
+            y = self.built_kernel()(x).to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
