@@ -556,6 +556,12 @@ class TextGenerator:
         # fp32 activations multiply through decoded weights (runtime.kernels): keep them
         self.model, self.tok = load_model(model_arg, dtype, cache_weights=True)
         self.used = dict(prepare_kernels(self.model, kernel))
+        from lowbit.runtime.decode import generate
+
+        # one token through the model: kernels built, weights decoded - part of loading, not of
+        # the first prompt's prefill time
+        for _ in generate(self.model, torch.zeros(1, 1, dtype=torch.long), 1):
+            pass
 
     def run(self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
             seed: int = 0, chat: bool = False, history: list[dict] | None = None,
