@@ -1,6 +1,6 @@
-"""Weight-only kernels against the dequantized reference: which grids each takes, exact weights
-where the kernel's arithmetic allows (an identity input reads the weight back), fp32-rounding
-agreement otherwise, act-order, bf16, and the choice over a whole model."""
+"""Weight-only kernels against the dequantized reference: which grids each takes, every variant
+of lowbit's own kernels this CPU runs (AVX-512, AVX2, portable) on every grid they take,
+act-order, bf16, torch's int4pack/int8pack when named, and the choice over a whole model."""
 
 from __future__ import annotations
 
@@ -11,22 +11,29 @@ from lowbit.errors import LowbitError
 from lowbit.formats.grids import get_grid
 from lowbit.methods.gptq import gptq_quantize, prepare_hessian
 from lowbit.methods.rtn import rtn
-from lowbit.runtime.kernels import check_kernel, kernel_for, prepare_kernels
+from lowbit.runtime import cpu
+from lowbit.runtime.kernels import BUILD, check_kernel, kernel_for, lut_form, prepare_kernels
 from lowbit.runtime.qlinear import QLinear
 
 EXPECTED = {
-    "w4g32": "int4pack", "w4g64": "int4pack", "w4g128-asym": "int4pack",
-    "w4g256": "int4pack", "w8": "int8pack", "w8-asym": "int8pack", "w8-tensor": "int8pack",
-    "w4g16": "dequant", "w4": "dequant", "w3g64": "dequant", "w8g64": "dequant",
-    "nf4": "dequant", "fp4-g32": "dequant", "mxfp4": "dequant", "nvfp4": "dequant",
+    "w4g32": "lut4", "w4g64": "lut4", "w4g128-asym": "lut4", "w4g256": "lut4", "w4g16": "lut4",
+    "w4": "lut4", "w3g64": "lut4", "w3g128-asym": "lut4", "w2g32": "lut4", "nf4": "lut4",
+    "nf4-dq": "lut4", "fp4-g32": "lut4", "mxfp4": "lut4", "nvfp4": "lut4", "ternary": "lut4",
+    "sq4": "lut4", "sq3": "lut4",
+    "w8": "u8", "w8-asym": "u8", "w8-tensor": "u8", "w8g64": "u8", "w5g32": "u8", "w6": "u8",
+    "fp8-e4m3": "dequant", "mxfp6-e3m2": "dequant", "mxint8": "dequant",
 }
+OWN = [n for n, k in EXPECTED.items() if k != "dequant"]
+TORCH = {"w4g32": "int4pack", "w4g128-asym": "int4pack", "w8": "int8pack", "w8-asym": "int8pack",
+         "w8-tensor": "int8pack"}
 
 
 def layer(name: str, rows: int = 64, cols: int = 512, bias: bool = True) -> QLinear:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(rows, cols, generator=g) * 0.02
     b = torch.randn(rows, generator=g) if bias else None
-    return QLinear(rtn(w, get_grid(name)), b)
+    sens = torch.rand(cols, generator=g) + 0.5
+    return QLinear(rtn(w, get_grid(name), sens), b)
 
 
 @pytest.mark.parametrize("name", EXPECTED)
@@ -36,35 +43,98 @@ def test_auto_picks_the_kernel_that_takes_the_grid(name):
     assert q.use_kernel("auto") == EXPECTED[name] == q.kernel
 
 
-def test_int4pack_needs_rows_in_sixteens_and_a_dividing_group():
-    assert kernel_for(get_grid("w4g64"), (72, 512)) == "dequant"
-    assert kernel_for(get_grid("w4g128"), (64, 192)) == "dequant"  # 128 does not divide 192
+def test_kernels_refuse_what_they_cannot_take():
+    assert kernel_for(get_grid("w4g64"), (64, 528)) == "dequant"  # 528 is no multiple of 32
+    assert kernel_for(get_grid("w8"), (64, 520)) == "dequant"  # nor of 16
     with pytest.raises(LowbitError, match="int4pack kernel cannot multiply a nf4 weight"):
         check_kernel("int4pack", get_grid("nf4"), (64, 512))
+    with pytest.raises(LowbitError, match="int4pack kernel cannot multiply a w4g64 weight"):
+        check_kernel("int4pack", get_grid("w4g64"), (72, 512))  # rows not in sixteens
+    with pytest.raises(LowbitError, match="u8 kernel cannot multiply a nf4"):
+        check_kernel("u8", get_grid("nf4"), (64, 512))
     with pytest.raises(LowbitError, match="unknown kernel 'marlin'"):
         check_kernel("marlin", get_grid("w4g64"), (64, 512))
 
 
-@pytest.mark.parametrize("name", [n for n, k in EXPECTED.items() if k != "dequant"])
-def test_kernels_read_back_the_decoded_weight(name):
-    """x = I gives W^T: one product per output, so the kernel's weights are seen exactly
-    (symmetric grids: bit for bit; zero points: to the last bit of (q-8)s + (8-z)s)."""
+def reference(q: QLinear, x: torch.Tensor) -> torch.Tensor:
+    """The decoded weight's product in float64: what fp32 sums in any order approach."""
+    w = q.dequantized_weight().double()
+    b = 0 if q.bias is None else q.bias.double()
+    return x.double() @ w.T + b
+
+
+@pytest.mark.parametrize("variant", cpu.runnable())
+@pytest.mark.parametrize("name", OWN)
+def test_own_kernels_equal_the_decoded_weight_in_every_variant(name, variant):
+    """Every variant this CPU runs (the suite on an AVX-512 machine runs all three), on every
+    grid the kernels take: within fp32 rounding of the float64 product of the decoded weight
+    (a bound ~100x below what one wrong code or scale would give), for 1 and for 16 rows."""
+    q = layer(name)
+    gw = q.grid_weight()
+    kernel = BUILD[EXPECTED[name]](gw, isa=variant)
+    g = torch.Generator().manual_seed(1)
+    for rows in (1, 16):
+        x = torch.randn(rows, 512, generator=g)
+        ref = reference(q, x) - (0 if q.bias is None else q.bias.double())
+        y = kernel(x)
+        assert y.dtype == torch.float32 and y.shape == (rows, 64)
+        scale = float(x.abs().sum(-1).max()) * float(gw.dequantize().abs().max())
+        assert float((y.double() - ref).abs().max()) <= 1e-6 * scale, (name, variant)
+
+
+@pytest.mark.parametrize("name", ["w4g32", "w3g64", "w8"])
+def test_integer_weights_are_read_back_bit_for_bit(name):
+    """x = I gives W^T, one product per output: a symmetric integer grid's table is q - zero,
+    so every weight the kernel sees is exactly the decoded one."""
     q = layer(name, bias=False)
-    ref = q.dequantized_weight()
-    q.use_kernel("auto")
-    got = q.built_kernel()(torch.eye(512)).T  # the kernel itself (512 rows go densely)
-    if "asym" in name:
-        torch.testing.assert_close(got, ref, rtol=2e-7, atol=1e-9)
-    else:
-        assert torch.equal(got, ref)
+    kernel = BUILD[EXPECTED[name]](q.grid_weight())
+    assert torch.equal(kernel(torch.eye(512)).T, q.dequantized_weight())
 
 
-@pytest.mark.parametrize("name", [n for n, k in EXPECTED.items() if k != "dequant"])
-def test_kernels_equal_the_reference_to_fp32_rounding(name):
+def test_lut_form_finds_each_grids_table():
+    nf4 = lut_form(layer("nf4").grid_weight())
+    assert nf4[0].shape == (1, 16) and nf4[2] is None  # one table: NF4's levels over absmax
+    nf4_levels = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                  -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                  0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                  0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                  0.7229568362236023, 1.0]  # QLoRA's table (bitsandbytes)
+    torch.testing.assert_close(nf4[0][0], torch.tensor(nf4_levels))
+    sq = lut_form(layer("sq3").grid_weight())
+    assert sq[0].shape == (64, 16) and bool((sq[0][:, 8:] == 0).all())  # a table per row
+    asym = lut_form(layer("w4g128-asym").grid_weight())
+    assert torch.equal(asym[0], torch.arange(16.0)) and asym[2] is not None  # zero points
+
+
+def test_lut_form_refuses_values_no_table_gives():
+    """A grid whose codes' values are not one table times a scale per group is refused, not
+    multiplied wrongly."""
+    from lowbit.formats.grids_lut import Nf4Grid
+
+    class Bent(Nf4Grid):
+        def decode(self, codes, params):  # a per-code term that does not scale with the group
+            return super().decode(codes, params) + codes.float() * 1e-3
+
+    gw = layer("nf4").grid_weight()
+    gw.grid = Bent()
+    with pytest.raises(LowbitError, match="does not decompose"):
+        lut_form(gw)
+
+
+def test_a_variant_the_cpu_lacks_is_refused(monkeypatch):
+    monkeypatch.setenv("LOWBIT_CPU_ISA", "sse9")
+    with pytest.raises(LowbitError, match="LOWBIT_CPU_ISA='sse9'"):
+        cpu.isa()
+    monkeypatch.setenv("LOWBIT_CPU_ISA", "portable")
+    assert cpu.isa() == "portable"
+
+
+@pytest.mark.parametrize("name", TORCH)
+def test_torch_kernels_when_named_equal_the_reference(name):
     q = layer(name)
     x = torch.randn(2, 7, 512, generator=torch.Generator().manual_seed(1))
     ref = q(x)
-    q.use_kernel(EXPECTED[name])  # named: used for fp32 activations too
+    q.use_kernel(TORCH[name])  # named: used for fp32 activations too
     y = q(x)
     assert y.shape == ref.shape and y.dtype == torch.float32
     assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
@@ -73,7 +143,16 @@ def test_kernels_equal_the_reference_to_fp32_rounding(name):
     assert float((yb.float() - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
 
 
-def test_act_order_groups_are_gathered_back():
+@pytest.mark.parametrize("name", ["w4g32", "w8"])
+def test_torch_kernels_read_back_the_decoded_weight(name):
+    q = layer(name, bias=False)
+    ref = q.dequantized_weight()
+    q.use_kernel(TORCH[name])
+    assert torch.equal(q.built_kernel()(torch.eye(512)).T, ref)
+
+
+@pytest.mark.parametrize("kernel", ["lut4", "int4pack"])
+def test_act_order_groups_are_gathered_back(kernel):
     g = torch.Generator().manual_seed(2)
     w = torch.randn(32, 256, generator=g) * 0.02
     x = torch.randn(512, 256, generator=g) * torch.linspace(0.1, 3, 256)
@@ -82,18 +161,19 @@ def test_act_order_groups_are_gathered_back():
     assert gw.g_idx is not None and not torch.equal(gw.g_idx, torch.arange(256) // 64)
     q = QLinear(gw)
     ref = q(x[:5])
-    assert q.use_kernel("int4pack") == "int4pack"
+    assert q.use_kernel(kernel) == kernel
     torch.testing.assert_close(q(x[:5]), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_prepare_kernels_counts_the_model_and_dequant_undoes_it():
     model = torch.nn.Sequential(layer("w4g64"), torch.nn.ReLU(), layer("nf4", 512, 64),
-                                layer("w8", 64, 512))
+                                layer("w8", 64, 512), torch.nn.ReLU(),
+                                layer("fp8-e4m3", 512, 64))
     x = torch.randn(3, 512)
     ref = model(x)
-    assert prepare_kernels(model, "auto") == {"int4pack": 1, "dequant": 1, "int8pack": 1}
+    assert prepare_kernels(model, "auto") == {"lut4": 2, "u8": 1, "dequant": 1}
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
-    assert prepare_kernels(model, "dequant") == {"dequant": 3}
+    assert prepare_kernels(model, "dequant") == {"dequant": 4}
     assert torch.equal(model(x), ref)
 
 
@@ -105,7 +185,7 @@ def test_many_rows_go_through_the_decoded_weight():
     q = layer("w4g64-asym")
     x = torch.randn(KERNEL_MAX_ROWS + 1, 512)
     ref = q(x)
-    q.use_kernel("int4pack")
+    q.use_kernel("auto")
     assert torch.equal(q(x), ref)
     assert not torch.equal(q(x[:KERNEL_MAX_ROWS]), ref[:KERNEL_MAX_ROWS])  # the kernel's sums
     torch.testing.assert_close(q(x[:KERNEL_MAX_ROWS]), ref[:KERNEL_MAX_ROWS])
@@ -121,19 +201,18 @@ class Counting:
         return self.kernel(x)
 
 
-@pytest.mark.parametrize("name", ["w4g32", "w8"])
-def test_auto_sends_only_bf16_activations_through_the_kernel(name):
-    """torch's kernels are slow for fp32 activations (BENCHMARKS.md): auto multiplies those
-    through the decoded weight, bf16 ones through the kernel; a named kernel takes both."""
-    q = layer(name)
+def test_auto_routes_every_dtype_through_lowbits_kernels_and_torchs_only_bf16():
+    """lowbit's kernels take fp32, bf16 and fp16 activations (multiplied in fp32); torch's
+    int4pack, slow for fp32, takes only bf16 unless named... and is never auto's choice."""
+    q = layer("w4g32")
     x = torch.randn(4, 512)
-    ref = q(x)
     q.use_kernel("auto")
     q._kernel = counting = Counting(q.built_kernel())
-    assert torch.equal(q(x), ref) and counting.calls == 0
-    q(x.bfloat16())
-    assert counting.calls == 1
-    q.use_kernel(EXPECTED[name])
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        assert q(x.to(dt)).dtype == dt
+    assert counting.calls == 3 and q.cache is False
+    q.use_kernel("int4pack")
     q._kernel = counting = Counting(q.built_kernel())
     q(x)
-    assert counting.calls == 1
+    q(x.bfloat16())
+    assert counting.calls == 2

@@ -4,26 +4,27 @@ A ``QLinear`` multiplies through one of these, chosen per layer when the model i
 (``prepare_kernels``); the choice follows from the layer's grid and shape alone
 (``kernel_for``), so ``lowbit info`` can say it without loading anything.
 
-- ``int4pack``: 4-bit integer grids in groups of 32, 64, 128 or 256 (symmetric or with zero
-  points; act-order ``g_idx`` too, the input's columns gathered into group order at each call),
-  through torch's ``_weight_int4pack_mm_for_cpu``. The kernel computes
-  ``((q - 8) * s + z') . x`` with ``z' = (8 - zero) * s``: for symmetric grids ``z' = 0`` and
-  every weight is exactly ``grid.decode``'s; with zero points ``(q - 8) * s + z'`` may differ
-  from ``(q - zero) * s`` in the last bit. The sums run in another order than a dense GEMM:
-  results equal the dequantized reference to fp32 rounding, not bit for bit.
-- ``int8pack``: 8-bit integer grids per output channel (or one scale per tensor), through
-  ``_weight_int8pack_mm`` on ``q - 128``; zero points other than 128 add ``s * (128 - zero)``
-  times the sum of the input. Same exactness as ``int4pack``.
-- ``dequant``: every other grid (3/2/5-7 bits, NF4, FP4, MX, NVFP4, SqueezeLLM, ternary): the
-  weight decoded at each call (or once, when the model caches decoded weights), then a dense
-  product - the reference the other two are checked against.
+- ``lut4``: lowbit's own kernel (``gemv.cpp``, AVX-512 / AVX2 / portable, built at first use by
+  ``lowbit.runtime.cpu``) for every grid of at most 4 bits per code whose groups are 16 or a
+  multiple of 32 columns (or whole rows): integer grids of 2-4 bits (symmetric, zero points,
+  act-order), NF4, FP4, MXFP4, NVFP4, ternary, SqueezeLLM. Each weight is ``s * T[q] + b`` with
+  a 16-entry table ``T`` (one per tensor, or per row for SqueezeLLM), a scale ``s`` and an
+  offset ``b`` per group: ``lut_form`` finds them by decoding every code of every group and
+  checks the decomposition against the grid's own ``decode``. 0.5 bytes per weight plus fp32
+  scales; the decoded weight is never built.
+- ``u8``: the same kernel's 8-bit form for integer grids of 5-8 bits (one byte per code).
+- ``int4pack`` / ``int8pack``: torch's ``_weight_int4pack_mm_for_cpu`` (4-bit integer grids in
+  groups of 32-256, scales as ``((q - 8) * s + (8 - zero) * s)``) and ``_weight_int8pack_mm``
+  (8-bit per channel, on ``q - 128``). Fast only for bf16 activations (a scalar path for fp32,
+  5x slower than the dense product: BENCHMARKS.md, issue 16), so only when named.
+- ``dequant``: the weight decoded, then a dense product - what every other grid uses (5-8-bit
+  floats, MX 6/8-bit) and the reference the kernels are checked against.
 
-Activations in fp32 or bf16 go to the kernels as they are (fp16 is computed in fp32); the
-kernels' scale tensors are kept per activation dtype. torch's two kernels are fast only for
-bf16 activations: with fp32 ones they take a scalar path, 5x slower than the dense product of
-the decoded weight (BENCHMARKS.md, issue 16). So ``auto`` multiplies bf16 activations through
-the kernel and fp32 ones through the decoded weight (kept decoded when the model caches
-weights); a kernel named explicitly (``--kernel int4pack``) is used for every dtype.
+None is bit-exact: the sums run in another order than a dense GEMM, so results equal the
+dequantized reference to fp32 rounding (tests bound the difference). Activations in any float
+dtype are multiplied in fp32 by ``lut4``/``u8`` and cast back. Kernels are matrix-vector
+kernels: ``QLinear`` sends them at most ``KERNEL_MAX_ROWS`` rows (a decode step), and decodes the
+weight for a prompt's many rows.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.integer import IntGrid
 from lowbit.formats.weight import GridWeight
 
-KERNELS = ("auto", "int4pack", "int8pack", "dequant")
+KERNELS = ("auto", "lut4", "u8", "int4pack", "int8pack", "dequant")
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -50,17 +51,26 @@ def _has(op: str) -> bool:
 def kernel_for(grid, shape: tuple[int, int], g_idx: bool = False) -> str:
     """The kernel ``auto`` picks for a weight of ``shape`` on ``grid`` (``g_idx``: act-order
     stored its column groups)."""
+    return next((k for k in ("lut4", "u8") if _takes(k, grid, shape)), "dequant")
+
+
+def _takes(name: str, grid, shape: tuple[int, int], g_idx: bool = False) -> bool:
     out_f, in_f = shape
-    if not isinstance(grid, IntGrid):
-        return "dequant"
-    if (grid.bits == 4 and grid.granularity == "group" and grid.group in INT4_GROUPS
-            and in_f % grid.group == 0 and out_f % 16 == 0
-            and _has("_weight_int4pack_mm_for_cpu")):
-        return "int4pack"
-    if grid.bits == 8 and grid.granularity != "group" and not g_idx \
-            and _has("_weight_int8pack_mm"):
-        return "int8pack"
-    return "dequant"
+    gs = grid.group_size
+    if name == "lut4":
+        return grid.code_bits <= 4 and in_f % 32 == 0 and (gs is None or gs == 16 or
+                                                           gs % 32 == 0)
+    if name == "u8":
+        return isinstance(grid, IntGrid) and 4 < grid.bits <= 8 and in_f % 16 == 0 and \
+            (gs is None or gs % 16 == 0)
+    if name == "int4pack":
+        return (isinstance(grid, IntGrid) and grid.bits == 4 and grid.granularity == "group"
+                and grid.group in INT4_GROUPS and in_f % grid.group == 0 and out_f % 16 == 0
+                and _has("_weight_int4pack_mm_for_cpu"))
+    if name == "int8pack":
+        return isinstance(grid, IntGrid) and grid.bits == 8 and grid.granularity != "group" \
+            and not g_idx and _has("_weight_int8pack_mm")
+    return name == "dequant"
 
 
 def check_kernel_name(name: str) -> None:
@@ -71,16 +81,18 @@ def check_kernel_name(name: str) -> None:
 def check_kernel(name: str, grid, shape: tuple[int, int], g_idx: bool = False) -> str:
     """Resolve ``auto``; a named kernel that cannot multiply this weight is a LowbitError."""
     check_kernel_name(name)
-    best = kernel_for(grid, shape, g_idx)
     if name == "auto":
-        return best
-    if name in ("dequant", best):
+        return kernel_for(grid, shape, g_idx)
+    if _takes(name, grid, shape, g_idx):
         return name
     raise LowbitError(f"the {name} kernel cannot multiply a {grid.name} weight of shape "
                       f"{tuple(shape)} (it takes: {_KERNEL_TAKES[name]})")
 
 
 _KERNEL_TAKES = {
+    "lut4": "grids of at most 4 bits per code, groups of 16 or a multiple of 32 columns, an "
+            "input size that is a multiple of 32",
+    "u8": "5-8-bit integer grids, groups a multiple of 16 columns",
     "int4pack": f"4-bit integer grids in groups of {'/'.join(map(str, INT4_GROUPS))} dividing "
                 "the input, output rows a multiple of 16",
     "int8pack": "8-bit integer grids per channel or per tensor, no act-order g_idx",
@@ -177,8 +189,176 @@ class Int8Pack:
             (0 if self.shift is None else self.shift.nbytes())
 
 
+# how closely ``s * T[q] + b`` must give the grid's own decoded values, relative to the
+# group's largest magnitude: fp32 rounding of the products, nothing more
+LUT_TOLERANCE = 1e-6
+
+
+def _group_view(gw: GridWeight) -> tuple[Tensor, Tensor | None, int]:
+    """(codes, act-order column order or None, group size) with each group's columns
+    contiguous."""
+    grid = gw.grid
+    k = gw.shape[1]
+    group = grid.group_size or k
+    codes, perm = gw.codes, None
+    if gw.g_idx is not None:  # act-order: the columns gathered so that groups are contiguous
+        perm = torch.argsort(gw.g_idx.long(), stable=True)
+        counts = torch.bincount(gw.g_idx.long(), minlength=gw.n_groups)
+        if bool((counts != group).any()):
+            raise LowbitError(f"{grid.name}: act-order groups of unequal size")
+        codes = codes[:, perm]
+    if grid.signed_codes:  # stored offset by 2^(bits-1) - 1, as the packed form does
+        codes = codes.to(torch.int16) + ((1 << (grid.code_bits - 1)) - 1)
+    return codes.to(torch.uint8), perm, group
+
+
+def _code_values(gw: GridWeight) -> Tensor:
+    """(out, groups, 2^bits) fp32: what each code decodes to in each group, by the grid."""
+    grid = gw.grid
+    n_codes = 1 << grid.code_bits
+    probe = torch.arange(n_codes)
+    if grid.signed_codes:
+        probe = (probe - ((1 << (grid.code_bits - 1)) - 1)).to(torch.int8)
+    else:
+        probe = probe.to(torch.uint8)
+    rows = gw.shape[0]
+    if grid.group_size is None:  # one group per row
+        return grid.decode(probe.expand(rows, n_codes).contiguous(), gw.params).float() \
+            .reshape(rows, 1, n_codes)
+    pv = {k: v.unsqueeze(-1) if k in grid.group_keys else v for k, v in gw.params.items()}
+    codes = probe.expand(rows, gw.n_groups, n_codes).contiguous()
+    return grid.decode(codes, pv).float().reshape(rows, gw.n_groups, n_codes)
+
+
+def lut_form(gw: GridWeight) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(T, s, b)`` with ``W[n, i] = s[n, g] * T[n or 0, q[n, i]] + b[n, g]`` (``b`` None when
+    zero): integer grids from their scale and zero point; any other grid of at most 16 codes
+    from its decoded code values (``s`` = the group's largest magnitude, ``T`` the values over
+    it, one table when every row has the same). A LowbitError if the grid's values do not
+    decompose so."""
+    grid = gw.grid
+    if isinstance(grid, IntGrid):
+        n, g = gw.shape[0], gw.n_groups
+        scale = gw.params["scale"].float().expand(n, g).contiguous()
+        zero = gw.params["zero"].float().expand(n, g)
+        if bool((zero == zero.reshape(-1)[0]).all()):  # symmetric: one zero point
+            return torch.arange(16.0) - zero.reshape(-1)[0], scale, None
+        return torch.arange(16.0), scale, (-zero * scale).contiguous()
+    v = _code_values(gw)  # (n, g, codes)
+    s = v.abs().amax(-1)  # (n, g)
+    best = s.argmax(-1)  # each row's table from its largest group
+    rows = torch.arange(v.shape[0])
+    sb = s[rows, best]
+    t = torch.where(sb[:, None] > 0, v[rows, best] / sb[:, None].clamp_min(1e-38), 0.0)
+    live = sb > 0
+
+    def fits(table: Tensor) -> bool:
+        err = (s[..., None] * table[:, None, :] - v).abs().amax(-1)
+        return not bool((err > LUT_TOLERANCE * s).any())
+
+    if bool(live.any()) and fits(t[live][0:1]):  # one table for the tensor
+        t = t[live][0:1]
+    elif not fits(t):
+        raise LowbitError(f"{grid.name}: the weight does not decompose into a 16-entry table "
+                          "and a scale per group (use --kernel dequant)")
+    table = torch.zeros(t.shape[0], 16)
+    table[:, : t.shape[1]] = t
+    return table, s.contiguous(), None
+
+
+def _pack_nibbles(codes: Tensor) -> Tensor:
+    """(n, k) codes 0..15 -> (n, k/2) bytes: in each 32-column chunk, byte j holds column j in
+    its low and column j + 16 in its high nibble (gemv.cpp's layout)."""
+    n, k = codes.shape
+    c = codes.reshape(n, k // 32, 2, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+class _OwnKernel:
+    """Shared by ``Lut4`` and ``U8``: any float activations, multiplied in fp32."""
+
+    fast_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    perm: Tensor | None
+    out_features: int
+
+    def __init__(self) -> None:
+        from lowbit.runtime import cpu
+
+        self.ops = cpu.ops()
+        self.isa = cpu.ISAS[cpu.isa()]
+
+    def _x(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        lead = tuple(x.shape[:-1])
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if self.perm is not None:
+            x2 = x2[:, self.perm]
+        return x2.contiguous(), lead
+
+
+class Lut4(_OwnKernel):
+    """``y = x W^T`` for a weight of at most 4 bits per code, through ``lut_form``."""
+
+    name = "lut4"
+
+    def __init__(self, gw: GridWeight, isa: str | None = None) -> None:
+        super().__init__()
+        from lowbit.runtime import cpu
+
+        if isa is not None:
+            self.isa = cpu.ISAS[isa]
+        codes, self.perm, self.group = _group_view(gw)
+        self.out_features = gw.shape[0]
+        self.codes = _pack_nibbles(codes)
+        table, scale, bias = lut_form(gw)
+        self.table = table.float().reshape(-1, 16).contiguous()
+        self.scale = scale.float().contiguous()
+        self.bias = None if bias is None else bias.float().contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x2, lead = self._x(x)
+        y = self.ops.lut4_mm(x2, self.codes, self.table, self.scale, self.bias, self.group,
+                             self.isa)
+        return y.reshape(*lead, self.out_features)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.codes, self.table, self.scale, self.bias, self.perm) if t is not None)
+
+
+class U8(_OwnKernel):
+    """``y = x W^T`` for a 5-8-bit integer weight, one byte per code."""
+
+    name = "u8"
+
+    def __init__(self, gw: GridWeight, isa: str | None = None) -> None:
+        super().__init__()
+        from lowbit.runtime import cpu
+
+        if isa is not None:
+            self.isa = cpu.ISAS[isa]
+        codes, self.perm, self.group = _group_view(gw)
+        self.out_features = gw.shape[0]
+        self.codes = codes.contiguous()
+        _, self.scale, bias = lut_form(gw)
+        if bias is None:  # one zero point for the tensor: folded into the offsets
+            zero = gw.params["zero"].float().reshape(-1)[0]
+            bias = (-zero * self.scale).contiguous()
+        self.bias = bias
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x2, lead = self._x(x)
+        y = self.ops.u8_mm(x2, self.codes, self.scale, self.bias, self.group, self.isa)
+        return y.reshape(*lead, self.out_features)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.codes, self.scale, self.bias, self.perm) if t is not None)
+
+
 # the kernel objects by name, built from a GridWeight (``QLinear`` builds one at first use)
-BUILD: dict[str, Callable[[GridWeight], object]] = {"int4pack": Int4Pack, "int8pack": Int8Pack}
+BUILD: dict[str, Callable[[GridWeight], object]] = {
+    "lut4": Lut4, "u8": U8, "int4pack": Int4Pack, "int8pack": Int8Pack}
+OWN_KERNELS = ("lut4", "u8")  # fast for every activation dtype
 
 
 def prepare_kernels(model: nn.Module, name: str = "auto") -> Counter:

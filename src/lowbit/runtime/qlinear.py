@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit.formats.grids import grid_info
 from lowbit.formats.weight import GridWeight
-from lowbit.runtime.kernels import BUILD, check_kernel
+from lowbit.runtime.kernels import BUILD, OWN_KERNELS, check_kernel
 
 
 class QuantModule(nn.Module):
@@ -111,6 +111,8 @@ class QLinear(QuantModule):
         self._kernel_name = check_kernel(name, self.grid, self.shape, "g_idx" in self._dtypes)
         self._kernel_always = name != "auto"
         self._kernel = None
+        if self._kernel_name in OWN_KERNELS:  # a decoded copy would undo the kernel's saving
+            self.cache, self._w = False, None
         return self._kernel_name
 
     def built_kernel(self):

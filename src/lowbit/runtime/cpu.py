@@ -1,0 +1,100 @@
+"""lowbit's own CPU kernels (``gemv.cpp``), compiled at their first use and cached.
+
+The C++ source is built once per source version and torch version with torch's extension
+builder (a C++ compiler and ninja; about half a minute) into ``$LOWBIT_CACHE/kernels``, then
+loaded as the ops ``torch.ops.lowbit_cpu.lut4_mm`` and ``u8_mm``. Each op has three variants -
+AVX-512, AVX2+FMA, portable C++ - all compiled into the one library; ``isa()`` names the best
+one this CPU runs (torch's own CPU capability check), and every call names its variant, so tests
+run each path the CPU can execute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+
+SOURCE = Path(__file__).with_name("gemv.cpp")
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+
+
+def isa() -> str:
+    """The fastest variant this CPU runs (``LOWBIT_CPU_ISA`` may name a lower one)."""
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    best = "avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") \
+        else "portable"
+    want = os.environ.get("LOWBIT_CPU_ISA")
+    if want:
+        if want not in ISAS:
+            raise LowbitError(f"LOWBIT_CPU_ISA={want!r}: choose one of {', '.join(ISAS)}")
+        if ISAS[want] > ISAS[best]:
+            raise LowbitError(f"LOWBIT_CPU_ISA={want}: this CPU runs at most {best}")
+        return want
+    return best
+
+
+def runnable() -> list[str]:
+    """Every variant this CPU can execute."""
+    best = ISAS[isa() if not os.environ.get("LOWBIT_CPU_ISA") else _detected()]
+    return [k for k, v in ISAS.items() if v <= best]
+
+
+def _detected() -> str:
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    return "avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") \
+        else "portable"
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return root / "kernels" / tag
+
+
+@cache
+def ops():
+    """``torch.ops.lowbit_cpu``, building the library first if this version is not cached."""
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the pip package's binary, when not on PATH
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    build = _cache_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    lib = build / "lowbit_cpu.so"
+    if not lib.is_file():
+        print("building lowbit's CPU kernels (once per version, about 30 s)...",
+              file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(name="lowbit_cpu", sources=[str(SOURCE)], build_directory=str(build),
+                           extra_cflags=["-O3", "-std=c++17"], is_python_module=False,
+                           verbose=False)
+    except (RuntimeError, OSError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LowbitError(f"could not build lowbit's CPU kernels ({first}); a C++ compiler "
+                          "and ninja are needed, or choose --kernel dequant") from None
+    _register_fakes()
+    return torch.ops.lowbit_cpu
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile's tracing."""
+
+    @torch.library.register_fake("lowbit_cpu::lut4_mm")
+    def _(x, codes, table, scale, bias, group, isa):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("lowbit_cpu::u8_mm")
+    def _(x, codes, scale, bias, group, isa):
+        return x.new_empty(x.shape[0], codes.shape[0])
