@@ -2,17 +2,21 @@
 
 For each configuration, in its own process (so each peak RSS is its own), at 1 and at 2
 threads: prefill of a 512-token prompt (WikiText, or the built-in text) and decode of 128 new
-tokens (greedy, static KV cache), and the bytes the Linears hold resident (stored codes plus the
-kernel's packed copy) against their fp32 size.
+tokens (greedy, static KV cache), the bytes the Linears hold resident (stored codes plus the
+kernel's packed copy) against their fp32 size, and the accuracy of the runtime itself: the
+perplexity of the prompt's first 128 tokens fed one at a time through the decode step (so
+every product goes through the kernel) against the same tokens in one dense forward pass of
+the decoded weights (the reference ``lowbit eval`` computes).
 
     python benchmarks/runtime_speed.py                 # eager one-token step
     python benchmarks/runtime_speed.py --compile       # torch.compile'd one-token step
 
-Configurations: the fp32 and bf16 base (SmolLM2-135M), RTN w4g32 (symmetric, the grid of
-llama.cpp's Q4_0) and w8 per channel through their kernels and through ``--kernel dequant``,
-and the base exported to GGUF F32 / Q8_0 / Q4_0 run by llama-cpp-python at the same threads
-(prompt evaluated in one call, then one ``eval`` per new token). Ratios are against fp32 and
-against llama.cpp's Q4_0 from the same run.
+Configurations: the fp32 and bf16 base (SmolLM2-135M); RTN w4g32 (symmetric, the grid of
+llama.cpp's Q4_0), w4g64-asym, NF4 and w8 per channel through lowbit's kernels (lut4, u8:
+``auto``), w4g32 with bf16 activations through torch's int4pack; and the base exported to GGUF
+F32 / Q8_0 / Q4_0 run by llama-cpp-python at the same threads (prompt evaluated in one call,
+then one ``eval`` per new token). Ratios are against fp32, bf16 and llama.cpp's Q4_0 from the
+same run.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 
 WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 PROMPT, NEW = 512, 128
+PPL_TOKENS = 128
 
 
 def lowbit(*args: str) -> list[str]:
@@ -67,9 +72,33 @@ def measure_lowbit(model: str, dtype: str, kernel: str, threads: int, compile: b
                 m.get_input_embeddings().weight.data_ptr():
             linear += mod.weight.numel() * mod.weight.element_size()
             fp32 += 4 * mod.weight.numel()
+    ppl_step, ppl_dense = runtime_perplexity(m, prompt_ids()[:PPL_TOKENS])
     return {"prefill": t.prefill_tokens_per_s, "decode": t.decode_tokens_per_s,
             "kernel": dict(used), "linear_bytes": linear, "linear_fp32_bytes": fp32,
-            "peak_rss_mb": peak_rss_bytes() / 2**20, "seconds": seconds}
+            "peak_rss_mb": peak_rss_bytes() / 2**20, "seconds": seconds,
+            "ppl_step": ppl_step, "ppl_dense": ppl_dense}
+
+
+def runtime_perplexity(model, ids) -> tuple[float, float]:
+    """Perplexity of ``ids`` fed one token at a time through the decode step (each product
+    through the layer's kernel), and in one dense forward pass (the decoded weights)."""
+    import torch
+
+    from lowbit.runtime.decode import Decoder
+
+    ids = ids.reshape(1, -1)
+    n = ids.shape[1]
+    with torch.inference_mode():
+        dense = model(input_ids=ids).logits[0, :-1].float()
+        dec = Decoder(model, n)
+        step = [dec.prefill(ids[:, :1])] + [dec.step(ids[0, i], i) for i in range(1, n - 1)]
+        step = torch.cat(step).float()
+    target = ids[0, 1:]
+
+    def ppl(logits):
+        return float(torch.nn.functional.cross_entropy(logits, target).exp())
+
+    return ppl(step), ppl(dense)
 
 
 def measure_llamacpp(path: str, threads: int) -> dict:
@@ -118,15 +147,17 @@ def main() -> None:
         args.threads = int(args.threads)
         return one(args)
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-speed-"))
-    for scheme in ("w4g32", "w8"):
+    for scheme in ("w4g32", "w4g64-asym", "nf4", "w8"):
         subprocess.run(lowbit("quantize", "smollm2-135m", "--method", "rtn", "--scheme", scheme,
                               "--out", tmp / scheme, "--quiet"), check=True)
     configs = [("fp32", "smollm2-135m", "fp32", "auto", False),
                ("bf16", "smollm2-135m", "bf16", "auto", False),
-               ("w4g32 int4pack", tmp / "w4g32", "auto", "int4pack", False),  # fp32 activations
-               ("w4g32 dequant", tmp / "w4g32", "auto", "dequant", False),
-               ("w8 int8pack", tmp / "w8", "auto", "int8pack", False),
-               ("w4g32 int4pack bf16", tmp / "w4g32", "bf16", "auto", False)]
+               ("w4g32 lut4", tmp / "w4g32", "fp32", "auto", False),
+               ("w4g64-asym lut4", tmp / "w4g64-asym", "fp32", "auto", False),
+               ("nf4 lut4", tmp / "nf4", "fp32", "auto", False),
+               ("w8 u8", tmp / "w8", "fp32", "auto", False),
+               ("w4g32 lut4 bf16", tmp / "w4g32", "bf16", "auto", False),
+               ("w4g32 int4pack bf16", tmp / "w4g32", "bf16", "int4pack", False)]
     if not args.no_llamacpp:
         for qtype in ("F32", "Q8_0", "Q4_0"):
             f = tmp / f"{qtype}.gguf"
@@ -145,7 +176,9 @@ def main() -> None:
                 sys.exit(f"{name}: failed\n{r.stderr[-2000:]}")
             rows[(name, threads)] = json.loads(r.stdout.strip().splitlines()[-1])
             res = rows[(name, threads)]
-            mem = (f"Linears {res['linear_bytes'] / res['linear_fp32_bytes']:.3f}x fp32"
+            mem = (f"Linears {res['linear_bytes'] / res['linear_fp32_bytes']:.3f}x fp32  "
+                   f"ppl step {res['ppl_step']:.4f} dense {res['ppl_dense']:.4f} "
+                   f"({100 * (res['ppl_step'] / res['ppl_dense'] - 1):+.3f}%)"
                    if "linear_bytes" in res else "")
             print(f"{threads} thr  {name:22s} prefill {res['prefill']:7.1f} tok/s  decode "
                   f"{res['decode']:6.1f} tok/s  peak RSS {res['peak_rss_mb']:6.0f} MB  {mem}",

@@ -45,8 +45,10 @@ def test_quantized_kernels_generate_what_the_reference_does(tiny_ckpt, tmp_path)
     model, _ = load_model(tmp_path / "q")
     prompt = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(1))
     ref = list(generate(model, prompt, 10))
-    assert prepare_kernels(model, "int4pack") == {"int4pack": 14}  # fp32 activations too
-    assert list(generate(model, prompt, 10)) == ref == teacher_forced(model, prompt, ref)
+    assert ref == teacher_forced(model, prompt, ref)
+    for kernel in ("lut4", "int4pack"):  # int4pack named: fp32 activations too
+        assert prepare_kernels(model, kernel) == {kernel: 14}
+        assert list(generate(model, prompt, 10)) == ref
 
 
 def test_sampling_follows_the_seed_and_stop_tokens_end_it():
@@ -81,7 +83,7 @@ def test_generate_command(tiny_ckpt, tmp_path):
     r = lowbit_cli("generate", tmp_path / "q", "--prompt", "The quick", "--max-new-tokens", "4",
                    "--threads", "1", "--json", "-")
     res = json.loads(r.out)
-    assert res["kernel"] == {"int8pack": 14} and res["threads"] == 1
+    assert res["kernel"] == {"u8": 14} and res["threads"] == 1
 
 
 @pytest.mark.parametrize("args, message", [

@@ -216,3 +216,10 @@ def test_auto_routes_every_dtype_through_lowbits_kernels_and_torchs_only_bf16():
     q(x)
     q(x.bfloat16())
     assert counting.calls == 2
+
+
+def test_the_command_lines_offer_every_kernel():
+    from lowbit.cli.common import KERNEL_CHOICES
+    from lowbit.runtime.kernels import KERNELS
+
+    assert KERNEL_CHOICES == KERNELS

@@ -65,6 +65,18 @@ def dtype_option(help_text: str = "dtype to load the model in: auto = the checkp
                         show_default=True, help=help_text)
 
 
+# lowbit.runtime.kernels.KERNELS (not imported here: the CLI starts without torch)
+KERNEL_CHOICES = ("auto", "lut4", "u8", "int4pack", "int8pack", "dequant")
+
+
+def kernel_option():
+    return click.option(
+        "--kernel", default="auto", show_default=True, type=click.Choice(KERNEL_CHOICES),
+        help="matrix product of quantized Linears: auto = the fastest each layer allows "
+             "(lowbit info lists them); lut4/u8 = lowbit's CPU kernels, int4pack/int8pack = "
+             "torch's (fast only for bf16); dequant = decode the weight, then a dense product")
+
+
 def calibration_options(samples: int = 128):
     """--calib, --calib-samples, --calib-offset, --seq-len (defaults None: the command decides
     whether a recipe's own calibration applies)."""

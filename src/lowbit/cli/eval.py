@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from lowbit.cli.common import check_outputs, dtype_option, dump_json, echo, format_table, note
+from lowbit.cli.common import (
+    check_outputs,
+    dtype_option,
+    dump_json,
+    echo,
+    format_table,
+    kernel_option,
+    note,
+)
 
 COLS = [("model", "model", ""), ("ppl", "ppl", ".3f"), ("kl_mean", "KL", ".4f"),
         ("kl_p99", "KL p99", ".3f"), ("top1", "top-1", ".3f"),
@@ -25,10 +33,7 @@ COLS = [("model", "model", ""), ("ppl", "ppl", ".3f"), ("kl_mean", "KL", ".4f"),
 @click.option("--speed", is_flag=True,
               help="also measure batch-1 speed: prefill of a 512-token prompt (the first "
                    "window), then 128 new tokens")
-@click.option("--kernel", default="auto", show_default=True,
-              type=click.Choice(["auto", "int4pack", "int8pack", "dequant"]),
-              help="matrix product of quantized Linears: auto = the fastest each layer allows "
-                   "(lowbit info lists them); dequant = decode, then a dense product")
+@kernel_option()
 @click.option("--json", "json_path", type=click.Path(),
               help="write the results as JSON (- for standard output): an object for one "
                    "model, a list for several")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from lowbit.cli.common import check_outputs, dtype_option, dump_json
+from lowbit.cli.common import check_outputs, dtype_option, dump_json, kernel_option
 
 
 def _options(f):
@@ -15,10 +15,7 @@ def _options(f):
                      help="0: the most likely token each step; above 0: sampled"),
         click.option("--seed", default=0, show_default=True, help="seed of the sampling"),
         click.option("--threads", type=int, help="CPU threads (default: torch's, the cores)"),
-        click.option("--kernel", default="auto", show_default=True,
-                     type=click.Choice(["auto", "int4pack", "int8pack", "dequant"]),
-                     help="matrix product of quantized Linears: auto = the fastest each layer "
-                          "allows; dequant = decode the weight, then a dense product"),
+        kernel_option(),
         click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
                      help="compile the one-token step with torch.compile (slow to start)"),
         dtype_option(),

@@ -25,31 +25,29 @@ SOURCE = Path(__file__).with_name("gemv.cpp")
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 
 
-def isa() -> str:
-    """The fastest variant this CPU runs (``LOWBIT_CPU_ISA`` may name a lower one)."""
-    cap = torch.backends.cpu.get_cpu_capability().upper()
-    best = "avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") \
-        else "portable"
-    want = os.environ.get("LOWBIT_CPU_ISA")
-    if want:
-        if want not in ISAS:
-            raise LowbitError(f"LOWBIT_CPU_ISA={want!r}: choose one of {', '.join(ISAS)}")
-        if ISAS[want] > ISAS[best]:
-            raise LowbitError(f"LOWBIT_CPU_ISA={want}: this CPU runs at most {best}")
-        return want
-    return best
-
-
-def runnable() -> list[str]:
-    """Every variant this CPU can execute."""
-    best = ISAS[isa() if not os.environ.get("LOWBIT_CPU_ISA") else _detected()]
-    return [k for k, v in ISAS.items() if v <= best]
-
-
 def _detected() -> str:
     cap = torch.backends.cpu.get_cpu_capability().upper()
     return "avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") \
         else "portable"
+
+
+def isa() -> str:
+    """The variant kernels use: the fastest this CPU runs, or a lower one named by
+    ``LOWBIT_CPU_ISA`` (portable, avx2, avx512)."""
+    best = _detected()
+    want = os.environ.get("LOWBIT_CPU_ISA")
+    if not want:
+        return best
+    if want not in ISAS:
+        raise LowbitError(f"LOWBIT_CPU_ISA={want!r}: choose one of {', '.join(ISAS)}")
+    if ISAS[want] > ISAS[best]:
+        raise LowbitError(f"LOWBIT_CPU_ISA={want}: this CPU runs at most {best}")
+    return want
+
+
+def runnable() -> list[str]:
+    """Every variant this CPU can execute."""
+    return [k for k, v in ISAS.items() if v <= ISAS[_detected()]]
 
 
 def _cache_dir() -> Path:
