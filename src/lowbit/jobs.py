@@ -255,7 +255,7 @@ SPEED_PROMPT_TOKENS, SPEED_NEW_TOKENS = 512, 128  # `--speed`: prefill, then bat
 def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: str | None,
              speed: bool, progress: bool = True, dtype: str = "auto", batch: int = 1,
              base_cache: bool = True, note: Callable[[str], None] = lambda _m: None,
-             kernel: str = "auto") -> dict:
+             kernel: str = "auto", compile: bool = False) -> dict:
     """Perplexity (and KL / top-1 against a base) of a model or a quantized folder. The base's
     log-probabilities are cached on disk (``lowbit.eval.base_cache``): evaluating N models
     against one base runs the base once."""
@@ -318,8 +318,8 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
     if speed:
         from lowbit.runtime.decode import measure_speed
 
-        t = measure_speed(model, ev[0, :SPEED_PROMPT_TOKENS], SPEED_NEW_TOKENS)
-        res |= {"prefill_tokens_per_s": t.prefill_tokens_per_s,
+        t = measure_speed(model, ev[0, :SPEED_PROMPT_TOKENS], SPEED_NEW_TOKENS, compile=compile)
+        res |= {"prefill_tokens_per_s": t.prefill_tokens_per_s, "compiled": compile,
                 "decode_tokens_per_s": t.decode_tokens_per_s,
                 "speed_prompt_tokens": t.prompt_tokens, "speed_new_tokens": SPEED_NEW_TOKENS,
                 "threads": torch.get_num_threads(),

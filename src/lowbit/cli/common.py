@@ -77,6 +77,12 @@ def kernel_option():
              "torch's (fast only for bf16); dequant = decode the weight, then a dense product")
 
 
+def compile_option():
+    return click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+                        help="compile the one-token step with torch.compile: faster decoding "
+                             "after about 40 s of compiling")
+
+
 def calibration_options(samples: int = 128):
     """--calib, --calib-samples, --calib-offset, --seq-len (defaults None: the command decides
     whether a recipe's own calibration applies)."""

@@ -6,6 +6,7 @@ import click
 
 from lowbit.cli.common import (
     check_outputs,
+    compile_option,
     dtype_option,
     dump_json,
     echo,
@@ -34,13 +35,14 @@ COLS = [("model", "model", ""), ("ppl", "ppl", ".3f"), ("kl_mean", "KL", ".4f"),
               help="also measure batch-1 speed: prefill of a 512-token prompt (the first "
                    "window), then 128 new tokens")
 @kernel_option()
+@compile_option()
 @click.option("--json", "json_path", type=click.Path(),
               help="write the results as JSON (- for standard output): an object for one "
                    "model, a list for several")
 @click.option("--quiet", is_flag=True)
 @dtype_option()
 def command(models, data, windows, seq_len, batch, base_arg, base_cache, speed, kernel,
-            json_path, quiet, dtype):
+            compile_, json_path, quiet, dtype):
     """Perplexity of each MODEL (models or quantized folders; default: the built-in model),
     and KL/top-1 against --base, whose log-probabilities are computed once for all."""
     from lowbit.jobs import eval_job
@@ -50,7 +52,7 @@ def command(models, data, windows, seq_len, batch, base_arg, base_cache, speed, 
     for model in models or ("smollm2-135m",):
         res = eval_job(model, data, windows, seq_len, base_arg, speed, progress=not quiet,
                        dtype=dtype, batch=batch, base_cache=base_cache, note=note,
-                       kernel=kernel)
+                       kernel=kernel, compile=compile_)
         results.append(res | {"mib": res["model_bytes"] / 2**20})
     first = results[0]
     echo(format_table(results, [c for c in COLS if any(c[0] in r for r in results)]) +

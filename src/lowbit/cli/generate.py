@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import click
 
-from lowbit.cli.common import check_outputs, dtype_option, dump_json, kernel_option
+from lowbit.cli.common import (
+    check_outputs,
+    compile_option,
+    dtype_option,
+    dump_json,
+    kernel_option,
+)
 
 
 def _options(f):
@@ -16,8 +22,7 @@ def _options(f):
         click.option("--seed", default=0, show_default=True, help="seed of the sampling"),
         click.option("--threads", type=int, help="CPU threads (default: torch's, the cores)"),
         kernel_option(),
-        click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-                     help="compile the one-token step with torch.compile (slow to start)"),
+        compile_option(),
         dtype_option(),
     ]):
         f = opt(f)

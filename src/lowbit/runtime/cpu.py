@@ -23,6 +23,11 @@ from lowbit.errors import LowbitError
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+# -fopenmp: at::parallel_for is inline, OpenMP in torch's CPU builds; without the flag its
+# pragma is ignored and every product runs on one thread. The library then needs libgomp.so.1,
+# which is torch's own, already loaded: one OpenMP runtime.
+CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def _detected() -> str:
@@ -52,7 +57,8 @@ def runnable() -> list[str]:
 
 def _cache_dir() -> Path:
     root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
-    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS + LDFLAGS).encode()
+    tag = hashlib.sha256(key).hexdigest()[:12]
     return root / "kernels" / tag
 
 
@@ -76,7 +82,7 @@ def ops():
               file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name="lowbit_cpu", sources=[str(SOURCE)], build_directory=str(build),
-                           extra_cflags=["-O3", "-std=c++17"], is_python_module=False,
+                           extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False,
                            verbose=False)
     except (RuntimeError, OSError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
