@@ -51,6 +51,22 @@ def test_quantized_kernels_generate_what_the_reference_does(tiny_ckpt, tmp_path)
         assert list(generate(model, prompt, 10)) == ref
 
 
+@pytest.mark.slow
+def test_the_compiled_step_generates_what_the_eager_one_does(tiny_ckpt, tmp_path):
+    """torch.compile traces lowbit's kernels as opaque ops (their registered output shapes) and
+    compiles the rest of the step: the tokens stay the eager step's."""
+    from lowbit.models import load_model
+
+    ckpt, _ = tiny_ckpt
+    lowbit_cli("quantize", ckpt, "--method", "rtn", "--scheme", "nf4", "--out", tmp_path / "q",
+               "--quiet")
+    model, _ = load_model(tmp_path / "q")
+    assert prepare_kernels(model, "auto") == {"lut4": 14}
+    prompt = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(1))
+    ref = list(generate(model, prompt, 10))
+    assert list(generate(model, prompt, 10, compile=True)) == ref
+
+
 def test_sampling_follows_the_seed_and_stop_tokens_end_it():
     model = tiny_model("llama")
     prompt = torch.tensor([[1, 2, 3]])
