@@ -62,6 +62,11 @@ class Decoder:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._step = self._forward
         if compile:
+            from lowbit.runtime.qlinear import QLinear
+
+            for m in model.modules():  # built now: building inside the trace breaks the graph
+                if isinstance(m, QLinear):
+                    m.built_kernel()
             self._step = torch.compile(self._forward, dynamic=False)
 
     def _forward(self, ids: Tensor, pos: Tensor) -> Tensor:
