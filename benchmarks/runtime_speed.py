@@ -10,6 +10,7 @@ the decoded weights (the reference ``lowbit eval`` computes).
 
     python benchmarks/runtime_speed.py                 # eager one-token step
     python benchmarks/runtime_speed.py --compile       # torch.compile'd one-token step
+    python benchmarks/runtime_speed.py --compile --threads 2 --repeat 3
 
 Configurations: the fp32 and bf16 base (SmolLM2-135M); RTN w4g32 (symmetric, the grid of
 llama.cpp's Q4_0), w4g64-asym, NF4 and w8 per channel through lowbit's kernels (lut4, u8:
@@ -142,6 +143,10 @@ def main() -> None:
     ap.add_argument("--kernel", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every configuration this many times, interleaved, and keep each "
+                         "one's fastest decode (this VM's speed drifts by up to 2x over minutes "
+                         "with the host's load)")
     args = ap.parse_args()
     if args.one:
         args.threads = int(args.threads)
@@ -165,25 +170,29 @@ def main() -> None:
                            check=True)
             configs.append((f"llama.cpp {qtype}", f, "auto", "auto", True))
     rows = {}
-    for threads in map(int, args.threads.split(",")):
-        for name, model, dtype, kernel, gguf in configs:
-            cmd = [sys.executable, __file__, "--one", "--model", str(model), "--dtype", dtype,
-                   "--kernel", kernel, "--threads", str(threads)]
-            cmd += ["--gguf"] if gguf else []
-            cmd += ["--compile"] if args.compile and not gguf else []
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                sys.exit(f"{name}: failed\n{r.stderr[-2000:]}")
-            rows[(name, threads)] = json.loads(r.stdout.strip().splitlines()[-1])
-            res = rows[(name, threads)]
-            mem = (f"Linears {res['linear_bytes'] / res['linear_fp32_bytes']:.3f}x fp32  "
-                   f"ppl step {res['ppl_step']:.4f} dense {res['ppl_dense']:.4f} "
-                   f"({100 * (res['ppl_step'] / res['ppl_dense'] - 1):+.3f}%)"
-                   if "linear_bytes" in res else "")
-            print(f"{threads} thr  {name:22s} prefill {res['prefill']:7.1f} tok/s  decode "
-                  f"{res['decode']:6.1f} tok/s  peak RSS {res['peak_rss_mb']:6.0f} MB  {mem}",
-                  flush=True)
-    print("\nratios of decode tokens/s (same threads, same run)")
+    for rep in range(args.repeat):
+        for threads in map(int, args.threads.split(",")):
+            for name, model, dtype, kernel, gguf in configs:
+                cmd = [sys.executable, __file__, "--one", "--model", str(model), "--dtype",
+                       dtype, "--kernel", kernel, "--threads", str(threads)]
+                cmd += ["--gguf"] if gguf else []
+                cmd += ["--compile"] if args.compile and not gguf else []
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode:
+                    sys.exit(f"{name}: failed\n{r.stderr[-2000:]}")
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+                best = rows.get((name, threads))
+                if best is None or res["decode"] > best["decode"]:
+                    rows[(name, threads)] = res
+                mem = (f"Linears {res['linear_bytes'] / res['linear_fp32_bytes']:.3f}x fp32  "
+                       f"ppl step {res['ppl_step']:.4f} dense {res['ppl_dense']:.4f} "
+                       f"({100 * (res['ppl_step'] / res['ppl_dense'] - 1):+.3f}%)"
+                       if "linear_bytes" in res else "")
+                print(f"{threads} thr  {name:22s} prefill {res['prefill']:7.1f} tok/s  decode "
+                      f"{res['decode']:6.1f} tok/s  peak RSS {res['peak_rss_mb']:6.0f} MB  {mem}"
+                      + (f"  (run {rep + 1})" if args.repeat > 1 else ""), flush=True)
+    print("\nratios of decode tokens/s (same threads, same run"
+          + (f", each configuration's fastest of {args.repeat})" if args.repeat > 1 else ")"))
     for threads in map(int, args.threads.split(",")):
         base = rows[("fp32", threads)]["decode"]
         bf16 = rows[("bf16", threads)]["decode"]

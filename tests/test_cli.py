@@ -37,6 +37,7 @@ def test_quantize_info_eval(tiny_ckpt, tmp_path):
     assert {"ppl", "kl_mean", "kl_p99", "top1", "prefill_tokens_per_s", "decode_tokens_per_s",
             "peak_rss_mb", "model_bytes"} <= set(e)
     assert e["kernel"] == {"lut4": 14} and e["speed_prompt_tokens"] == 64
+    assert e["kernel_by_layer"]["mlp.down_proj"] == "lut4" and len(e["kernel_by_layer"]) == 7
     assert e["kl_mean"] > 0 and 0 < e["top1"] <= 1 and e["scheme"] == "w4g32"
     # evaluating on the calibration windows of the same text is refused
     bad = lowbit_cli("eval", out, "--data", text, "--windows", "12", "--seq-len", "64", ok=False)

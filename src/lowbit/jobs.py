@@ -279,7 +279,7 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
     if windows < 1 or seq_len < 2:
         raise LowbitError(f"--windows must be at least 1 and --seq-len at least 2, not "
                           f"{windows} and {seq_len}")
-    from lowbit.runtime.kernels import check_kernel_name, prepare_kernels
+    from lowbit.runtime.kernels import check_kernel_name, kernels_by_kind, prepare_kernels
 
     check_kernel_name(kernel)
     check_seq_len(model_arg, seq_len)
@@ -315,6 +315,7 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
         res |= {"method": desc.get("method"), "scheme": scheme_label(desc),
                 "bpw": desc.get("bits_per_weight")}
     res["kernel"] = dict(used)
+    res["kernel_by_layer"] = kernels_by_kind(model)
     if speed:
         from lowbit.runtime.decode import measure_speed
 

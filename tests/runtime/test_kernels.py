@@ -223,3 +223,13 @@ def test_the_command_lines_offer_every_kernel():
     from lowbit.runtime.kernels import KERNELS
 
     assert KERNEL_CHOICES == KERNELS
+
+
+def test_kernels_by_kind_names_each_layer_kind():
+    from lowbit.runtime.kernels import kernels_by_kind
+
+    blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"up": layer("w4g64"), "down": layer(d)})
+                                 for d in ("fp8-e4m3", "w8", "w8"))
+    model = torch.nn.ModuleDict({"layers": blocks})
+    prepare_kernels(model, "auto")
+    assert kernels_by_kind(model) == {"up": "lut4", "down": "u8/dequant"}

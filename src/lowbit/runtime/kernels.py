@@ -372,3 +372,19 @@ def prepare_kernels(model: nn.Module, name: str = "auto") -> Counter:
         if isinstance(m, QLinear):
             used[m.use_kernel(name)] += 1
     return used
+
+
+def kernels_by_kind(model: nn.Module) -> dict[str, str]:
+    """The kernel of each kind of quantized layer (its name without the block number, e.g.
+    ``mlp.down_proj``); kinds whose layers differ list each kernel, most layers first."""
+    import re
+
+    from lowbit.runtime.qlinear import QLinear
+
+    kinds: dict[str, Counter] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QLinear):
+            kind = re.sub(r"^.*?\.\d+\.", "", name)
+            kinds.setdefault(kind, Counter())[m.kernel] += 1
+    return {k: "/".join(n for n, _ in c.most_common()) for k, c in kinds.items()}
+
