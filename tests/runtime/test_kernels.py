@@ -233,3 +233,17 @@ def test_kernels_by_kind_names_each_layer_kind():
     model = torch.nn.ModuleDict({"layers": blocks})
     prepare_kernels(model, "auto")
     assert kernels_by_kind(model) == {"up": "lut4", "down": "u8/dequant"}
+
+
+def test_without_a_compiler_auto_says_so_and_decodes(monkeypatch, capsys):
+    """No C++ compiler: auto notes it and multiplies through the decoded weights; a kernel
+    named on the command line is a one-line error."""
+    def no_build():
+        raise LowbitError("could not build lowbit's CPU kernels (no compiler)")
+
+    monkeypatch.setattr(cpu, "ops", no_build)
+    model = torch.nn.Sequential(layer("w4g64"), layer("w8", 64, 64))
+    assert prepare_kernels(model, "auto") == {"dequant": 2}
+    assert "could not build lowbit's CPU kernels" in capsys.readouterr().err
+    with pytest.raises(LowbitError, match="could not build"):
+        prepare_kernels(torch.nn.Sequential(layer("w4g64"), layer("nf4", 64, 64)), "lut4")

@@ -19,7 +19,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>

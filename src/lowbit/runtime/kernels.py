@@ -29,6 +29,7 @@ weight for a prompt's many rows.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable
 
@@ -371,6 +372,17 @@ def prepare_kernels(model: nn.Module, name: str = "auto") -> Counter:
     for m in model.modules():
         if isinstance(m, QLinear):
             used[m.use_kernel(name)] += 1
+    if any(k in OWN_KERNELS for k in used):
+        from lowbit.runtime import cpu
+
+        try:
+            cpu.ops()  # built (or loaded from the cache) now, not in the middle of a product
+        except LowbitError as e:
+            if name != "auto":
+                raise
+            print(f"note: {e}; multiplying through the decoded weights instead",
+                  file=sys.stderr)
+            return prepare_kernels(model, "dequant")
     return used
 
 
