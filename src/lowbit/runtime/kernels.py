@@ -276,17 +276,19 @@ def _pack_nibbles(codes: Tensor) -> Tensor:
 
 
 class _OwnKernel:
-    """Shared by ``Lut4`` and ``U8``: any float activations, multiplied in fp32."""
+    """Shared by ``Lut4`` and ``U8``: the codes with each group's columns contiguous, any float
+    activations multiplied in fp32, the variant (``isa``) named per call."""
 
     fast_dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    perm: Tensor | None
-    out_features: int
 
-    def __init__(self) -> None:
+    def __init__(self, gw: GridWeight, isa: str | None) -> None:
         from lowbit.runtime import cpu
 
         self.ops = cpu.ops()
-        self.isa = cpu.ISAS[cpu.isa()]
+        self.isa = cpu.ISAS[isa or cpu.isa()]
+        self.codes, self.perm, self.group = _group_view(gw)
+        self.out_features = gw.shape[0]
+        self.table, self.scale, self.bias = lut_form(gw)
 
     def _x(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         lead = tuple(x.shape[:-1])
@@ -295,6 +297,10 @@ class _OwnKernel:
             x2 = x2[:, self.perm]
         return x2.contiguous(), lead
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.codes, self.table, self.scale, self.bias, self.perm) if t is not None)
+
 
 class Lut4(_OwnKernel):
     """``y = x W^T`` for a weight of at most 4 bits per code, through ``lut_form``."""
@@ -302,28 +308,15 @@ class Lut4(_OwnKernel):
     name = "lut4"
 
     def __init__(self, gw: GridWeight, isa: str | None = None) -> None:
-        super().__init__()
-        from lowbit.runtime import cpu
-
-        if isa is not None:
-            self.isa = cpu.ISAS[isa]
-        codes, self.perm, self.group = _group_view(gw)
-        self.out_features = gw.shape[0]
-        self.codes = _pack_nibbles(codes)
-        table, scale, bias = lut_form(gw)
-        self.table = table.float().reshape(-1, 16).contiguous()
-        self.scale = scale.float().contiguous()
-        self.bias = None if bias is None else bias.float().contiguous()
+        super().__init__(gw, isa)
+        self.codes = _pack_nibbles(self.codes)
+        self.table = self.table.float().reshape(-1, 16).contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:
         x2, lead = self._x(x)
         y = self.ops.lut4_mm(x2, self.codes, self.table, self.scale, self.bias, self.group,
                              self.isa)
         return y.reshape(*lead, self.out_features)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in
-                   (self.codes, self.table, self.scale, self.bias, self.perm) if t is not None)
 
 
 class U8(_OwnKernel):
@@ -332,28 +325,15 @@ class U8(_OwnKernel):
     name = "u8"
 
     def __init__(self, gw: GridWeight, isa: str | None = None) -> None:
-        super().__init__()
-        from lowbit.runtime import cpu
-
-        if isa is not None:
-            self.isa = cpu.ISAS[isa]
-        codes, self.perm, self.group = _group_view(gw)
-        self.out_features = gw.shape[0]
-        self.codes = codes.contiguous()
-        _, self.scale, bias = lut_form(gw)
-        if bias is None:  # one zero point for the tensor: folded into the offsets
-            zero = gw.params["zero"].float().reshape(-1)[0]
-            bias = (-zero * self.scale).contiguous()
-        self.bias = bias
+        super().__init__(gw, isa)
+        if self.bias is None:  # one zero point for the tensor (the table's first entry)
+            self.bias = (self.table[0] * self.scale).contiguous()
+        self.table = None  # the codes are the values
 
     def __call__(self, x: Tensor) -> Tensor:
         x2, lead = self._x(x)
         y = self.ops.u8_mm(x2, self.codes, self.scale, self.bias, self.group, self.isa)
         return y.reshape(*lead, self.out_features)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in
-                   (self.codes, self.scale, self.bias, self.perm) if t is not None)
 
 
 # the kernel objects by name, built from a GridWeight (``QLinear`` builds one at first use)
