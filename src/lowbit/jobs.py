@@ -554,7 +554,8 @@ class TextGenerator:
             self.llm = load_llama(self.gguf, n_ctx=2048, n_threads=threads)
             self.used = {"llama.cpp": 1}
             return
-        # fp32 activations multiply through decoded weights (runtime.kernels): keep them
+        # layers without a kernel of their own (FP8, MX 6/8-bit) keep their decoded weight;
+        # the others drop it (QLinear.use_kernel)
         self.model, self.tok = load_model(model_arg, dtype, cache_weights=True)
         self.used = dict(prepare_kernels(self.model, kernel))
         from lowbit.runtime.decode import generate

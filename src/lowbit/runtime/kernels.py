@@ -29,6 +29,7 @@ weight for a prompt's many rows.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -124,6 +125,24 @@ def _flat(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     return x2.contiguous(), lead
 
 
+def _group_view(gw: GridWeight) -> tuple[Tensor, Tensor | None, int]:
+    """(codes, act-order column order or None, group size) with each group's columns
+    contiguous."""
+    grid = gw.grid
+    k = gw.shape[1]
+    group = grid.group_size or k
+    codes, perm = gw.codes, None
+    if gw.g_idx is not None:  # act-order: the columns gathered so that groups are contiguous
+        perm = torch.argsort(gw.g_idx.long(), stable=True)
+        counts = torch.bincount(gw.g_idx.long(), minlength=gw.n_groups)
+        if bool((counts != group).any()):
+            raise LowbitError(f"{grid.name}: act-order groups of unequal size")
+        codes = codes[:, perm]
+    if grid.signed_codes:  # stored offset by 2^(bits-1) - 1, as the packed form does
+        codes = codes.to(torch.int16) + ((1 << (grid.code_bits - 1)) - 1)
+    return codes.to(torch.uint8), perm, group
+
+
 class Int4Pack:
     """``y = x W^T`` for a 4-bit grouped integer weight, packed for torch's CPU int4 kernel."""
 
@@ -131,16 +150,7 @@ class Int4Pack:
     fast_dtypes = (torch.bfloat16,)
 
     def __init__(self, gw: GridWeight) -> None:
-        grid: IntGrid = gw.grid  # type: ignore[assignment]
-        codes, perm = gw.codes, None
-        if gw.g_idx is not None:  # act-order: columns gathered so that groups are contiguous
-            perm = torch.argsort(gw.g_idx.long(), stable=True)
-            counts = torch.bincount(gw.g_idx.long(), minlength=gw.n_groups)
-            if bool((counts != grid.group).any()):
-                raise LowbitError("int4pack: act-order groups of unequal size")
-            codes = codes[:, perm]
-        self.group = grid.group
-        self.perm = perm
+        codes, self.perm, self.group = _group_view(gw)
         self.out_features = gw.shape[0]
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             codes.to(torch.int32).contiguous(), 1)
@@ -193,24 +203,6 @@ class Int8Pack:
 # how closely ``s * T[q] + b`` must give the grid's own decoded values, relative to the
 # group's largest magnitude: fp32 rounding of the products, nothing more
 LUT_TOLERANCE = 1e-6
-
-
-def _group_view(gw: GridWeight) -> tuple[Tensor, Tensor | None, int]:
-    """(codes, act-order column order or None, group size) with each group's columns
-    contiguous."""
-    grid = gw.grid
-    k = gw.shape[1]
-    group = grid.group_size or k
-    codes, perm = gw.codes, None
-    if gw.g_idx is not None:  # act-order: the columns gathered so that groups are contiguous
-        perm = torch.argsort(gw.g_idx.long(), stable=True)
-        counts = torch.bincount(gw.g_idx.long(), minlength=gw.n_groups)
-        if bool((counts != group).any()):
-            raise LowbitError(f"{grid.name}: act-order groups of unequal size")
-        codes = codes[:, perm]
-    if grid.signed_codes:  # stored offset by 2^(bits-1) - 1, as the packed form does
-        codes = codes.to(torch.int16) + ((1 << (grid.code_bits - 1)) - 1)
-    return codes.to(torch.uint8), perm, group
 
 
 def _code_values(gw: GridWeight) -> Tensor:
@@ -369,8 +361,6 @@ def prepare_kernels(model: nn.Module, name: str = "auto") -> Counter:
 def kernels_by_kind(model: nn.Module) -> dict[str, str]:
     """The kernel of each kind of quantized layer (its name without the block number, e.g.
     ``mlp.down_proj``); kinds whose layers differ list each kernel, most layers first."""
-    import re
-
     from lowbit.runtime.qlinear import QLinear
 
     kinds: dict[str, Counter] = {}
