@@ -16,6 +16,7 @@ one, as N machines would, which is the scaling that adding machines buys.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -50,6 +51,7 @@ def main() -> None:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-dist-"))
+    atexit.register(shutil.rmtree, tmp, True)  # scratch: gone when the run ends
     base = [sys.executable, "-m", "lowbit", "quantize", args.model, "--method", args.method,
             "--scheme", args.scheme, "--calib", args.calib, "--calib-samples",
             str(args.calib_samples), "--quiet", "--json", "-", "--no-resume"]

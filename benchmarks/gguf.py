@@ -22,7 +22,9 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
     sys.path.pop(0)
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -85,6 +87,8 @@ def main() -> None:
 
     t_all = time.perf_counter()
     work = args.out_dir or Path(tempfile.mkdtemp(prefix="lowbit-gguf-"))
+    if not args.out_dir:  # a scratch folder goes when the run ends
+        atexit.register(shutil.rmtree, work, True)
     work.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(DEFAULT_MODEL)
     source = builtin_path(DEFAULT_MODEL)

@@ -14,9 +14,11 @@ the chosen block.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +90,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="chooses the block after which to kill")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-resume-"))
+    atexit.register(shutil.rmtree, tmp, True)  # scratch: gone when the run ends
     common = [args.model, "--method", args.method, "--scheme", args.scheme,
               "--calib", args.calib, "--calib-samples", str(args.calib_samples), "--quiet",
               "--json", "-"]

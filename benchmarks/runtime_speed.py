@@ -23,7 +23,9 @@ same run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -152,6 +154,7 @@ def main() -> None:
         args.threads = int(args.threads)
         return one(args)
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-speed-"))
+    atexit.register(shutil.rmtree, tmp, True)  # scratch: gone when the run ends
     for scheme in ("w4g32", "w4g64-asym", "nf4", "w8"):
         subprocess.run(lowbit("quantize", "smollm2-135m", "--method", "rtn", "--scheme", scheme,
                               "--out", tmp / scheme, "--quiet"), check=True)

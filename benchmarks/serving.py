@@ -13,7 +13,9 @@ the compressed-tensors checkpoint on CPU; it loads GPTQ/AWQ only through GPU ker
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +60,8 @@ def main() -> None:
     import transformers as tf
 
     work = a.out_dir or Path(tempfile.mkdtemp(prefix="lowbit-serving-"))
+    if not a.out_dir:  # a scratch folder goes when the run ends
+        atexit.register(shutil.rmtree, work, True)
     work.mkdir(parents=True, exist_ok=True)
     model, tok = load_model("smollm2-135m")
     ids = data.tokenize(tok, data.read_text(WIKI))
