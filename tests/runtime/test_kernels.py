@@ -82,6 +82,53 @@ def test_own_kernels_equal_the_decoded_weight_in_every_variant(name, variant):
         assert float((y.double() - ref).abs().max()) <= 1e-6 * scale, (name, variant)
 
 
+def q8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as the a8 kernels see it: each 32 columns rounded to int8 steps of max|x| / 127
+    (llama.cpp's Q8_0), computed here by torch in fp32."""
+    xb = x.float().reshape(x.shape[0], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    return (torch.where(d > 0, torch.round(xb / d), 0.0) * d).reshape(x.shape)
+
+
+A8 = {"w4g32": "int4-a8", "w4g64": "int4-a8", "w4g128-asym": "int4-a8", "w4": "int4-a8",
+      "w3g64": "int4-a8", "w2g32": "int4-a8", "w8": "int8-a8", "w8-asym": "int8-a8",
+      "w8g64": "int8-a8", "w5g32": "int8-a8", "w6": "int8-a8", "w8-tensor": "int8-a8"}
+
+
+@pytest.mark.parametrize("variant", cpu.runnable())
+@pytest.mark.parametrize("name", A8)
+def test_a8_kernels_equal_the_decoded_weight_times_the_quantized_x(name, variant):
+    """The int8-activation kernels in every variant (VNNI, AVX-512BW's split 8-bit codes, AVX2,
+    portable): the decoded weight times x quantized per 32 columns, to fp32 rounding - with
+    544 columns too, an odd number of 32-column chunks (padded to 64)."""
+    for cols in (512, 544) if get_grid(name).group_size in (None, 32) else (512,):
+        q = layer(name, cols=cols)
+        gw = q.grid_weight()
+        assert check_kernel(A8[name], gw.grid, gw.shape) == A8[name]
+        kernel = BUILD[A8[name]](gw, isa=variant)
+        g = torch.Generator().manual_seed(1)
+        for rows in (1, 16):
+            x = torch.randn(rows, cols, generator=g) * torch.rand(cols, generator=g) * 4
+            xq = q8_blocks(x)
+            ref = xq.double() @ gw.dequantize().double().T
+            y = kernel(x)
+            assert y.dtype == torch.float32 and y.shape == (rows, 64)
+            scale = float(xq.abs().sum(-1).max()) * float(gw.dequantize().abs().max())
+            assert float((y.double() - ref).abs().max()) <= 1e-6 * scale, (name, variant, cols)
+            # and not the exact product: the quantized x is what is multiplied
+            exact = x.double() @ gw.dequantize().double().T
+            assert float((y.double() - exact).abs().max()) > 1e-5 * scale
+
+
+def test_a8_kernels_take_integer_grids_only():
+    assert check_kernel("int4-a8", get_grid("w3g128-asym"), (64, 512)) == "int4-a8"
+    for name, grid in (("int4-a8", "nf4"), ("int4-a8", "w8"), ("int8-a8", "w4g32"),
+                       ("int4-a8", "nvfp4")):
+        with pytest.raises(LowbitError, match=f"{name} kernel cannot multiply"):
+            check_kernel(name, get_grid(grid), (64, 512))
+    assert kernel_for(get_grid("w4g32"), (64, 512)) == "lut4"  # never chosen by auto: inexact
+
+
 @pytest.mark.parametrize("name", ["w4g32", "w3g64", "w8"])
 def test_integer_weights_are_read_back_bit_for_bit(name):
     """x = I gives W^T, one product per output: a symmetric integer grid's table is q - zero,
@@ -163,6 +210,21 @@ def test_act_order_groups_are_gathered_back(kernel):
     ref = q(x[:5])
     assert q.use_kernel(kernel) == kernel
     torch.testing.assert_close(q(x[:5]), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_act_order_a8_quantizes_x_in_the_gathered_order():
+    """With act-order, x's columns are gathered into the weight's groups first, and quantized
+    per 32 of those."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 256, generator=g) * 0.02
+    x = torch.randn(512, 256, generator=g) * torch.linspace(0.1, 3, 256)
+    hes = prepare_hessian(2 * x.T @ x / 512, act_order=True, damp=0.01)
+    gw = gptq_quantize(w, hes, get_grid("w4g64"), 128, static_groups=False)
+    q = QLinear(gw)
+    perm = torch.argsort(gw.g_idx.long(), stable=True)
+    ref = q8_blocks(x[:5, perm]).double() @ q.dequantized_weight()[:, perm].double().T
+    assert q.use_kernel("int4-a8") == "int4-a8"
+    torch.testing.assert_close(q(x[:5]).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_prepare_kernels_counts_the_model_and_dequant_undoes_it():

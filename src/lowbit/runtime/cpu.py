@@ -2,10 +2,11 @@
 
 The C++ source is built once per source version and torch version with torch's extension
 builder (a C++ compiler and ninja; about half a minute) into ``$LOWBIT_CACHE/kernels``, then
-loaded as the ops ``torch.ops.lowbit_cpu.lut4_mm`` and ``u8_mm``. Each op has three variants -
-AVX-512, AVX2+FMA, portable C++ - all compiled into the one library; ``isa()`` names the best
-one this CPU runs (torch's own CPU capability check), and every call names its variant, so tests
-run each path the CPU can execute.
+loaded as the ops ``torch.ops.lowbit_cpu.lut4_mm``, ``u8_mm`` and ``a8_mm``. Each op has
+variants - AVX-512 (``a8_mm`` also AVX-512 VNNI), AVX2+FMA, portable C++ - all compiled into the
+one library; ``isa()`` names the best one this CPU runs (torch's own CPU capability check, and
+the kernel's CPU flags for VNNI), and every call names its variant, so tests run each path the
+CPU can execute.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from lowbit.errors import LowbitError
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
-ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512-vnni": 3}
 # -fopenmp: at::parallel_for is inline, OpenMP in torch's CPU builds; without the flag its
 # pragma is ignored and every product runs on one thread. The library then needs libgomp.so.1,
 # which is torch's own, already loaded: one OpenMP runtime.
@@ -30,15 +31,25 @@ CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
 
+def _flags() -> set[str]:
+    try:  # Linux; elsewhere VNNI goes undetected and the AVX-512 variant runs
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
 def _detected() -> str:
     cap = torch.backends.cpu.get_cpu_capability().upper()
-    return "avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") \
-        else "portable"
+    if cap.startswith("AVX512"):
+        return "avx512-vnni" if "avx512_vnni" in _flags() else "avx512"
+    return "avx2" if cap.startswith("AVX2") else "portable"
 
 
 def isa() -> str:
     """The variant kernels use: the fastest this CPU runs, or a lower one named by
-    ``LOWBIT_CPU_ISA`` (portable, avx2, avx512)."""
+    ``LOWBIT_CPU_ISA`` (portable, avx2, avx512, avx512-vnni)."""
     best = _detected()
     want = os.environ.get("LOWBIT_CPU_ISA")
     if not want:
@@ -101,4 +112,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("lowbit_cpu::u8_mm")
     def _(x, codes, scale, bias, group, isa):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("lowbit_cpu::a8_mm")
+    def _(x, codes, scale, bias, group, bits, isa):
         return x.new_empty(x.shape[0], codes.shape[0])

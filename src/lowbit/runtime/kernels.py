@@ -13,6 +13,11 @@ A ``QLinear`` multiplies through one of these, chosen per layer when the model i
   checks the decomposition against the grid's own ``decode``. 0.5 bytes per weight plus fp32
   scales; the decoded weight is never built.
 - ``u8``: the same kernel's 8-bit form for integer grids of 5-8 bits (one byte per code).
+- ``int4-a8`` / ``int8-a8``: integer grids of 2-4 / 5-8 bits with the activations rounded to
+  int8 per 32 columns at each call, as llama.cpp's Q8_0 does, so the sums are integer dot
+  products (AVX-512 VNNI ``vpdpbusd``, or ``vpmaddubsw``): faster, and not exact - the result
+  is the decoded weight times the rounded x (a perplexity change BENCHMARKS.md reports). Only
+  when named; ``auto`` stays exact.
 - ``int4pack`` / ``int8pack``: torch's ``_weight_int4pack_mm_for_cpu`` (4-bit integer grids in
   groups of 32-256, scales as ``((q - 8) * s + (8 - zero) * s)``) and ``_weight_int8pack_mm``
   (8-bit per channel, on ``q - 128``). Fast only for bf16 activations (a scalar path for fp32,
@@ -41,7 +46,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.integer import IntGrid
 from lowbit.formats.weight import GridWeight
 
-KERNELS = ("auto", "lut4", "u8", "int4pack", "int8pack", "dequant")
+KERNELS = ("auto", "lut4", "u8", "int4-a8", "int8-a8", "int4pack", "int8pack", "dequant")
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -65,6 +70,10 @@ def _takes(name: str, grid, shape: tuple[int, int], g_idx: bool = False) -> bool
     if name == "u8":
         return isinstance(grid, IntGrid) and 4 < grid.bits <= 8 and in_f % 16 == 0 and \
             (gs is None or gs % 16 == 0)
+    if name in ("int4-a8", "int8-a8"):
+        four = name == "int4-a8"
+        return isinstance(grid, IntGrid) and (grid.bits <= 4) == four and grid.bits <= 8 and \
+            in_f % 32 == 0 and (gs is None or gs % 32 == 0)
     if name == "int4pack":
         return (isinstance(grid, IntGrid) and grid.bits == 4 and grid.granularity == "group"
                 and grid.group in INT4_GROUPS and in_f % grid.group == 0 and out_f % 16 == 0
@@ -95,6 +104,10 @@ _KERNEL_TAKES = {
     "lut4": "grids of at most 4 bits per code, groups of 16 or a multiple of 32 columns, an "
             "input size that is a multiple of 32",
     "u8": "5-8-bit integer grids, groups a multiple of 16 columns",
+    "int4-a8": "2-4-bit integer grids, groups a multiple of 32 columns, an input size that is a "
+               "multiple of 32",
+    "int8-a8": "5-8-bit integer grids, groups a multiple of 32 columns, an input size that is a "
+               "multiple of 32",
     "int4pack": f"4-bit integer grids in groups of {'/'.join(map(str, INT4_GROUPS))} dividing "
                 "the input, output rows a multiple of 16",
     "int8pack": "8-bit integer grids per channel or per tensor, no act-order g_idx",
@@ -328,10 +341,58 @@ class U8(_OwnKernel):
         return y.reshape(*lead, self.out_features)
 
 
+def _a8_order(k: int) -> Tensor:
+    """Column order of ``a8_mm``'s codes, ``k`` padded to a multiple of 64: in each 64-column
+    block, element ``e`` is column ``32 * (e // 4 % 2) + 4 * (e // 8) + e % 4`` (gemv.cpp's
+    ``a8_col``), so that each 4-element lane of an int8 dot product lies in one 32-column
+    chunk, even lanes in the block's first."""
+    e = torch.arange(64)
+    col = 32 * (e // 4 % 2) + 4 * (e // 8) + e % 4
+    kp = -(-k // 64) * 64
+    return (torch.arange(0, kp, 64)[:, None] + col).reshape(-1)
+
+
+class A8(_OwnKernel):
+    """``y = x W^T`` for an integer weight, with x quantized to int8 per 32 columns at each
+    call (llama.cpp's Q8_0 activations): integer dot products, so faster than ``lut4``/``u8``,
+    and not exact: the result is the decoded weight times the quantized x."""
+
+    def __init__(self, gw: GridWeight, isa: str | None = None) -> None:
+        super().__init__(gw, isa)
+        self.bits = 4 if gw.grid.bits <= 4 else 8
+        self.name = f"int{self.bits}-a8"
+        # w = s (T0 + q) + b: the table's first entry folds into the offset
+        self.bias = ((0 if self.bias is None else self.bias) +
+                     self.table[0] * self.scale).float().contiguous()
+        self.table = None
+        n, k = self.codes.shape
+        order = _a8_order(k)
+        codes = torch.zeros(n, order.numel(), dtype=torch.uint8)
+        codes[:, :k] = self.codes
+        codes = codes[:, order]
+        if self.bits == 4:  # per block: byte j holds element j (low) and j + 32 (high)
+            c = codes.reshape(n, -1, 2, 32)
+            codes = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, -1)
+        self.codes = codes.contiguous()
+        if self.group % 64:  # one scale per 32 columns (padded to 64), offsets per 32 too
+            r = self.group // 32
+            self.scale = torch.nn.functional.pad(self.scale.repeat_interleave(r, 1),
+                                                 (0, order.numel() // 32 - k // 32))
+            self.bias = self.bias.repeat_interleave(r, 1).contiguous()
+            self.group = 32
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x2, lead = self._x(x)
+        y = self.ops.a8_mm(x2, self.codes, self.scale, self.bias, self.group, self.bits,
+                           self.isa)
+        return y.reshape(*lead, self.out_features)
+
+
 # the kernel objects by name, built from a GridWeight (``QLinear`` builds one at first use)
 BUILD: dict[str, Callable[[GridWeight], object]] = {
-    "lut4": Lut4, "u8": U8, "int4pack": Int4Pack, "int8pack": Int8Pack}
-OWN_KERNELS = ("lut4", "u8")  # fast for every activation dtype
+    "lut4": Lut4, "u8": U8, "int4-a8": A8, "int8-a8": A8, "int4pack": Int4Pack,
+    "int8pack": Int8Pack}
+OWN_KERNELS = ("lut4", "u8", "int4-a8", "int8-a8")  # fast for every activation dtype
 
 
 def prepare_kernels(model: nn.Module, name: str = "auto") -> Counter:
