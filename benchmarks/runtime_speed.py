@@ -4,7 +4,7 @@ For each configuration, in its own process (so each peak RSS is its own), at 1 a
 threads: prefill of a 512-token prompt (WikiText, or the built-in text) and decode of 128 new
 tokens (greedy, static KV cache), the bytes the Linears hold resident (stored codes plus the
 kernel's packed copy) against their fp32 size, and the accuracy of the runtime itself: the
-perplexity of the prompt's first 128 tokens fed one at a time through the decode step (so
+perplexity of the prompt's 512 tokens fed one at a time through the decode step (so
 every product goes through the kernel) against the same tokens in one dense forward pass of
 the decoded weights (the reference ``lowbit eval`` computes).
 
@@ -14,8 +14,10 @@ the decoded weights (the reference ``lowbit eval`` computes).
 
 Configurations: the fp32 and bf16 base (SmolLM2-135M); RTN w4g32 (symmetric, the grid of
 llama.cpp's Q4_0), w4g64-asym, NF4 and w8 per channel through lowbit's kernels (lut4, u8:
-``auto``), w4g32 with bf16 activations through torch's int4pack; and the base exported to GGUF
-F32 / Q8_0 / Q4_0 run by llama-cpp-python at the same threads (prompt evaluated in one call,
+``auto``), the integer ones with int8 activations (int4-a8, int8-a8: not exact, so the
+perplexity columns matter), w4g32 with bf16 activations through lut4, int4-a8 and torch's
+int4pack; w4g32 with the output layer in w8 too (auto and auto-a8); and the base exported
+to GGUF F32 / Q8_0 / Q4_0 run by llama-cpp-python at the same threads (prompt evaluated in one call,
 then one ``eval`` per new token). Ratios are against fp32, bf16 and llama.cpp's Q4_0 from the
 same run.
 """
@@ -34,7 +36,7 @@ from pathlib import Path
 
 WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 PROMPT, NEW = 512, 128
-PPL_TOKENS = 128
+PPL_TOKENS = 512
 
 
 def lowbit(*args: str) -> list[str]:
@@ -158,13 +160,23 @@ def main() -> None:
     for scheme in ("w4g32", "w4g64-asym", "nf4", "w8"):
         subprocess.run(lowbit("quantize", "smollm2-135m", "--method", "rtn", "--scheme", scheme,
                               "--out", tmp / scheme, "--quiet"), check=True)
+    # and w4g32 with the output layer in w8 as well (llama.cpp's Q4_0 files keep it in 6-8 bits)
+    (tmp / "head8.yaml").write_text("steps:\n  - rtn:\n      scheme: w4g32\n      ignore: []\n"
+                                    "      overrides: {lm_head: w8}\n")
+    subprocess.run(lowbit("quantize", "--recipe", tmp / "head8.yaml", "--out", tmp / "head8",
+                          "--quiet"), check=True)
     configs = [("fp32", "smollm2-135m", "fp32", "auto", False),
                ("bf16", "smollm2-135m", "bf16", "auto", False),
                ("w4g32 lut4", tmp / "w4g32", "fp32", "auto", False),
                ("w4g64-asym lut4", tmp / "w4g64-asym", "fp32", "auto", False),
                ("nf4 lut4", tmp / "nf4", "fp32", "auto", False),
                ("w8 u8", tmp / "w8", "fp32", "auto", False),
+               ("w4g32 int4-a8", tmp / "w4g32", "fp32", "auto-a8", False),
+               ("w8 int8-a8", tmp / "w8", "fp32", "auto-a8", False),
                ("w4g32 lut4 bf16", tmp / "w4g32", "bf16", "auto", False),
+               ("w4g32 int4-a8 bf16", tmp / "w4g32", "bf16", "auto-a8", False),
+               ("w4g32+head w8 lut4/u8", tmp / "head8", "fp32", "auto", False),
+               ("w4g32+head w8 a8", tmp / "head8", "fp32", "auto-a8", False),
                ("w4g32 int4pack bf16", tmp / "w4g32", "bf16", "int4pack", False)]
     if not args.no_llamacpp:
         for qtype in ("F32", "Q8_0", "Q4_0"):

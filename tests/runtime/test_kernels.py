@@ -127,6 +127,9 @@ def test_a8_kernels_take_integer_grids_only():
         with pytest.raises(LowbitError, match=f"{name} kernel cannot multiply"):
             check_kernel(name, get_grid(grid), (64, 512))
     assert kernel_for(get_grid("w4g32"), (64, 512)) == "lut4"  # never chosen by auto: inexact
+    for grid, want in (("w4g32", "int4-a8"), ("w6", "int8-a8"), ("nf4", "lut4"),
+                       ("fp8-e4m3", "dequant")):  # auto-a8: a8 where it applies, else auto
+        assert check_kernel("auto-a8", get_grid(grid), (64, 512)) == want
 
 
 @pytest.mark.parametrize("name", ["w4g32", "w3g64", "w8"])

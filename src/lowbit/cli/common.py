@@ -66,7 +66,8 @@ def dtype_option(help_text: str = "dtype to load the model in: auto = the checkp
 
 
 # lowbit.runtime.kernels.KERNELS (not imported here: the CLI starts without torch)
-KERNEL_CHOICES = ("auto", "lut4", "u8", "int4-a8", "int8-a8", "int4pack", "int8pack", "dequant")
+KERNEL_CHOICES = ("auto", "auto-a8", "lut4", "u8", "int4-a8", "int8-a8", "int4pack", "int8pack",
+                  "dequant")
 
 
 def kernel_option():
@@ -75,8 +76,9 @@ def kernel_option():
         help="matrix product of quantized Linears: auto = the fastest each layer allows "
              "(lowbit info lists them); lut4/u8 = lowbit's CPU kernels; int4-a8/int8-a8 = "
              "the same for integer grids with activations rounded to int8 per 32 (faster, "
-             "not exact); int4pack/int8pack = torch's (fast only for bf16); dequant = decode "
-             "the weight, then a dense product")
+             "not exact; auto-a8: those wherever they apply, auto elsewhere); "
+             "int4pack/int8pack = torch's (fast only for bf16); dequant = decode the weight, "
+             "then a dense product")
 
 
 def compile_option():

@@ -17,7 +17,8 @@ A ``QLinear`` multiplies through one of these, chosen per layer when the model i
   int8 per 32 columns at each call, as llama.cpp's Q8_0 does, so the sums are integer dot
   products (AVX-512 VNNI ``vpdpbusd``, or ``vpmaddubsw``): faster, and not exact - the result
   is the decoded weight times the rounded x (a perplexity change BENCHMARKS.md reports). Only
-  when named; ``auto`` stays exact.
+  when named; ``auto`` stays exact, ``auto-a8`` takes them wherever they apply and ``auto``'s
+  choice elsewhere.
 - ``int4pack`` / ``int8pack``: torch's ``_weight_int4pack_mm_for_cpu`` (4-bit integer grids in
   groups of 32-256, scales as ``((q - 8) * s + (8 - zero) * s)``) and ``_weight_int8pack_mm``
   (8-bit per channel, on ``q - 128``). Fast only for bf16 activations (a scalar path for fp32,
@@ -46,7 +47,8 @@ from lowbit.errors import LowbitError
 from lowbit.formats.integer import IntGrid
 from lowbit.formats.weight import GridWeight
 
-KERNELS = ("auto", "lut4", "u8", "int4-a8", "int8-a8", "int4pack", "int8pack", "dequant")
+KERNELS = ("auto", "auto-a8", "lut4", "u8", "int4-a8", "int8-a8", "int4pack", "int8pack",
+           "dequant")
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -92,6 +94,8 @@ def check_kernel_name(name: str) -> None:
 def check_kernel(name: str, grid, shape: tuple[int, int], g_idx: bool = False) -> str:
     """Resolve ``auto``; a named kernel that cannot multiply this weight is a LowbitError."""
     check_kernel_name(name)
+    if name == "auto-a8":  # int8 activations wherever an a8 kernel takes the weight
+        name = next((k for k in ("int4-a8", "int8-a8") if _takes(k, grid, shape)), "auto")
     if name == "auto":
         return kernel_for(grid, shape, g_idx)
     if _takes(name, grid, shape, g_idx):
