@@ -39,6 +39,9 @@ def test_quantize_info_eval(tiny_ckpt, tmp_path):
     assert e["kernel"] == {"lut4": 14} and e["speed_prompt_tokens"] == 64
     assert e["kernel_by_layer"]["mlp.down_proj"] == "lut4" and len(e["kernel_by_layer"]) == 7
     assert e["kl_mean"] > 0 and 0 < e["top1"] <= 1 and e["scheme"] == "w4g32"
+    a8 = json.loads(lowbit_cli("eval", out, "--data", text, "--windows", "4", "--seq-len", "64",
+                               "--json", "-", "--quiet", "--speed", "--kernel", "auto-a8").out)
+    assert a8["kernel"] == {"int4-a8": 14} and a8["ppl"] == e["ppl"]  # windows: dense products
     # evaluating on the calibration windows of the same text is refused
     bad = lowbit_cli("eval", out, "--data", text, "--windows", "12", "--seq-len", "64", ok=False)
     one_line_error(bad, "overlap")
