@@ -35,7 +35,8 @@ def test_quantize_info_eval(tiny_ckpt, tmp_path):
     e = json.loads(lowbit_cli("eval", out, "--data", text, "--windows", "4", "--seq-len", "64",
                               "--base", ckpt, "--json", "-", "--quiet", "--speed").out)
     assert {"ppl", "kl_mean", "kl_p99", "top1", "prefill_tokens_per_s", "decode_tokens_per_s",
-            "peak_rss_mb", "model_bytes"} <= set(e)
+            "peak_rss_mb", "model_bytes", "kld_median", "kld_p99", "kld_p999", "same_top_p",
+            "rms_dp", "ppl_base", "ppl_ratio"} <= set(e)
     assert e["kernel"] == {"lut4": 14} and e["speed_prompt_tokens"] == 64
     assert e["kernel_by_layer"]["mlp.down_proj"] == "lut4" and len(e["kernel_by_layer"]) == 7
     assert e["kl_mean"] > 0 and 0 < e["top1"] <= 1 and e["scheme"] == "w4g32"

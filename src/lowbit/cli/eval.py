@@ -1,4 +1,5 @@
-"""``lowbit eval``: perplexity of models or quantized folders, KL and top-1 against a base."""
+"""``lowbit eval``: perplexity of models or quantized folders; against a base, the statistics
+``llama-perplexity --kl-divergence`` prints (KL divergence, Δp, same top token, ppl ratio)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from lowbit.cli.common import (
     note,
 )
 
-COLS = [("model", "model", ""), ("ppl", "ppl", ".3f"), ("kl_mean", "KL", ".4f"),
-        ("kl_p99", "KL p99", ".3f"), ("top1", "top-1", ".3f"),
+COLS = [("model", "model", ""), ("ppl", "ppl", ".3f"), ("ppl_ratio", "ppl/base", ".4f"),
+        ("kld_mean", "KLD", ".4f"), ("kld_median", "KLD med", ".4f"),
+        ("kld_p99", "KLD 99%", ".3f"), ("same_top_p", "same top", ".3f"),
+        ("rms_dp", "RMS dp", ".4f"),
         ("prefill_tokens_per_s", "prefill tok/s", ".0f"), ("decode_tokens_per_s", "tok/s", ".1f"),
         ("mib", "MiB", ".1f")]
 
