@@ -516,6 +516,20 @@ def inspect_job(model_arg: str, calibration: Calibration, stats_path: str | None
     return rows, stats, spec
 
 
+def analyze_job(model_arg: str, schemes: list[str], calibration: Calibration, chunk: int = 8,
+                progress: bool = True, dtype: str = "auto") -> dict:
+    """Each block Linear's measured sensitivity at each scheme (``lowbit.analyze.measure``),
+    with the model and calibration it was measured on."""
+    from lowbit.analyze import measure
+    from lowbit.models import check_seq_len, load_model
+
+    check_seq_len(model_arg, calibration.seq_len)
+    model, tok = load_model(model_arg, dtype)
+    windows, record = calibration.windows(model, tok, progress)
+    sens = measure(model, windows, schemes, chunk=chunk, progress=progress)
+    return sens | {"base_model": str(model_arg), "dtype": dtype, "calibration": record}
+
+
 def generate_job(model_arg: str, prompt: str, max_new_tokens: int = 64, *,
                  temperature: float = 0.0, seed: int = 0, kernel: str = "auto",
                  compile: bool = False, dtype: str = "auto", chat: bool = False,

@@ -31,9 +31,19 @@ def cli(debug: bool) -> None:
 
 
 def _register() -> None:
-    from lowbit.cli import demo, eval, export, generate, imatrix, info, inspect, quantize
+    from lowbit.cli import (
+        analyze,
+        demo,
+        eval,
+        export,
+        generate,
+        imatrix,
+        info,
+        inspect,
+        quantize,
+    )
 
-    for mod in (quantize, eval, info, demo, export, imatrix, inspect, generate):
+    for mod in (quantize, eval, info, demo, export, imatrix, inspect, analyze, generate):
         cli.add_command(mod.command)
     cli.add_command(generate.chat_command)
 

@@ -87,7 +87,7 @@ def compile_option():
                              "after about 40 s of compiling")
 
 
-def calibration_options(samples: int = 128):
+def calibration_options(samples: int = 128, seq_len: int = 512):
     """--calib, --calib-samples, --calib-offset, --seq-len (defaults None: the command decides
     whether a recipe's own calibration applies)."""
     opts = [
@@ -98,7 +98,8 @@ def calibration_options(samples: int = 128):
                      help=f"calibration windows [default: {samples}]"),
         click.option("--calib-offset", type=int, default=None,
                      help="first calibration window in the text [default: 0]"),
-        click.option("--seq-len", type=int, default=None, help="tokens per window [default: 512]"),
+        click.option("--seq-len", type=int, default=None,
+                     help=f"tokens per window [default: {seq_len}]"),
     ]
 
     def deco(f):
@@ -109,7 +110,8 @@ def calibration_options(samples: int = 128):
     return deco
 
 
-def calibration(calib, samples, offset, seq_len, base: dict | None = None, default_samples=128):
+def calibration(calib, samples, offset, seq_len, base: dict | None = None, default_samples=128,
+                default_seq_len=512):
     """A Calibration from the options given, else the recipe's (``base``), else defaults."""
     from lowbit.jobs import Calibration
 
@@ -118,4 +120,5 @@ def calibration(calib, samples, offset, seq_len, base: dict | None = None, defau
     kw = {k: v if v is not None else base.get(k) for k, v in given.items()}
     kw = {k: v for k, v in kw.items() if v is not None}
     kw.setdefault("samples", default_samples)
+    kw.setdefault("seq_len", default_seq_len)
     return Calibration(**kw)

@@ -142,7 +142,8 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, windows: Tensor, chunk: int
     return Stream(hidden, kw[kinds[0]], kw, kinds)
 
 
-def _block_out(out):
+def block_output(out):
+    """A block's hidden states from whatever it returns."""
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -168,7 +169,7 @@ class BlockContext:
     def run(self, stream: Stream | None = None) -> list[Tensor]:
         """The block's outputs for every chunk of a stream (default: main)."""
         s = stream or self.main
-        return [_block_out(self.block(h, **kw)) for h, kw in zip(s.hidden, s.kwargs, strict=True)]
+        return [block_output(self.block(h, **kw)) for h, kw in zip(s.hidden, s.kwargs, strict=True)]
 
     @torch.no_grad()
     def observe(self, names, want: frozenset[str] = frozenset(), stream: Stream | None = None,

@@ -1,0 +1,256 @@
+"""How much each Linear costs the model at each scheme, and schemes chosen to a size budget.
+
+``measure`` quantizes one block Linear at a time (RTN onto each candidate scheme, every other
+weight left as it is) and records the KL divergence of the model's next-token distributions
+from the unquantized model's on calibration windows: the measured sensitivity. The float
+model's inputs to every block are kept from one pass of the calibration driver, so a layer's
+run starts at its own block. The same pass gives each layer's Hessian proxy, ``tr(dW H dW^T)``
+with ``H = 2 X^T X / n`` its input statistics, whose agreement with the measured KL is reported
+as a Spearman rank correlation.
+
+``choose`` picks one scheme per layer minimising the summed KL under a byte budget: an exact
+multiple-choice knapsack over the layers' stored bytes (the formats' own accounting, scales
+included), solved by dynamic programming in units of the costs' greatest common divisor.
+``budget_recipe`` writes the choice as an ordinary recipe: the rounder's scheme is the most
+frequent choice and the others are per-layer overrides. Measured KLs are assumed to add up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter
+from functools import reduce
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lowbit.arch import ArchSpec, get_blocks, get_weight, set_weight, spec_for, text_config
+from lowbit.errors import LowbitError
+from lowbit.formats.grids import get_grid
+from lowbit.methods.rtn import grid_loss, rtn
+from lowbit.pipeline.driver import BlockContext, block_output, run_sequential
+from lowbit.pipeline.stats import InputStats
+from lowbit.recipe import Recipe
+from lowbit.runtime.qlinear import QuantModule
+
+FORMAT = "lowbit-sensitivity"
+
+
+class _Recorder:
+    """A driver visitor that changes nothing: it keeps each block's inputs and, per Linear and
+    scheme, the RTN result's stored bytes and Hessian proxy."""
+
+    def __init__(self, schemes: list[str]) -> None:
+        self.schemes = schemes
+        self.inputs: list[tuple[list[Tensor], list[dict]]] = []
+        self.layers: dict[str, dict] = {}
+
+    def transform(self, ctx: BlockContext) -> None:
+        self.inputs.append((ctx.main.hidden, ctx.main.kwargs))
+
+    def wants(self, ctx: BlockContext, group) -> frozenset[str]:
+        return frozenset({"hessian"})
+
+    def round(self, ctx: BlockContext, group, stats: InputStats) -> None:
+        for name in group:
+            w = get_weight(ctx.linears[name], ctx.spec).float()
+            row = {"block": ctx.index, "kind": name, "shape": list(w.shape),
+                   "numel": w.numel(), "schemes": {}}
+            for s in self.schemes:
+                grid = get_grid(s)
+                try:
+                    grid.check(*w.shape)
+                except LowbitError:
+                    continue  # this scheme cannot hold this layer (its group size)
+                gw = rtn(w, grid)
+                row["schemes"][s] = {"bytes": gw.storage_bytes(), "bpw": gw.bits_per_weight(),
+                                     "proxy": grid_loss(gw, w, stats.h)}
+            self.layers[ctx.full(name)] = row
+
+    def replace(self, ctx: BlockContext) -> bool:
+        return False
+
+    def finish(self, ctx: BlockContext) -> None:
+        pass
+
+
+def _head(model: nn.Module, spec: ArchSpec, h: Tensor) -> Tensor:
+    for path in spec.head_path:
+        try:
+            h = model.get_submodule(path)(h)
+        except AttributeError:
+            pass
+    logits = model.get_output_embeddings()(h).float()
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+class _Tail:
+    """The model from block ``b`` on, over the kept inputs of every block."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, inputs) -> None:
+        self.model, self.spec, self.inputs = model, spec, inputs
+        self.blocks = get_blocks(model, spec)
+
+    @torch.no_grad()
+    def logprobs(self, b: int) -> list[Tensor]:
+        hidden = self.inputs[b][0]
+        for j in range(b, len(self.blocks)):
+            hidden = [block_output(self.blocks[j](h, **kw))
+                      for h, kw in zip(hidden, self.inputs[j][1], strict=True)]
+        return [torch.log_softmax(_head(self.model, self.spec, h)[:, :-1], -1) for h in hidden]
+
+
+def kl_per_token(base: list[Tensor], lp: list[Tensor]) -> Tensor:
+    """KL(base || model) of each position's next-token distribution (log-probabilities)."""
+    return torch.cat([(b.exp() * (b - q)).sum(-1).flatten() for b, q in zip(base, lp,
+                                                                             strict=True)])
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (ties ranked by order: the values here are continuous)."""
+    if len(x) < 2:
+        return float("nan")
+    rx = torch.tensor(x, dtype=torch.float64).argsort().argsort().double()
+    ry = torch.tensor(y, dtype=torch.float64).argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
+
+
+@torch.no_grad()
+def measure(model: nn.Module, windows: Tensor, schemes: list[str], chunk: int = 8,
+            progress: bool = True) -> dict:
+    """Each block Linear's sensitivity at each scheme (see the module docstring): a dict that
+    ``choose`` and ``lowbit analyze --json`` use."""
+    t0 = time.perf_counter()
+    if not schemes:
+        raise LowbitError("give at least one candidate scheme")
+    for s in schemes:
+        get_grid(s)  # unknown names fail before any work
+    spec = spec_for(model)
+    if spec.moe:
+        raise LowbitError("lowbit analyze does not handle mixture-of-experts blocks yet")
+    if any(isinstance(m, QuantModule) for m in model.modules()):
+        raise LowbitError("the model is already quantized: analyze its base model")
+    rec = _Recorder(schemes)
+    run_sequential(model, spec, windows, rec, chunk=chunk, progress=progress)
+    tail = _Tail(model, spec, rec.inputs)
+    base = tail.logprobs(0)
+    runs = sum(len(r["schemes"]) for r in rec.layers.values())
+    bar = tqdm(total=runs, desc="sensitivity", unit="run", disable=not progress)
+    for name, row in rec.layers.items():
+        mod = model.get_submodule(name)
+        w0 = get_weight(mod, spec).clone()
+        try:
+            for s, cell in row["schemes"].items():
+                set_weight(mod, spec, rtn(w0.float(), get_grid(s)).dequantize())
+                cell["kl"] = float(kl_per_token(base, tail.logprobs(row["block"])).mean())
+                bar.update(1)
+        finally:
+            set_weight(mod, spec, w0)
+    bar.close()
+    cells = [c for r in rec.layers.values() for c in r["schemes"].values()]
+    rho = {"all": spearman([c["kl"] for c in cells], [c["proxy"] for c in cells])}
+    for s in schemes:
+        sc = [r["schemes"][s] for r in rec.layers.values() if s in r["schemes"]]
+        rho[s] = spearman([c["kl"] for c in sc], [c["proxy"] for c in sc])
+    return {"format": FORMAT, "version": 1, "schemes": list(schemes),
+            "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+            "layers": rec.layers, "spearman": rho, "seconds": time.perf_counter() - t0}
+
+
+def check_sensitivity(sens: dict) -> dict:
+    if not isinstance(sens, dict) or sens.get("format") != FORMAT:
+        raise LowbitError("not a sensitivity file written by lowbit analyze --json")
+    return sens
+
+
+def budget_bytes(sens: dict, target_bpw: float | None = None,
+                 target_bytes: int | None = None) -> int:
+    """The byte budget for the measured layers: ``target_bpw`` bits per weight over their
+    weights, or ``target_bytes`` of their stored tensors."""
+    if (target_bpw is None) == (target_bytes is None):
+        raise LowbitError("give one of --target-bpw and --target-size")
+    if target_bpw is not None:
+        if target_bpw <= 0:
+            raise LowbitError(f"--target-bpw must be positive, not {target_bpw}")
+        return int(target_bpw * sum(r["numel"] for r in sens["layers"].values()) / 8)
+    if target_bytes <= 0:
+        raise LowbitError(f"--target-size must be positive, not {target_bytes}")
+    return int(target_bytes)
+
+
+def choose(sens: dict, budget: int, metric: str = "kl") -> dict[str, str]:
+    """One scheme per layer with the smallest summed ``metric`` whose stored bytes fit
+    ``budget`` (exact: dynamic programming over bytes in units of their gcd)."""
+    names = list(sens["layers"])
+    options = [[(s, c["bytes"], c[metric]) for s, c in sens["layers"][n]["schemes"].items()]
+               for n in names]
+    if any(not o for o in options):
+        bad = next(n for n, o in zip(names, options, strict=True) if not o)
+        raise LowbitError(f"no candidate scheme holds {bad}")
+    least = sum(min(b for _, b, _ in o) for o in options)
+    most = sum(max(b for _, b, _ in o) for o in options)
+    if budget < least:
+        raise LowbitError(f"the budget ({budget:,} bytes) is below the smallest choice "
+                          f"({least:,} bytes: every layer at its smallest scheme)")
+    if budget >= most:  # every layer at its best
+        return {n: min(o, key=lambda t: t[2])[0] for n, o in zip(names, options, strict=True)}
+    unit = reduce(math.gcd, (b for o in options for _, b, _ in o))
+    cap = budget // unit
+    if cap * len(names) > 2e9:
+        raise LowbitError("the budget is too fine-grained for the exact allocation "
+                          f"({cap:,} units of {unit} bytes x {len(names)} layers)")
+    inf = float("inf")
+    best = np.zeros(cap + 1)  # best[c]: least summed metric with at most c units
+    pick = np.zeros((len(names), cap + 1), dtype=np.int8)
+    for i, opts in enumerate(options):
+        new = np.full(cap + 1, inf)
+        for k, (_, b, v) in enumerate(opts):
+            u = b // unit
+            cand = np.full(cap + 1, inf)
+            cand[u:] = best[: cap + 1 - u] + v
+            better = cand < new
+            new[better] = cand[better]
+            pick[i][better] = k
+        best = new
+    if not math.isfinite(best[cap]):
+        raise LowbitError("no choice fits the budget")
+    out, c = {}, cap
+    for i in range(len(names) - 1, -1, -1):
+        s, b, _ = options[i][pick[i][c]]
+        out[names[i]] = s
+        c -= b // unit
+    return out
+
+
+def budget_recipe(recipe: Recipe, choice: dict[str, str]) -> Recipe:
+    """``recipe`` with its rounder's scheme the most frequent choice and the other layers'
+    choices as overrides (before the recipe's own)."""
+    rounders = [i for i, st in enumerate(recipe.steps) if st.kind == "rounder"]
+    if len(rounders) != 1:
+        raise LowbitError("--target-bpw / --target-size need a recipe with exactly one rounding "
+                          "step (rtn, gptq, hqq)")
+    i = rounders[0]
+    step = recipe.steps[i]
+    main = Counter(choice.values()).most_common(1)[0][0]
+    overrides = tuple((n, s) for n, s in choice.items() if s != main) + tuple(step.overrides)
+    steps = list(recipe.steps)
+    steps[i] = dataclasses.replace(step, scheme=main, overrides=overrides)
+    return dataclasses.replace(recipe, steps=tuple(steps))
+
+
+def summary(sens: dict, choice: dict[str, str]) -> dict:
+    """What a choice costs and predicts: bytes, bits per weight, summed KL, schemes used."""
+    layers = sens["layers"]
+    nbytes = sum(layers[n]["schemes"][s]["bytes"] for n, s in choice.items())
+    numel = sum(layers[n]["numel"] for n in choice)
+    return {"bytes": nbytes, "bits_per_weight": 8 * nbytes / numel,
+            "predicted_kl": sum(layers[n]["schemes"][s]["kl"] for n, s in choice.items()),
+            "schemes": dict(Counter(choice.values()).most_common())}
+
