@@ -48,6 +48,32 @@ def test_quantize_info_eval(tiny_ckpt, tmp_path):
     one_line_error(bad, "overlap")
 
 
+def test_analyze_then_quantize_to_a_budget(tiny_ckpt, tmp_path):
+    """lowbit analyze measures every block Linear; quantize --target-bpw turns the measurement
+    into a recipe of overrides whose stored bytes meet the budget, recorded in lowbit.json."""
+    ckpt, text = tiny_ckpt
+    sens_path = tmp_path / "sens.json"
+    r = lowbit_cli("analyze", ckpt, "--schemes", "w2g32,w4g32,w8", "--calib", text,
+                   "--calib-samples", "2", "--seq-len", "32", "--json", sens_path,
+                   "--plot", tmp_path / "sens.png", "--quiet")
+    sens = json.loads(sens_path.read_text())
+    assert len(sens["layers"]) == 14 and sens["base_model"] == str(ckpt)
+    assert (tmp_path / "sens.png").stat().st_size > 0 and "Spearman" in r.out
+    out = tmp_path / "mixed"
+    q = json.loads(lowbit_cli("quantize", ckpt, "--method", "rtn", "--target-bpw", "4",
+                              "--sensitivity", sens_path, "--out", out, "--json", "-",
+                              "--quiet").out)
+    assert q["bits_per_weight"] <= 4.0 and len(q["schemes"]) >= 2
+    assert q["storage_bytes"] == q["budget"]["bytes"] <= q["budget"]["target_bytes"]
+    recorded = json.loads((out / "lowbit.json").read_text())["recipe"]["steps"][0]
+    assert recorded["overrides"] and sum(q["schemes"].values()) == 14
+    # measured inline when no file is given
+    q2 = json.loads(lowbit_cli("quantize", ckpt, "--method", "rtn", "--target-size", "30kB",
+                               "--candidates", "w2g32,w4g32", "--calib", text, "--out",
+                               tmp_path / "m2", "--json", "-", "--quiet").out)
+    assert q2["storage_bytes"] <= 30000 and set(q2["schemes"]) <= {"w2g32", "w4g32"}
+
+
 @pytest.mark.parametrize("scheme", ["nf4", "mxfp4", "w4g32-asym"])
 def test_non_integer_schemes_save_and_reload(tiny_ckpt, tmp_path, scheme):
     """`lowbit quantize --method rtn --scheme nf4` crashed after the whole run (issue 13)."""
@@ -171,11 +197,22 @@ def test_inspect(word_ckpt, tmp_path):
         (["--method", "rtn", "--calib-samples", "0"], "--calib-samples must be at least 1"),
         (["--method", "rtn", "--format", "onnx"], "unknown output format 'onnx'"),
         (["--recipe", "{tmp}/missing.yaml"], "cannot read recipe"),
+        (["--method", "rtn", "--sensitivity", "{tmp}/s.json"], "give one of --target-bpw"),
+        (["--method", "rtn", "--target-bpw", "3", "--target-size", "1MB"],
+         "give one of --target-bpw"),
+        (["--method", "rtn", "--target-size", "lots"], "is not a size"),
+        (["--method", "rtn", "--target-bpw", "3", "--sensitivity", "{tmp}/missing.json"],
+         "cannot read --sensitivity"),
+        (["--method", "w8a8", "--target-bpw", "3", "--sensitivity", "{tmp}/s.json"],
+         "one rounding step"),
     ],
 )
 def test_bad_options_fail_before_loading(word_ckpt, tmp_path, args, message):
     ckpt, _ = word_ckpt
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    (tmp_path / "s.json").write_text(json.dumps(
+        {"format": "lowbit-sensitivity", "layers": {"a": {"numel": 64, "schemes": {
+            "w4g32": {"bytes": 40, "kl": 0.1}}}}}))
     r = lowbit_cli("quantize", ckpt, *args, "--out", tmp_path / "x", ok=False)
     one_line_error(r, message)
     assert not (tmp_path / "x").exists()

@@ -238,6 +238,8 @@ def budget_recipe(recipe: Recipe, choice: dict[str, str]) -> Recipe:
                           "step (rtn, gptq, hqq)")
     i = rounders[0]
     step = recipe.steps[i]
+    if not choice:
+        return recipe
     main = Counter(choice.values()).most_common(1)[0][0]
     overrides = tuple((n, s) for n, s in choice.items() if s != main) + tuple(step.overrides)
     steps = list(recipe.steps)

@@ -57,6 +57,19 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
                    "[default: 6.0]")
 @click.option("--int8-kernel", default=None,
               help="w8a8, smoothquant, llm-int8: auto, onednn, int_mm or emulate [default: auto]")
+@click.option("--target-bpw", type=float, default=None,
+              help="mixed precision: a scheme per block Linear (from --candidates) with the "
+                   "least measured KL whose stored bytes (scales included) average at most "
+                   "this many bits per weight; the rest of the recipe as given")
+@click.option("--target-size", default=None,
+              help="as --target-bpw, for a size of the block Linears' stored tensors: 60MB, "
+                   "57MiB, 1.5GB or bytes")
+@click.option("--sensitivity", "sensitivity_path", type=click.Path(),
+              help="with --target-*: the measurements of lowbit analyze --json [default: "
+                   "measured now, on 4 windows of 128 tokens of the calibration text]")
+@click.option("--candidates", default=None,
+              help="with --target-* and no --sensitivity: the schemes to choose from "
+                   "[default: w2g64,w3g64,w4g64,w8]")
 @click.option("--eval", "eval_windows", type=int, default=0, show_default=True,
               help="also evaluate the result on this many windows of --eval-data (perplexity, "
                    "KL and top-1 against the model before quantizing); recorded in lowbit.json "
@@ -87,7 +100,8 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
 @dtype_option("dtype to load and quantize the model in (statistics are fp32): auto = the "
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
-            act_order, static_groups, damp, alpha, threshold, int8_kernel, eval_windows,
+            act_order, static_groups, damp, alpha, threshold, int8_kernel, target_bpw,
+            target_size, sensitivity_path, candidates, eval_windows,
             eval_data, chunk, out, fmt, tp, overwrite, resume, nproc, json_path, quiet, dtype):
     """Quantize MODEL (default: the built-in smollm2-135m, or the base model of a --recipe
     lowbit.json) and save it to --out."""
@@ -106,6 +120,10 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
     base = _recorded_base(recipe_path)
     model = model or base or "smollm2-135m"
     calib_req = calibration(calib, calib_samples, calib_offset, seq_len, recipe.calibration)
+    budget = None
+    if target_bpw is not None or target_size is not None or sensitivity_path or candidates:
+        recipe, budget = _allocate(model, recipe, calib_req, target_bpw, target_size,
+                                   sensitivity_path, candidates, quiet, dtype)
     _, _, res, meta = quantize_job(model, recipe, out, calib_req, fmt=fmt, tp=tp,
                                    overwrite=overwrite, chunk=chunk, progress=not quiet,
                                    note=note, dtype=dtype, eval_windows=eval_windows,
@@ -127,6 +145,12 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
     }
     if losses:
         summary["layers_below_rtn"] = sum(r["loss"] <= r["rtn_loss"] for r in losses)
+    if budget is not None:
+        summary["budget"] = budget
+        if res.storage_bytes() > budget["target_bytes"]:
+            note(f"the quantized layers hold {res.storage_bytes():,} bytes, above the budget of "
+                 f"{budget['target_bytes']:,} (the method stores more than RTN: act-order's "
+                 "g_idx?)")
     mix = ", ".join(f"{n} {s}" for s, n in schemes.most_common()) or recipe.scheme
     echo(f"wrote {out} ({meta['output_format']}): {recipe.name}, {len(res.weights)} layers "
          f"({mix}), "
@@ -139,6 +163,56 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
         echo(f"eval on {e['windows']}x{e['seq_len']} tokens of {e['data']}: ppl {e['ppl']:.3f}, "
              f"KL {e['kl_mean']:.4f}, top-1 {e['top1']:.3f}", json_path)
     dump_json(json_path, summary)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from 60MB, 57MiB, 1.5GB, 2e6 or a plain number."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kKMGT]i?B|B)?\s*", str(text))
+    if not m:
+        raise LowbitError(f"--target-size: {text!r} is not a size (60MB, 57MiB, 1.5GB, bytes)")
+    unit = m.group(2) or "B"
+    power = " kMGT".index(unit[0].replace("K", "k")) if unit != "B" else 0
+    base = 1024 if "i" in unit else 1000
+    return int(float(m.group(1)) * base ** power)
+
+
+def _allocate(model, recipe, calib_req, target_bpw, target_size, sensitivity_path,
+              candidates, quiet, dtype):
+    """The recipe with a scheme per block Linear for the budget, and what the choice costs."""
+    import json
+
+    from lowbit.analyze import budget_bytes, budget_recipe, check_sensitivity, choose, summary
+    from lowbit.cli.analyze import DEFAULT_SCHEMES
+    from lowbit.jobs import Calibration, analyze_job
+
+    if (target_bpw is None) == (target_size is None):
+        raise LowbitError("give one of --target-bpw and --target-size (--sensitivity and "
+                          "--candidates only go with them)")
+    if sensitivity_path and candidates:
+        raise LowbitError("--candidates are measured now; a --sensitivity file has its own")
+    size = None if target_size is None else parse_size(target_size)
+    budget_recipe(recipe, {})  # a recipe the choice cannot go into fails now
+    if sensitivity_path:
+        try:
+            sens = check_sensitivity(json.loads(Path(sensitivity_path).read_text()))
+        except (OSError, ValueError) as e:
+            raise LowbitError(f"cannot read --sensitivity {sensitivity_path}: {e}") from None
+        if sens.get("base_model") not in (None, str(model)):
+            note(f"{sensitivity_path} was measured on {sens['base_model']}, not {model}")
+    else:
+        names = [s.strip() for s in (candidates or DEFAULT_SCHEMES).split(",") if s.strip()]
+        cal = Calibration(calib_req.source, 4, 128, calib_req.offset)
+        note(f"measuring each layer at {', '.join(names)} on 4 x 128 tokens (lowbit analyze; "
+             "--sensitivity reuses a measurement)")
+        sens = analyze_job(model, names, cal, progress=not quiet, dtype=dtype)
+    target = budget_bytes(sens, target_bpw, size)
+    choice = choose(sens, target)
+    info = summary(sens, choice) | {"target_bytes": target, "target_bpw": target_bpw}
+    note(f"chose {', '.join(f'{n} x {s}' for s, n in info['schemes'].items())}: "
+         f"{info['bits_per_weight']:.3f} bits/weight, predicted KL {info['predicted_kl']:.4f}")
+    return budget_recipe(recipe, choice), info
 
 
 def _recorded_base(recipe_path) -> str | None:
