@@ -21,7 +21,7 @@ from lowbit.models import load_model
 from lowbit.runtime.qlinear import QLinear, QuantModule
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-CALIBRATED = ("quantize", "imatrix", "inspect")
+CALIBRATED = ("quantize", "imatrix", "inspect", "analyze")
 
 
 def blocks(lang: str) -> list[str]:
@@ -73,7 +73,7 @@ def adapt(args: list[str], model: str, text: str) -> list[str]:
 def test_readme_has_the_commands_it_documents():
     cmds = {c[0] for c in commands()}
     assert cmds == {"quantize", "info", "eval", "export", "imatrix", "inspect", "demo",
-                    "generate"}
+                    "generate", "analyze"}
     assert len(commands()) >= 20
 
 
@@ -102,6 +102,9 @@ def test_every_readme_command_runs(tiny_ckpt, tmp_path, monkeypatch):
     assert (tmp_path / "out/gptq.gguf").stat().st_size > 0
     assert (tmp_path / "out/ct/config.json").is_file()
     assert (tmp_path / "out/channels.png").stat().st_size > 1000
+    assert (tmp_path / "out/sens.png").stat().st_size > 1000
+    budget = json.loads((tmp_path / "out/mixed-3.5/lowbit.json").read_text())
+    assert budget["bits_per_weight"] <= 3.5 and budget["recipe"]["steps"][0]["overrides"]
     assert len(ran) == len(commands())
 
 
