@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--kernel", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--only", help="comma-separated configuration names to run (default: all)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every configuration this many times, interleaved, and keep each "
                          "one's fastest decode (this VM's speed drifts by up to 2x over minutes "
@@ -184,6 +185,9 @@ def main() -> None:
             subprocess.run(lowbit("export", "smollm2-135m", f, "--type", qtype, "--quiet"),
                            check=True)
             configs.append((f"llama.cpp {qtype}", f, "auto", "auto", True))
+    if args.only:
+        keep = {n.strip() for n in args.only.split(",")}
+        configs = [c for c in configs if c[0] in keep or c[0] in ("fp32", "bf16")]
     rows = {}
     for rep in range(args.repeat):
         for threads in map(int, args.threads.split(",")):

@@ -255,10 +255,11 @@ SPEED_PROMPT_TOKENS, SPEED_NEW_TOKENS = 512, 128  # `--speed`: prefill, then bat
 def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: str | None,
              speed: bool, progress: bool = True, dtype: str = "auto", batch: int = 1,
              base_cache: bool = True, note: Callable[[str], None] = lambda _m: None,
-             kernel: str = "auto", compile: bool = False) -> dict:
+             kernel: str = "auto", compile: bool = False, llamacpp: bool = False) -> dict:
     """Perplexity (and KL / top-1 against a base) of a model or a quantized folder. The base's
     log-probabilities are cached on disk (``lowbit.eval.base_cache``): evaluating N models
-    against one base runs the base once."""
+    against one base runs the base once. ``llamacpp``: a GGUF file's logits come from
+    llama.cpp (llama-cpp-python), the statistics are computed the same way."""
     import torch
 
     from lowbit.calib import check_disjoint, eval_windows
@@ -283,6 +284,12 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
 
     check_kernel_name(kernel)
     check_seq_len(model_arg, seq_len)
+    if llamacpp:
+        if speed:
+            raise LowbitError("--speed measures lowbit's runtime; for llama.cpp's speed run "
+                              "lowbit generate FILE.gguf")
+        return _eval_llamacpp(model_arg, data, windows, seq_len, base_arg, progress, dtype,
+                              base_cache, note)
     if speed:
         check_seq_len(model_arg, min(seq_len, SPEED_PROMPT_TOKENS) + SPEED_NEW_TOKENS)
     path = resolve(model_arg)
@@ -514,6 +521,38 @@ def inspect_job(model_arg: str, calibration: Calibration, stats_path: str | None
     order = {n: i for i, n in enumerate(spec.linears)}  # MoE experts: after the table's
     rows.sort(key=lambda r: (r["block"], order.get(r["feeds"][0], len(order)), r["feeds"][0]))
     return rows, stats, spec
+
+
+def _eval_llamacpp(model_arg, data, windows, seq_len, base_arg, progress, dtype, base_cache,
+                   note) -> dict:
+    from transformers import AutoTokenizer
+
+    from lowbit.calib import eval_windows
+    from lowbit.eval.base_cache import base_logprobs, model_fingerprint
+    from lowbit.eval.llamacpp import llamacpp_logits, load_llama
+    from lowbit.eval.metrics import evaluate_logits, peak_rss_bytes
+    from lowbit.models import BUILTIN_MODELS, builtin_path, cache_dir, load_model, parse_dtype
+    from lowbit.models import resolve as resolve_model
+
+    path = builtin_path(model_arg) if str(model_arg) in BUILTIN_MODELS else resolve_model(model_arg)
+    if not (path.is_file() and path.suffix == ".gguf"):
+        raise LowbitError(f"--llamacpp evaluates a .gguf file, not {model_arg}")
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    llm = load_llama(path, n_ctx=seq_len)
+    ev = eval_windows(data, tok, windows, seq_len)
+    vocab = llm.n_vocab()
+    if int(ev.max()) >= vocab:
+        raise LowbitError(f"the tokenizer produces ids beyond the model's vocabulary ({vocab})")
+    base = None
+    if base_arg:
+        key = f"{model_fingerprint(resolve_model(base_arg))}\ndtype={parse_dtype(dtype)}"
+        base = base_logprobs(lambda: load_model(base_arg, dtype)[0], ev, vocab,
+                             key if base_cache else None, cache_dir(), note)
+    res = evaluate_logits(llamacpp_logits(llm), ev, base, progress=progress)
+    if base is not None:
+        res["base_windows_run"] = base.computed
+    return res | {"model": str(model_arg), "data": data, "kernel": {"llama.cpp": 1},
+                  "peak_rss_bytes": peak_rss_bytes()}
 
 
 def analyze_job(model_arg: str, schemes: list[str], calibration: Calibration, chunk: int = 8,

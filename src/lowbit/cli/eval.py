@@ -39,13 +39,16 @@ COLS = [("model", "model", ""), ("ppl", "ppl", ".3f"), ("ppl_ratio", "ppl/base",
                    "window), then 128 new tokens")
 @kernel_option()
 @compile_option()
+@click.option("--llamacpp", is_flag=True,
+              help="GGUF files: take the logits from llama.cpp (llama-cpp-python) instead of "
+                   "lowbit's reading of the file; the same statistics")
 @click.option("--json", "json_path", type=click.Path(),
               help="write the results as JSON (- for standard output): an object for one "
                    "model, a list for several")
 @click.option("--quiet", is_flag=True)
 @dtype_option()
 def command(models, data, windows, seq_len, batch, base_arg, base_cache, speed, kernel,
-            compile_, json_path, quiet, dtype):
+            compile_, llamacpp, json_path, quiet, dtype):
     """Perplexity of each MODEL (models or quantized folders; default: the built-in model),
     and KL/top-1 against --base, whose log-probabilities are computed once for all."""
     from lowbit.jobs import eval_job
@@ -55,11 +58,12 @@ def command(models, data, windows, seq_len, batch, base_arg, base_cache, speed, 
     for model in models or ("smollm2-135m",):
         res = eval_job(model, data, windows, seq_len, base_arg, speed, progress=not quiet,
                        dtype=dtype, batch=batch, base_cache=base_cache, note=note,
-                       kernel=kernel, compile=compile_)
-        results.append(res | {"mib": res["model_bytes"] / 2**20})
+                       kernel=kernel, compile=compile_, llamacpp=llamacpp)
+        results.append(res | ({"mib": res["model_bytes"] / 2**20} if "model_bytes" in res
+                              else {}))
     first = results[0]
     echo(format_table(results, [c for c in COLS if any(c[0] in r for r in results)]) +
          f"\n({first['windows']} windows x {first['seq_len']} tokens of {data})", json_path)
     for r in results:
-        r.pop("mib")
+        r.pop("mib", None)
     dump_json(json_path, results[0] if len(results) == 1 else results)

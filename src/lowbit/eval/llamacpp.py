@@ -91,6 +91,21 @@ def llamacpp_perplexity(
     return {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens, "windows": n}
 
 
+def llamacpp_logits(llm):
+    """``ids (b, L) -> logits (b, L, vocab)`` from llama.cpp, each window from an empty
+    context (the source ``lowbit.eval.metrics.evaluate_logits`` takes)."""
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        out = []
+        for w in ids:
+            llm.reset()
+            llm.eval(w.tolist())
+            out.append(torch.from_numpy(np.array(llm.scores[: w.numel()], dtype=np.float32)))
+        return torch.stack(out)
+
+    return logits
+
+
 def llamacpp_generate(path: str | Path, prompt_ids: list[int], n: int = 32, llm=None) -> list[int]:
     """Greedy continuation of ``prompt_ids`` by llama.cpp: ``n`` token ids."""
     llm = llm or load_llama(path, n_ctx=max(64, len(prompt_ids) + n))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import resource
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,17 +34,21 @@ def evaluate(
     if isinstance(base, nn.Module):
         base = BaseLogprobs(base, windows)
     with decoded_once(model):
-        return _evaluate(model, windows, base, batch, progress, desc)
+        return evaluate_logits(lambda ids: _logits(model, ids), windows, base, batch, progress,
+                               desc)
 
 
-def _evaluate(model: nn.Module, windows: torch.Tensor, base: BaseLogprobs | None, batch: int,
-              progress: bool, desc: str) -> dict:
+def evaluate_logits(logits: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor,
+                    base: BaseLogprobs | None, batch: int = 1, progress: bool = True,
+                    desc: str = "eval") -> dict:
+    """``evaluate`` for any source of logits: ``logits(ids)`` gives (b, L, vocab) for (b, L)
+    token windows (llama.cpp's, for a GGUF file: ``lowbit.eval.llamacpp.llamacpp_logits``)."""
     nll_sum, n_tok = 0.0, 0
     per_token: dict[str, list[torch.Tensor]] = {"kl": [], "dp": [], "nll": [], "nll_base": []}
     agree = 0
     for i in tqdm(range(0, windows.shape[0], batch), desc=desc, disable=not progress, leave=False):
         ids = windows[i : i + batch]
-        lp = torch.log_softmax(_logits(model, ids)[:, :-1], dim=-1)
+        lp = torch.log_softmax(logits(ids).float()[:, :-1], dim=-1)
         tgt = ids[:, 1:]
         nll = -lp.gather(-1, tgt[..., None]).squeeze(-1)
         nll_sum += float(nll.sum())

@@ -262,3 +262,22 @@ def test_sentencepiece_tokenizer_in_llamacpp(tmp_path, case):
         assert ids[0] == tok.bos_token_id and _detokenize(llm, ids[1:]) == want, text
         if "<|user|>" not in text:
             assert want == text
+
+
+def test_eval_llamacpp_gives_the_same_statistics():
+    """`lowbit eval FILE.gguf --llamacpp` takes the logits from llama.cpp and computes the same
+    statistics as lowbit's own reading of the file: on the built-in GGUF against itself (read
+    by lowbit) the two agree closely."""
+    import json
+
+    from cli_helpers import lowbit_cli
+
+    args = ["--data", str(WIKI), "--windows", "2", "--seq-len", "128", "--base", "smollm2-135m",
+            "--json", "-", "--quiet"]
+    ours = json.loads(lowbit_cli("eval", "smollm2-135m", *args).out)
+    theirs = json.loads(lowbit_cli("eval", "smollm2-135m", "--llamacpp", *args).out)
+    assert theirs["kernel"] == {"llama.cpp": 1} and theirs["tokens"] == ours["tokens"] == 254
+    assert theirs["ppl"] == pytest.approx(ours["ppl"], rel=0.01)
+    assert ours["kld_mean"] < 1e-3 and 0 < theirs["kld_mean"] < 0.02
+    assert theirs["same_top_p"] > 0.9 and theirs["rms_dp"] < 0.05
+    assert {"kld_median", "kld_p99", "kld_p999", "ppl_ratio", "cor_ln_ppl"} <= set(theirs)

@@ -1,0 +1,89 @@
+"""Mixed precision to a size budget against uniform schemes, on the protocol.
+
+    python benchmarks/mixed.py --targets 3.5 4.25 --method gptq --json out.jsonl
+
+1. Sensitivity: ``lowbit.analyze.measure`` on SmolLM2 at the candidate schemes (default
+   w2g64, w3g64, w4g64, w8), on 4 in-domain windows of 128 tokens (WikiText-2 test tokens from
+   51200: inside the protocol's calibration windows 100..227), timed.
+2. For each target: ``choose`` under the exact byte budget, the recipe written as overrides of
+   ``--method`` (GPTQ: act-order, static groups), quantized with the protocol's 128 in-domain
+   calibration windows and evaluated on WikiText-2 windows 0..63 against the base.
+3. The uniform schemes (``--uniform``, default w3g64 and w4g64) the same way, and the straight
+   line between the two neighbouring uniform points at each target's exact bits per weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from quality import WIKI, base_logprobs, evaluate_against
+
+import lowbit
+from lowbit import data
+from lowbit.analyze import budget_bytes, budget_recipe, choose, measure, summary
+from lowbit.cli.common import format_table
+from lowbit.models import load_model
+from lowbit.recipe import shorthand
+
+COLS = [("variant", "variant", ""), ("bpw", "bits/w", ".3f"), ("ppl", "ppl", ".3f"),
+        ("kl_mean", "KL", ".4f"), ("top1", "top-1", ".3f"), ("line", "uniform line", ".3f"),
+        ("seconds", "quant s", ".0f")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--targets", type=float, nargs="+", default=[3.5, 4.25])
+    ap.add_argument("--method", default="gptq")
+    ap.add_argument("--schemes", default="w2g64,w3g64,w4g64,w8")
+    ap.add_argument("--uniform", default="w3g64,w4g64")
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--json", help="append one JSON line per variant")
+    a = ap.parse_args()
+
+    base, tok = load_model("smollm2-135m")
+    ids = data.tokenize(tok, data.read_text(WIKI))
+    ev = data.windows(ids, a.eval_windows, 512)
+    cal = data.windows(ids, a.calib_windows, 512, start=100)
+    blp = base_logprobs(base, ev)
+    t0 = time.perf_counter()
+    sens = measure(base, data.windows(ids, 4, 128, start=400), a.schemes.split(","))
+    print(f"sensitivity: {len(sens['layers'])} layers x {len(sens['schemes'])} schemes on "
+          f"{sens['tokens']} tokens in {time.perf_counter() - t0:.0f} s; Spearman of the Hessian "
+          f"proxy with the KL: {json.dumps({k: round(v, 3) for k, v in sens['spearman'].items()})}",
+          flush=True)
+    rows = []
+
+    def run(name, recipe, extra=None):
+        model, _ = load_model("smollm2-135m")
+        t = time.perf_counter()
+        res = lowbit.quantize(model, recipe, cal, progress=False)
+        row = {"variant": name, "bpw": res.bits_per_weight(), "seconds": time.perf_counter() - t,
+               **evaluate_against(model, ev, blp), **(extra or {})}
+        rows.append(row)
+        print(format_table([row], COLS).splitlines()[-1], flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    for s in a.uniform.split(","):
+        run(f"{a.method} {s}", shorthand(a.method, s))
+    uniform = sorted((r["bpw"], r["ppl"]) for r in rows)
+    for target in a.targets:
+        choice = choose(sens, budget_bytes(sens, target_bpw=target))
+        info = summary(sens, choice)
+        recipe = budget_recipe(shorthand(a.method, a.uniform.split(",")[0]), choice)
+        line = None
+        for (b0, p0), (b1, p1) in zip(uniform, uniform[1:], strict=False):
+            if b0 <= info["bits_per_weight"] <= b1:
+                line = p0 + (p1 - p0) * (info["bits_per_weight"] - b0) / (b1 - b0)
+        run(f"{a.method} mixed {target}", recipe,
+            {"line": line, "schemes": info["schemes"], "predicted_kl": info["predicted_kl"]})
+    print()
+    print(format_table(rows, COLS))
+
+
+if __name__ == "__main__":
+    main()
