@@ -33,6 +33,7 @@ def cli(debug: bool) -> None:
 def _register() -> None:
     from lowbit.cli import (
         analyze,
+        compare,
         demo,
         eval,
         export,
@@ -43,7 +44,7 @@ def _register() -> None:
         quantize,
     )
 
-    for mod in (quantize, eval, info, demo, export, imatrix, inspect, analyze, generate):
+    for mod in (quantize, eval, info, demo, export, imatrix, inspect, analyze, compare, generate):
         cli.add_command(mod.command)
     cli.add_command(generate.chat_command)
 
