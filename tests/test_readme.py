@@ -21,7 +21,7 @@ from lowbit.models import load_model
 from lowbit.runtime.qlinear import QLinear, QuantModule
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-CALIBRATED = ("quantize", "imatrix", "inspect", "analyze")
+CALIBRATED = ("quantize", "imatrix", "inspect", "analyze", "compare")
 
 
 def blocks(lang: str) -> list[str]:
@@ -64,6 +64,10 @@ def adapt(args: list[str], model: str, text: str) -> list[str]:
         args = _set(args, "--data", text, keep=True)
         args = _set(args, "--windows", "2")
         args = _set(args, "--seq-len", "64")
+    if cmd == "compare":
+        args = _set(args, "--data", text, keep=True)
+        args = _set(args, "--windows", "2")
+        args = _set(args, "--eval-seq-len", "64")
     if cmd == "demo":
         args = [*args, "--model", model, "--calib-samples", "4", "--windows", "2", "--seq-len",
                 "64"]
@@ -73,7 +77,7 @@ def adapt(args: list[str], model: str, text: str) -> list[str]:
 def test_readme_has_the_commands_it_documents():
     cmds = {c[0] for c in commands()}
     assert cmds == {"quantize", "info", "eval", "export", "imatrix", "inspect", "demo",
-                    "generate", "analyze"}
+                    "generate", "analyze", "compare"}
     assert len(commands()) >= 20
 
 
@@ -103,6 +107,8 @@ def test_every_readme_command_runs(tiny_ckpt, tmp_path, monkeypatch):
     assert (tmp_path / "out/ct/config.json").is_file()
     assert (tmp_path / "out/channels.png").stat().st_size > 1000
     assert (tmp_path / "out/sens.png").stat().st_size > 1000
+    report = json.loads((tmp_path / "out/report/report.json").read_text())["rows"]
+    assert [r["name"] for r in report] == ["recipe", "gptq"]
     budget = json.loads((tmp_path / "out/mixed-3.5/lowbit.json").read_text())
     assert budget["bits_per_weight"] <= 3.5 and budget["recipe"]["steps"][0]["overrides"]
     assert len(ran) == len(commands())
