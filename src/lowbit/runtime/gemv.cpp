@@ -608,9 +608,14 @@ void quantize_x(const float* x, int64_t K, int64_t Kp, int64_t group, int8_t* xq
       float amax = 0.f;
       for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[i0 + j]));
       const float d = amax / 127.f;
+      // x / d rounded half to even by adding and taking away 1.5 * 2^23 (|x / d| <= 127);
+      // a loop the compiler vectorises, where nearbyint is a library call per element
+      const float inv = d > 0.f ? d : 1.f, magic = 12582912.f;
+      float r[32];
+      for (int j = 0; j < 32; ++j) r[j] = (x[i0 + j] / inv + magic) - magic;
       int32_t isum = 0;
       for (int j = 0; j < 32; ++j) {
-        t[j] = d > 0.f ? int8_t(std::nearbyint(x[i0 + j] / d)) : 0;
+        t[j] = d > 0.f ? int8_t(r[j]) : 0;
         isum += t[j];
       }
       dx[c] = d;
