@@ -262,16 +262,13 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
     llama.cpp (llama-cpp-python), the statistics are computed the same way."""
     import torch
 
-    from lowbit.calib import check_disjoint, eval_windows
-    from lowbit.eval.base_cache import base_logprobs, model_fingerprint
+    from lowbit.calib import check_disjoint
     from lowbit.eval.metrics import current_rss_bytes, evaluate, model_bytes, peak_rss_bytes
     from lowbit.io.native import read_description
     from lowbit.models import (
-        cache_dir,
         check_seq_len,
         is_lowbit_dir,
         load_model,
-        parse_dtype,
         resolve,
     )
 
@@ -299,15 +296,9 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
     model, tok = load_model(model_arg, dtype, cache_weights=True)
     used = prepare_kernels(model, kernel)
     rss1 = current_rss_bytes()
-    ev = eval_windows(data, tok, windows, seq_len)
-    vocab = model.get_input_embeddings().num_embeddings
-    if int(ev.max()) >= vocab:
-        raise LowbitError(f"the tokenizer produces ids beyond the model's vocabulary ({vocab})")
-    base = None
-    if base_arg:
-        key = f"{model_fingerprint(resolve(base_arg))}\ndtype={parse_dtype(dtype)}"
-        base = base_logprobs(lambda: load_model(base_arg, dtype)[0], ev, vocab,
-                             key if base_cache else None, cache_dir(), note)
+    ev, base = _eval_windows_and_base(data, tok, windows, seq_len,
+                                      model.get_input_embeddings().num_embeddings, base_arg,
+                                      dtype, base_cache, note)
     res = evaluate(model, ev, base=base, batch=batch, progress=progress)
     if base is not None:
         res["base_windows_run"] = base.computed
@@ -523,31 +514,39 @@ def inspect_job(model_arg: str, calibration: Calibration, stats_path: str | None
     return rows, stats, spec
 
 
+def _eval_windows_and_base(data, tok, windows, seq_len, vocab, base_arg, dtype, base_cache,
+                           note):
+    """The evaluation windows (checked against the model's vocabulary) and the base's
+    log-probabilities over them (cached on disk), or None without a base."""
+    from lowbit.calib import eval_windows
+    from lowbit.eval.base_cache import base_logprobs, model_fingerprint
+    from lowbit.models import cache_dir, load_model, parse_dtype, resolve
+
+    ev = eval_windows(data, tok, windows, seq_len)
+    if int(ev.max()) >= vocab:
+        raise LowbitError(f"the tokenizer produces ids beyond the model's vocabulary ({vocab})")
+    if not base_arg:
+        return ev, None
+    key = f"{model_fingerprint(resolve(base_arg))}\ndtype={parse_dtype(dtype)}"
+    return ev, base_logprobs(lambda: load_model(base_arg, dtype)[0], ev, vocab,
+                             key if base_cache else None, cache_dir(), note)
+
+
 def _eval_llamacpp(model_arg, data, windows, seq_len, base_arg, progress, dtype, base_cache,
                    note) -> dict:
     from transformers import AutoTokenizer
 
-    from lowbit.calib import eval_windows
-    from lowbit.eval.base_cache import base_logprobs, model_fingerprint
     from lowbit.eval.llamacpp import llamacpp_logits, load_llama
     from lowbit.eval.metrics import evaluate_logits, peak_rss_bytes
-    from lowbit.models import BUILTIN_MODELS, builtin_path, cache_dir, load_model, parse_dtype
-    from lowbit.models import resolve as resolve_model
+    from lowbit.models import BUILTIN_MODELS, builtin_path, resolve
 
-    path = builtin_path(model_arg) if str(model_arg) in BUILTIN_MODELS else resolve_model(model_arg)
+    path = builtin_path(model_arg) if str(model_arg) in BUILTIN_MODELS else resolve(model_arg)
     if not (path.is_file() and path.suffix == ".gguf"):
         raise LowbitError(f"--llamacpp evaluates a .gguf file, not {model_arg}")
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     llm = load_llama(path, n_ctx=seq_len)
-    ev = eval_windows(data, tok, windows, seq_len)
-    vocab = llm.n_vocab()
-    if int(ev.max()) >= vocab:
-        raise LowbitError(f"the tokenizer produces ids beyond the model's vocabulary ({vocab})")
-    base = None
-    if base_arg:
-        key = f"{model_fingerprint(resolve_model(base_arg))}\ndtype={parse_dtype(dtype)}"
-        base = base_logprobs(lambda: load_model(base_arg, dtype)[0], ev, vocab,
-                             key if base_cache else None, cache_dir(), note)
+    ev, base = _eval_windows_and_base(data, tok, windows, seq_len, llm.n_vocab(), base_arg,
+                                      dtype, base_cache, note)
     res = evaluate_logits(llamacpp_logits(llm), ev, base, progress=progress)
     if base is not None:
         res["base_windows_run"] = base.computed
