@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from lowbit.arch import ArchSpec, get_blocks, get_weight, set_weight, spec_for, text_config
 from lowbit.errors import LowbitError
+from lowbit.eval.metrics import kl_divergence
 from lowbit.formats.grids import get_grid
 from lowbit.methods.rtn import grid_loss, rtn
 from lowbit.pipeline.driver import BlockContext, block_output, run_sequential
@@ -107,10 +108,11 @@ class _Tail:
         return [torch.log_softmax(_head(self.model, self.spec, h)[:, :-1], -1) for h in hidden]
 
 
-def kl_per_token(base: list[Tensor], lp: list[Tensor]) -> Tensor:
-    """KL(base || model) of each position's next-token distribution (log-probabilities)."""
-    return torch.cat([(b.exp() * (b - q)).sum(-1).flatten() for b, q in zip(base, lp,
-                                                                             strict=True)])
+def _mean_kl(base: list[tuple[Tensor, Tensor]], lp: list[Tensor]) -> float:
+    """Mean KL(base || model) over every position; ``base``: (log-probabilities, probabilities)
+    per chunk, the latter computed once for all runs."""
+    kl = [kl_divergence(b, q, p).flatten() for (b, p), q in zip(base, lp, strict=True)]
+    return float(torch.cat(kl).mean())
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -140,7 +142,7 @@ def measure(model: nn.Module, windows: Tensor, schemes: list[str], chunk: int = 
     rec = _Recorder(schemes)
     run_sequential(model, spec, windows, rec, chunk=chunk, progress=progress)
     tail = _Tail(model, spec, rec.inputs)
-    base = tail.logprobs(0)
+    base = [(lp, lp.exp()) for lp in tail.logprobs(0)]
     runs = sum(len(r["schemes"]) for r in rec.layers.values())
     bar = tqdm(total=runs, desc="sensitivity", unit="run", disable=not progress)
     for name, row in rec.layers.items():
@@ -149,7 +151,7 @@ def measure(model: nn.Module, windows: Tensor, schemes: list[str], chunk: int = 
         try:
             for s, cell in row["schemes"].items():
                 set_weight(mod, spec, rtn(w0.float(), get_grid(s)).dequantize())
-                cell["kl"] = float(kl_per_token(base, tail.logprobs(row["block"])).mean())
+                cell["kl"] = _mean_kl(base, tail.logprobs(row["block"]))
                 bar.update(1)
         finally:
             set_weight(mod, spec, w0)

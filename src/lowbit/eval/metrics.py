@@ -56,7 +56,7 @@ def evaluate_logits(logits: Callable[[torch.Tensor], torch.Tensor], windows: tor
         if base is not None:
             blp = torch.cat([base[j] for j in range(i, i + ids.shape[0])])
             nll_base = -blp.gather(-1, tgt[..., None]).squeeze(-1)
-            per_token["kl"].append((blp.exp() * (blp - lp)).sum(-1).flatten())
+            per_token["kl"].append(kl_divergence(blp, lp).flatten())
             per_token["dp"].append(((-nll).exp() - (-nll_base).exp()).flatten())
             per_token["nll"].append(nll.flatten())
             per_token["nll_base"].append(nll_base.flatten())
@@ -73,6 +73,13 @@ def evaluate_logits(logits: Callable[[torch.Tensor], torch.Tensor], windows: tor
         out |= against_base(*(torch.cat(per_token[k]).double() for k in
                               ("kl", "dp", "nll", "nll_base")), agree)
     return out
+
+
+def kl_divergence(base_lp: torch.Tensor, lp: torch.Tensor,
+                  base_p: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(base || model) of each position's next-token distribution, from log-probabilities
+    over the last dimension (``base_p``: ``base_lp.exp()``, when the caller keeps it)."""
+    return ((base_lp.exp() if base_p is None else base_p) * (base_lp - lp)).sum(-1)
 
 
 # the percentiles llama-perplexity --kl-divergence prints (KLD: 99.9 ... 0.1; Δp: those and
