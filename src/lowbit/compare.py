@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,10 +86,9 @@ def compare_job(model_arg: str, things: list[tuple[str, str, str]], report: Path
             target = report / "runs" / name
             recipe = recipes[name]
             cal = calibration or Calibration(**recipe.calibration)
-            t0 = time.perf_counter()
-            _, _, res, meta = quantize_job(model_arg, recipe, target, cal, overwrite=True,
-                                           progress=progress, note=note, dtype=dtype)
-            row |= {"method": recipe.name, "quantize_seconds": time.perf_counter() - t0}
+            meta = quantize_job(model_arg, recipe, target, cal, overwrite=True,
+                                progress=progress, note=note, dtype=dtype)[3]
+            row |= {"method": recipe.name, "quantize_seconds": meta["seconds"]}
         ev = eval_job(str(target), data, windows, seq_len, model_arg, speed and kind != "gguf",
                       progress=progress, dtype=dtype, note=note, llamacpp=kind == "gguf")
         if kind == "gguf":
