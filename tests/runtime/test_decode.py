@@ -36,6 +36,43 @@ def test_greedy_tokens_are_the_full_passes_argmax(family):
     assert timing.decode_tokens_per_s > 0 and timing.prefill_tokens_per_s > 0
 
 
+def test_decode_attention_equals_transformers_sdpa():
+    """One query token with grouped keys/values (4 query heads on 2 key/value heads): the
+    grouped product equals transformers' SDPA path with the keys repeated, masked positions
+    included; a longer query or a per-head mask goes to transformers' own function."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from lowbit.runtime.decode import decode_attention
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups = 2
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 3):
+        q = torch.randn(1, 4, n, 16, generator=g)
+        k, v = torch.randn(2, 1, 2, 40, 16, generator=g)
+        mask = torch.arange(40).expand(1, 1, n, 40) < 29  # 29 live positions of 40
+        out, _ = decode_attention(Attn(), q, k, v, mask, scaling=0.25)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, repeat_kv(k, 2), repeat_kv(v, 2), attn_mask=mask, scale=0.25).transpose(1, 2)
+        assert out.shape == (1, n, 4, 16)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        # the live positions alone give the same: the mask really masks
+        live = torch.nn.functional.scaled_dot_product_attention(
+            q, repeat_kv(k[:, :, :29], 2), repeat_kv(v[:, :, :29], 2), scale=0.25)
+        torch.testing.assert_close(out, live.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2 soft-caps: eager
+def test_the_decoder_switches_sdpa_models_only(family):
+    from lowbit.runtime.decode import ATTENTION, Decoder
+
+    model = tiny_model(family)
+    before = model.config._attn_implementation
+    Decoder(model, 16)
+    assert model.config._attn_implementation == (ATTENTION if before == "sdpa" else before)
+
+
 def test_quantized_kernels_generate_what_the_reference_does(tiny_ckpt, tmp_path):
     from lowbit.models import load_model
 

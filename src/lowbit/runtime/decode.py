@@ -44,8 +44,53 @@ def max_positions(model: nn.Module) -> int | None:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
+ATTENTION = "lowbit_decode"
+
+
+def decode_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                     attention_mask: Tensor | None, dropout: float = 0.0,
+                     scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
+    """transformers' SDPA attention, except for one query token with grouped keys and values:
+    there the query heads that share a key/value head become that head's rows
+    ``(b, h_kv, group, d)``, so keys and values are read as stored. transformers' own SDPA
+    path does this only outside ``torch.compile``; inside, it repeats the whole static cache
+    per query head at every step (``repeat_kv``), which cost 60% of a compiled SmolLM2 step at
+    a 640-position cache (BENCHMARKS.md, issue 16). The same sums in the same order per head:
+    the result equals the repeated form's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, h, n, d = query.shape
+    if (n != 1 or groups == 1 or kwargs.get("position_bias") is not None or
+            kwargs.get("softcap") is not None or
+            (attention_mask is not None and attention_mask.shape[1] != 1)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout,
+                                      scaling, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, h // groups, groups, d), key, value, attn_mask=attention_mask,
+        dropout_p=dropout, scale=scaling)
+    return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def use_decode_attention(model: nn.Module) -> bool:
+    """Switch a model on transformers' SDPA attention to ``decode_attention`` (same masks);
+    other implementations (eager for soft-capping models, ...) are left as they are."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "_attn_implementation", None) != "sdpa" or \
+            not hasattr(model, "set_attn_implementation"):
+        return False
+    AttentionInterface.register(ATTENTION, decode_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+    return True
+
+
 class Decoder:
-    """Runs ``model`` one token at a time over a static cache of ``max_len`` positions."""
+    """Runs ``model`` one token at a time over a static cache of ``max_len`` positions
+    (attention switched to ``decode_attention`` when the model uses SDPA)."""
 
     def __init__(self, model: nn.Module, max_len: int, compile: bool = False) -> None:
         from transformers import StaticCache
@@ -56,6 +101,7 @@ class Decoder:
                               f"{limit} (max_position_embeddings)")
         self.model = model
         self.max_len = max_len
+        use_decode_attention(model)
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         # transformers 5 renames past_key_values to cache (the old name warns)
         params = inspect.signature(model.forward).parameters
