@@ -91,11 +91,47 @@ def test_the_knapsack_equals_brute_force():
             return sum(layers[n]["schemes"][s][key] for n, s in zip(layers, pick, strict=True))
 
         best = min((total(p, "kl"), p) for p in picks if total(p, "bytes") <= budget)
-        got = choose(sens, budget)
+        got = choose(sens, budget, tie=False)
         assert summary(sens, got)["bytes"] <= budget
         assert summary(sens, got)["predicted_kl"] == pytest.approx(best[0])
     with pytest.raises(LowbitError, match="below the smallest choice"):
         choose(sens, least - 1)
+
+
+def test_linears_that_read_one_input_get_one_scheme():
+    """l0-l2 read one input (as q/k/v do), l3-l4 another (gate/up): the tied choice gives each
+    set one scheme and is the best such choice (brute force over the sets); untied, the same
+    budget is met with a lower predicted KL by splitting a set."""
+    g = np.random.default_rng(2)
+    sets = [["l0", "l1", "l2"], ["l3", "l4"], ["l5"]]
+    layers = {}
+    for members in sets:
+        for n in members:
+            costs = sorted(g.integers(1, 40, 3) * 64)
+            kls = sorted(g.random(3), reverse=True)
+            layers[n] = {"numel": 100, "input": members, "schemes": {
+                f"s{k}": {"bytes": int(c), "kl": float(v)} for k, (c, v) in enumerate(
+                    zip(costs, kls, strict=True))}}
+    sens = {"layers": layers}
+
+    def total(choice, key):
+        return sum(layers[n]["schemes"][s][key] for n, s in choice.items())
+
+    split = 0
+    for budget in range(2000, 9000, 500):
+        fits = [c for c in ({n: s for m, s in zip(sets, pick, strict=True) for n in m}
+                            for pick in itertools.product(["s0", "s1", "s2"], repeat=3))
+                if total(c, "bytes") <= budget]
+        if not fits:
+            continue
+        got = choose(sens, budget)
+        assert all(len({got[n] for n in m}) == 1 for m in sets)
+        assert total(got, "bytes") <= budget
+        assert total(got, "kl") == pytest.approx(min(total(c, "kl") for c in fits))
+        free = choose(sens, budget, tie=False)
+        assert total(free, "kl") <= total(got, "kl") + 1e-12
+        split += any(len({free[n] for n in m}) > 1 for m in sets)
+    assert split  # the constraint binds at some budgets: the test can tell tied from untied
 
 
 def test_the_budget_recipe_meets_the_budget(measured):
@@ -105,6 +141,10 @@ def test_the_budget_recipe_meets_the_budget(measured):
     s = summary(sens, choice)
     assert s["bytes"] <= budget and s["bits_per_weight"] <= 4.0
     assert len(s["schemes"]) >= 2  # 4.0 bits: a mix of the candidates, not one of them
+    for i in range(2):  # q/k/v and gate/up of each block share a scheme (vLLM fuses them)
+        attn = {choice[f"model.layers.{i}.self_attn.{p}_proj"] for p in "qkv"}
+        mlp = {choice[f"model.layers.{i}.mlp.{p}_proj"] for p in ("gate", "up")}
+        assert len(attn) == 1 and len(mlp) == 1
     recipe = budget_recipe(shorthand("rtn", "w4g32"), choice)
     step = recipe.steps[0]
     assert all(step.scheme_for(n) == s for n, s in choice.items())

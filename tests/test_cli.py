@@ -74,6 +74,48 @@ def test_analyze_then_quantize_to_a_budget(tiny_ckpt, tmp_path):
     assert q2["storage_bytes"] <= 30000 and set(q2["schemes"]) <= {"w2g32", "w4g32"}
 
 
+def test_analyze_llamacpp_types_then_export_gguf_to_a_budget(tiny_ckpt, tmp_path):
+    """Candidates named as llama.cpp types are measured in the type llama-quantize would store
+    (Q4_K -> Q5_0 on 64-column rows); export --target-bpw writes each block Linear in its chosen
+    type (read back with the gguf package) and the same choice as a --tensor-type-file."""
+    import re
+
+    from gguf import GGUFReader
+
+    ckpt, text = tiny_ckpt
+    sens_path = tmp_path / "sens.json"
+    lowbit_cli("analyze", ckpt, "--schemes", "Q4_0,Q4_K,Q8_0", "--calib", text,
+               "--calib-samples", "2", "--seq-len", "32", "--json", sens_path, "--quiet")
+    sens = json.loads(sens_path.read_text())
+    row = sens["layers"]["model.layers.0.mlp.down_proj"]
+    assert row["schemes"]["Q4_K"]["type"] == "Q5_0" and row["schemes"]["Q8_0"]["type"] == "Q8_0"
+    assert row["schemes"]["Q4_0"]["bytes"] == row["numel"] // 32 * 18
+    out = tmp_path / "mixed.gguf"
+    r = json.loads(lowbit_cli("export", ckpt, out, "--type", "Q4_0", "--target-bpw", "6.5",
+                              "--sensitivity", sens_path, "--json", "-", "--quiet").out)
+    lines = (tmp_path / "mixed.tensor-types.txt").read_text().splitlines()
+    assert r["allocation"]["tensor_type_file"] == str(tmp_path / "mixed.tensor-types.txt")
+    want = {}
+    for line in lines:
+        m = re.fullmatch(r"\^(.+)\$=(q\d_\d|q\d_k)", line)
+        assert m, line
+        want[m.group(1).replace("\\", "")] = m.group(2).upper()
+    assert len(want) == 14 and len(set(want.values())) >= 2
+    got = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert all(got[n] == t for n, t in want.items())
+    nbytes = sum(int(t.n_bytes) for t in GGUFReader(out).tensors if t.name in want)
+    assert nbytes <= 6.5 * sum(r["numel"] for r in sens["layers"].values()) / 8
+    bad = lowbit_cli("export", ckpt, tmp_path / "x.gguf", "--target-bpw", "5", ok=False)
+    one_line_error(bad, "takes --sensitivity")
+    w_only = tmp_path / "w.json"
+    lowbit_cli("analyze", ckpt, "--schemes", "w4g32,w8", "--calib", text, "--calib-samples",
+               "1", "--seq-len", "16", "--json", w_only, "--quiet")
+    bad = lowbit_cli("export", ckpt, tmp_path / "y.gguf", "--target-bpw", "5", "--sensitivity",
+                     w_only, ok=False)
+    one_line_error(bad, "no llama.cpp types among its candidates")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
 @pytest.mark.parametrize("scheme", ["nf4", "mxfp4", "w4g32-asym"])
 def test_non_integer_schemes_save_and_reload(tiny_ckpt, tmp_path, scheme):
     """`lowbit quantize --method rtn --scheme nf4` crashed after the whole run (issue 13)."""

@@ -111,6 +111,12 @@ def test_every_readme_command_runs(tiny_ckpt, tmp_path, monkeypatch):
     assert [r["name"] for r in report] == ["recipe", "gptq"]
     budget = json.loads((tmp_path / "out/mixed-3.5/lowbit.json").read_text())
     assert budget["bits_per_weight"] <= 3.5 and budget["recipe"]["steps"][0]["overrides"]
+    assert budget["format"] == "compressed-tensors"  # one config group per scheme
+    assert (tmp_path / "out/mixed.gguf").stat().st_size > 0
+    assert len((tmp_path / "out/mixed.tensor-types.txt").read_text().splitlines()) == 14
+    groups = json.loads((tmp_path / "out/mixed-3.5/config.json").read_text())[
+        "quantization_config"]["config_groups"]
+    assert len(groups) >= 2 and all(g["targets"] != ["Linear"] for g in groups.values())
     assert len(ran) == len(commands())
 
 

@@ -13,12 +13,15 @@ multiple-choice knapsack over the layers' stored bytes (the formats' own account
 included), solved by dynamic programming in units of the costs' greatest common divisor.
 ``budget_recipe`` writes the choice as an ordinary recipe: the rounder's scheme is the most
 frequent choice and the others are per-layer overrides. Measured KLs are assumed to add up.
+Linears that read one input (q/k/v, gate/up: ``input`` in the measurement) are one item of the
+knapsack with one scheme (``tied``), as serving engines that fuse them require.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections import Counter
 from functools import reduce
@@ -31,14 +34,34 @@ from tqdm.auto import tqdm
 from lowbit.arch import ArchSpec, get_blocks, get_weight, set_weight, spec_for, text_config
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import kl_divergence
+from lowbit.formats import ggml
+from lowbit.formats.ggml import GGML_TYPES
 from lowbit.formats.grids import get_grid
-from lowbit.methods.rtn import grid_loss, rtn
+from lowbit.io.gguf.presets import fallback
+from lowbit.methods.rtn import grid_loss, hessian_loss, rtn
 from lowbit.pipeline.driver import BlockContext, block_output, run_sequential
 from lowbit.pipeline.stats import InputStats
 from lowbit.recipe import Recipe
 from lowbit.runtime.qlinear import QuantModule
 
 FORMAT = "lowbit-sensitivity"
+
+
+def is_ggml(scheme: str) -> bool:
+    """A llama.cpp block type (Q4_K, Q8_0 ...) rather than a lowbit scheme."""
+    return scheme.upper() in GGML_TYPES
+
+
+def round_ggml(w: Tensor, ggml_type: str) -> tuple[Tensor, int, str] | None:
+    """``w`` (out, in) as llama-quantize stores it in ``ggml_type`` without an importance
+    matrix: (decoded weight, stored bytes, the type stored), in llama.cpp's fallback type where
+    the rows do not fill its blocks (Q4_K -> Q5_0 for 576 columns); None when no quantized type
+    fits."""
+    t = fallback(ggml_type.upper(), w.shape[1])
+    if t not in GGML_TYPES:
+        return None
+    data = ggml.quantize(t, w.float().numpy())
+    return torch.from_numpy(ggml.dequantize(t, data, w.shape[1])), int(data.nbytes), t
 
 
 class _Recorder:
@@ -60,8 +83,18 @@ class _Recorder:
         for name in group:
             w = get_weight(ctx.linears[name], ctx.spec).float()
             row = {"block": ctx.index, "kind": name, "shape": list(w.shape),
-                   "numel": w.numel(), "schemes": {}}
+                   "numel": w.numel(), "input": [ctx.full(n) for n in group], "schemes": {}}
             for s in self.schemes:
+                if is_ggml(s):
+                    r = round_ggml(w, s)
+                    if r is None:
+                        continue
+                    wq, nbytes, t = r
+                    if any(c.get("type") == t for c in row["schemes"].values()):
+                        continue  # another candidate's fallback is already this type
+                    row["schemes"][s] = {"bytes": nbytes, "bpw": 8 * nbytes / w.numel(),
+                                         "proxy": hessian_loss(wq - w, stats.h), "type": t}
+                    continue
                 grid = get_grid(s)
                 try:
                     grid.check(*w.shape)
@@ -133,7 +166,8 @@ def measure(model: nn.Module, windows: Tensor, schemes: list[str], chunk: int = 
     if not schemes:
         raise LowbitError("give at least one candidate scheme")
     for s in schemes:
-        get_grid(s)  # unknown names fail before any work
+        if not is_ggml(s):
+            get_grid(s)  # unknown names fail before any work
     spec = spec_for(model)
     if spec.moe:
         raise LowbitError("lowbit analyze does not handle mixture-of-experts blocks yet")
@@ -150,7 +184,9 @@ def measure(model: nn.Module, windows: Tensor, schemes: list[str], chunk: int = 
         w0 = get_weight(mod, spec).clone()
         try:
             for s, cell in row["schemes"].items():
-                set_weight(mod, spec, rtn(w0.float(), get_grid(s)).dequantize())
+                wq = round_ggml(w0.float(), s)[0] if is_ggml(s) else \
+                    rtn(w0.float(), get_grid(s)).dequantize()
+                set_weight(mod, spec, wq)
                 cell["kl"] = _mean_kl(base, tail.logprobs(row["block"]))
                 bar.update(1)
         finally:
@@ -187,9 +223,38 @@ def budget_bytes(sens: dict, target_bpw: float | None = None,
     return int(target_bytes)
 
 
-def choose(sens: dict, budget: int, metric: str = "kl") -> dict[str, str]:
+def tied(sens: dict) -> dict:
+    """``sens`` with the Linears that read one input (q/k/v, gate/up) as one layer named
+    ``a+b+c``: bytes and measured costs summed, the schemes every member takes. vLLM and SGLang
+    fuse such Linears into one matrix with one scheme (compressed-tensors refuses differing
+    ones), so a checkpoint for them must give the set one scheme. Files measured before the
+    ``input`` field was recorded stay as they are."""
+    layers = sens["layers"]
+    out: dict[str, dict] = {}
+    for name, row in layers.items():
+        members = [n for n in row.get("input", [name]) if n in layers]
+        if name != members[0]:
+            continue  # counted with the set's first member
+        if len(members) == 1:
+            out[name] = row
+            continue
+        rows = [layers[n] for n in members]
+        common = [s for s in row["schemes"] if all(s in r["schemes"] for r in rows)]
+        out["+".join(members)] = {
+            "block": row.get("block"), "numel": sum(r["numel"] for r in rows),
+            "schemes": {s: {k: sum(r["schemes"][s][k] for r in rows)
+                            for k in ("bytes", "kl", "proxy") if k in row["schemes"][s]}
+                        for s in common}}
+    return {**sens, "layers": out}
+
+
+def choose(sens: dict, budget: int, metric: str = "kl", tie: bool = True) -> dict[str, str]:
     """One scheme per layer with the smallest summed ``metric`` whose stored bytes fit
-    ``budget`` (exact: dynamic programming over bytes in units of their gcd)."""
+    ``budget`` (exact: dynamic programming over bytes in units of their gcd); with ``tie``,
+    one scheme for the Linears that read one input (``tied``)."""
+    if tie:
+        return {n: s for names, s in choose(tied(sens), budget, metric, False).items()
+                for n in names.split("+")}
     names = list(sens["layers"])
     options = [[(s, c["bytes"], c[metric]) for s, c in sens["layers"][n]["schemes"].items()]
                for n in names]
@@ -215,6 +280,8 @@ def choose(sens: dict, budget: int, metric: str = "kl") -> dict[str, str]:
         new = np.full(cap + 1, inf)
         for k, (_, b, v) in enumerate(opts):
             u = b // unit
+            if u > cap:
+                continue  # this option alone is over the budget
             cand = np.full(cap + 1, inf)
             cand[u:] = best[: cap + 1 - u] + v
             better = cand < new
@@ -229,6 +296,28 @@ def choose(sens: dict, budget: int, metric: str = "kl") -> dict[str, str]:
         out[names[i]] = s
         c -= b // unit
     return out
+
+
+def ggml_allocation(sens: dict, budget: int) -> dict[str, str]:
+    """llama.cpp block types for the measured layers (full module name -> the type stored, after
+    llama.cpp's fallback) with the least summed KL in ``budget`` bytes, over the sensitivity's
+    llama.cpp candidates (``lowbit analyze --schemes Q3_K,Q4_K,...``). Untied: llama.cpp keeps
+    q/k/v and gate/up as separate tensors."""
+    layers = {n: {**r, "schemes": {s: c for s, c in r["schemes"].items() if is_ggml(s)}}
+              for n, r in sens["layers"].items()}
+    if not any(r["schemes"] for r in layers.values()):
+        raise LowbitError("the sensitivity file has no llama.cpp types among its candidates: "
+                          "measure them with lowbit analyze --schemes Q3_K,Q4_K,Q5_K,Q6_K,Q8_0")
+    only = {**sens, "layers": layers}
+    choice = choose(only, budget, tie=False)
+    return {n: layers[n]["schemes"][s]["type"] for n, s in choice.items()}
+
+
+def tensor_type_file(types: dict[str, str]) -> str:
+    """``types`` (llama.cpp tensor name -> ggml type) as llama-quantize's ``--tensor-type-file``:
+    one ``pattern=type`` line per tensor, the pattern its name anchored and escaped (llama.cpp
+    matches patterns as regular expressions, the first match wins; the file has no comments)."""
+    return "".join(f"^{re.escape(n)}$={t.lower()}\n" for n, t in types.items())
 
 
 def budget_recipe(recipe: Recipe, choice: dict[str, str]) -> Recipe:

@@ -5,6 +5,7 @@ what it can before any long run and returns plain data for display."""
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -56,8 +57,9 @@ def check_tp(tp: int) -> None:
 
 
 def serving_preflight(model, plan, fmt: str, tp: int) -> list[str]:
-    """``--format`` checks on shapes, in seconds, before calibration: one grid for all layers,
-    act-order's g_idx only where the format keeps it, W8A8 schemes only where the format has
+    """``--format`` checks on shapes, in seconds, before calibration: one grid for all layers
+    (compressed-tensors: one per set of Linears that vLLM fuses), act-order's g_idx only where
+    the format keeps it, W8A8 schemes only where the format has
     their layout, tensor-parallel splits. Returns notes."""
     if fmt == "native":
         return []
@@ -81,18 +83,31 @@ def serving_preflight(model, plan, fmt: str, tp: int) -> list[str]:
         return []
     grids = {la.grid for la in owners}
     if len(grids) > 1:
-        raise LowbitError(f"--format {fmt} takes one scheme for all Linears, this recipe uses "
-                          f"{len(grids)} ({', '.join(sorted(g.name for g in grids))}); save the "
-                          "native format")
-    grid = next(iter(grids))
-    g_idx = any(
-        la.step.step == "gptq" and la.step.act_order_for(la.grid) and not la.step.static_groups
-        and la.grid.column_groups and la.grid.group_size is not None
-        for la in owners
-    )
-    rep = check_target(shapes, grid, fmt, tp, act_order=g_idx, heads=heads)
-    rep.raise_errors()
-    return rep.notes
+        from lowbit.io.serving.checkpoint import fused_mismatch, get_format
+
+        if not get_format(fmt).mixed:
+            raise LowbitError(f"--format {fmt} takes one scheme for all Linears, this recipe "
+                              f"uses {len(grids)} ({', '.join(sorted(g.name for g in grids))}); "
+                              "compressed-tensors holds several, or save the native format")
+        bad = fused_mismatch(model, {n: la.grid.name for n, la in plan.layers.items()})
+        if bad:
+            raise LowbitError(f"--format {fmt}: vLLM fuses Linears that read one input into one "
+                              f"matrix of one scheme, and {bad}; give each such set one scheme "
+                              "(as --target-bpw does), or save the native format")
+    notes: list[str] = []
+    for grid in sorted(grids, key=lambda g: g.name):
+        mine = [la for la in owners if la.grid == grid]
+        local = {re.sub(r"^.*?\.\d+\.", "", n) for n, la in plan.layers.items() if la.grid == grid}
+        g_idx = any(
+            la.step.step == "gptq" and la.step.act_order_for(la.grid) and
+            not la.step.static_groups and la.grid.column_groups and la.grid.group_size is not None
+            for la in mine
+        )
+        rep = check_target({k: v for k, v in shapes.items() if k in local} or shapes, grid, fmt,
+                           tp, act_order=g_idx, heads=heads)
+        rep.raise_errors()
+        notes += [n for n in rep.notes if n not in notes]
+    return notes
 
 
 def choose_format(model, plan, fmt: str, tp: int,
@@ -382,15 +397,31 @@ def source_gguf_of(model_arg: str, note: Callable[[str], None]) -> Path | None:
 def export_job(model_arg: str, out: str | Path, fmt: str = "gguf", qtype: str = "Q4_K_M",
                imatrix_path: str | None = None, overwrite: bool = False, progress: bool = True,
                tp: int = 1, dtype: str = "auto",
-               note: Callable[[str], None] = lambda _m: None) -> dict:
+               note: Callable[[str], None] = lambda _m: None,
+               budget: tuple[dict, int | None, float | None] | None = None) -> dict:
     """A model or quantized folder as GGUF for llama.cpp, or a lowbit folder as a serving
     checkpoint (compressed-tensors, GPTQ, AWQ). ``dtype``: the model's load dtype (GGUF), or
     the dtype of a serving checkpoint's unquantized tensors (``auto``: the dtype the model
-    was quantized in when it was 16-bit, else fp16)."""
+    was quantized in when it was 16-bit, else fp16). ``budget``: (sensitivity, target bytes,
+    target bits per weight): GGUF with the block Linears' types chosen to that size
+    (``analyze.ggml_allocation``), and beside it llama-quantize's ``--tensor-type-file`` of the
+    same choice (OUT with the suffix ``.tensor-types.txt``)."""
     from lowbit.models import parse_dtype
 
     parse_dtype(dtype)
     check_tp(tp)
+    types = None
+    if budget is not None:
+        if fmt != "gguf":
+            raise LowbitError("--target-bpw / --target-size with lowbit export choose GGUF types; "
+                              "for a serving checkpoint use lowbit quantize --target-bpw")
+        from lowbit.analyze import budget_bytes, ggml_allocation
+
+        sens, size, bpw = budget
+        types = ggml_allocation(sens, budget_bytes(sens, bpw, size))
+        tfile = Path(out).with_suffix(".tensor-types.txt")
+        if tfile.exists() and not overwrite:
+            raise LowbitError(f"{tfile} exists (--overwrite replaces it)")
     if fmt in SERVING_FORMATS:
         return _export_serving(model_arg, Path(out), fmt, overwrite, tp, dtype)
     if fmt != "gguf":
@@ -413,8 +444,20 @@ def export_job(model_arg: str, out: str | Path, fmt: str = "gguf", qtype: str = 
     if language_model(model) is not model:
         note("GGUF holds the language model; llama.cpp reads the vision tower and projector "
              "from a separate mmproj file (llama.cpp's convert_hf_to_gguf.py --mmproj)")
-    res = export_gguf(model, tok, out, qtype, imatrix=im, source_gguf=source, progress=progress)
-    return res | {"model": str(model_arg), "imatrix_file": imatrix_path, "source_gguf": source}
+    res = export_gguf(model, tok, out, qtype, imatrix=im, source_gguf=source, progress=progress,
+                      type_overrides=types)
+    res |= {"model": str(model_arg), "imatrix_file": imatrix_path, "source_gguf": source}
+    if types is not None:
+        from collections import Counter
+
+        from lowbit.analyze import tensor_type_file
+        from lowbit.io.gguf.export import tensor_namer
+
+        namer = tensor_namer(language_model(model))
+        tfile.write_text(tensor_type_file({namer(n + ".weight"): t for n, t in types.items()}))
+        res["allocation"] = {"tensor_type_file": str(tfile),
+                             "types": dict(Counter(types.values()).most_common())}
+    return res
 
 
 def _export_serving(model_arg: str, out: Path, fmt: str, overwrite: bool, tp: int,

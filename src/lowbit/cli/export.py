@@ -23,6 +23,14 @@ from lowbit.cli.common import check_outputs, dtype_option, dump_json, echo, note
 @click.option("--imatrix", "imatrix_path", type=click.Path(),
               help="importance matrix file (GGUF or legacy .dat, from `lowbit imatrix` or "
                    "llama-imatrix)")
+@click.option("--target-bpw", type=float,
+              help="GGUF: choose each block Linear's type (among the --sensitivity file's "
+                   "llama.cpp candidates) for the least summed KL at this many bits per weight "
+                   "over them; also writes OUT's llama-quantize --tensor-type-file")
+@click.option("--target-size", help="GGUF: the same for a size of the block Linears (60MB, 57MiB)")
+@click.option("--sensitivity", "sensitivity_path", type=click.Path(),
+              help="lowbit analyze --json output measured with llama.cpp types (--schemes "
+                   "Q3_K,Q4_K,Q5_K,Q6_K,Q8_0)")
 @click.option("--tp", default=1, show_default=True,
               help="serving formats: check that this tensor-parallel degree splits every layer")
 @dtype_option("GGUF: dtype to load the model in; serving formats: dtype of the unquantized "
@@ -31,16 +39,20 @@ from lowbit.cli.common import check_outputs, dtype_option, dump_json, echo, note
 @click.option("--json", "json_path", type=click.Path(),
               help="write the results as JSON (- for standard output)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def command(model, out, fmt, qtype, imatrix_path, tp, dtype, overwrite, json_path, quiet):
+def command(model, out, fmt, qtype, imatrix_path, target_bpw, target_size, sensitivity_path, tp,
+            dtype, overwrite, json_path, quiet):
     """Write MODEL (a model, a .gguf, or a quantized folder) as OUT: a GGUF file for llama.cpp,
     or (--format compressed-tensors|gptq|awq, MODEL a lowbit output folder) a checkpoint folder
     for vLLM, SGLang and transformers."""
     from lowbit.jobs import SERVING_FORMATS, export_job
 
     check_outputs(json_path=json_path)
+    budget = None
+    if target_bpw is not None or target_size is not None or sensitivity_path:
+        budget = _budget(target_bpw, target_size, sensitivity_path)
     t0 = time.perf_counter()
     res = export_job(model, out, fmt, qtype, imatrix_path, overwrite, progress=not quiet, tp=tp,
-                     dtype=dtype, note=note)
+                     dtype=dtype, note=note, budget=budget)
     if fmt in SERVING_FORMATS:
         echo(f"wrote {out}: {fmt} {res['scheme']}, {res['layers']} quantized Linears, "
              f"{res['tensor_bytes'] / 2**20:.1f} MiB of tensors in {len(res['shards'])} "
@@ -58,4 +70,27 @@ def command(model, out, fmt, qtype, imatrix_path, tp, dtype, overwrite, json_pat
         note(res["note"])
     if res["imatrix_missing"]:
         note(f"the imatrix has no entry for {len(res['imatrix_missing'])} tensors")
+    if "allocation" in res:
+        a = res["allocation"]
+        echo(f"block Linears: {', '.join(f'{n} {t}' for t, n in a['types'].items())}; "
+             f"llama-quantize --tensor-type-file {a['tensor_type_file']}", json_path)
     dump_json(json_path, res)
+
+
+def _budget(target_bpw, target_size, sensitivity_path):
+    import json
+    from pathlib import Path
+
+    from lowbit.analyze import check_sensitivity
+    from lowbit.cli.quantize import parse_size
+    from lowbit.errors import LowbitError
+
+    if (target_bpw is None) == (target_size is None) or not sensitivity_path:
+        raise LowbitError("a GGUF size budget takes --sensitivity and one of --target-bpw and "
+                          "--target-size")
+    size = None if target_size is None else parse_size(target_size)
+    try:
+        sens = check_sensitivity(json.loads(Path(sensitivity_path).read_text()))
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"cannot read --sensitivity {sensitivity_path}: {e}") from None
+    return sens, size, target_bpw

@@ -192,6 +192,62 @@ def test_awq_layout_independent_reader(tmp_path, scheme):
         assert torch.equal(ref_awq_dequant(sd, gw.grid.group_size), gw.dequantize())
 
 
+MIXED = {"re:.*down_proj": "w8", "re:.*o_proj": "w3g32-asym",
+         "re:.*layers\\.1\\.mlp\\.(gate|up)_proj": "w2g32", "lm_head": "w8"}
+
+
+def test_mixed_precision_compressed_tensors(tmp_path):
+    """One config group per scheme, each targeting its layers by name: the library's config
+    classes validate it, transformers loads it to lowbit's logits, lowbit reads it back code for
+    code; schemes that split q/k/v (which vLLM fuses) are refused before anything is written."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    m = tiny_model("llama")
+    res = lowbit.quantize(m, lowbit.Recipe((lowbit.RTN(scheme="w4g32", ignore=(),
+                                                       overrides=MIXED),)), progress=False)
+    out = tmp_path / "ct"
+    r = write_checkpoint(out, "compressed-tensors", m, None, res.weights, {}, dtype="float32")
+    assert r["schemes"] == {"w4g32": 8, "w8": 3, "w3g32-asym": 2, "w2g32": 2}
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    QuantizationConfig.model_validate(cfg)
+    assert cfg["format"] == "pack-quantized" and len(cfg["config_groups"]) == 4
+    by_target = {t: g["weights"] for g in cfg["config_groups"].values() for t in g["targets"]}
+    assert set(by_target) == set(res.weights)
+    assert by_target["model.layers.0.mlp.down_proj"]["strategy"] == "channel"
+    assert by_target["model.layers.0.self_attn.o_proj"]["symmetric"] is False
+    assert by_target["model.layers.1.mlp.up_proj"]["num_bits"] == 2
+    assert "mixed precision: 8 layers w4g32" in (out / "README.md").read_text()
+    _, back, _ = read_checkpoint(out)
+    for name, gw in res.weights.items():
+        assert back[name].grid == gw.grid and torch.equal(back[name].codes, gw.codes)
+    from lowbit.models import load_model
+
+    loaded, _ = load_model(out)  # the quantized lm_head too (a child of the model itself)
+    assert isinstance(loaded.lm_head, QLinear) and loaded.lm_head.grid.name == "w8"
+    assert torch.equal(logits(loaded), logits(m))
+    split = lowbit.quantize(tiny_model("llama"), lowbit.Recipe(
+        (lowbit.RTN(scheme="w4g32", overrides={"re:.*k_proj": "w8"}),)), progress=False)
+    with pytest.raises(LowbitError, match="vLLM fuses .*q_proj.*k_proj.*v_proj.* w4g32 / w8"):
+        write_checkpoint(tmp_path / "split", "compressed-tensors", m, None, split.weights, {})
+    assert not (tmp_path / "split").exists()
+    with pytest.raises(LowbitError, match="gptq export takes one scheme"):
+        write_checkpoint(tmp_path / "g", "gptq", m, None, split.weights, {})
+
+
+def test_transformers_loads_mixed_compressed_tensors(tmp_path):
+    """Symmetric schemes only (transformers' asymmetric zero points: ASYM_BUG)."""
+    m = tiny_model("llama")
+    sym = {k: v.replace("-asym", "") for k, v in MIXED.items()}
+    res = lowbit.quantize(m, lowbit.Recipe((lowbit.RTN(scheme="w4g32", ignore=(),
+                                                       overrides=sym),)), progress=False)
+    assert res.weights["lm_head"].grid.name == "w8"
+    out = tmp_path / "ct"
+    write_checkpoint(out, "compressed-tensors", m, None, res.weights, {}, dtype="float32")
+    hf = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ref = logits(m)
+    torch.testing.assert_close(logits(hf), ref, atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------- import / round trip
 
 

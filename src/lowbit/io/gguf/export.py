@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from lowbit.arch import checkpoint_name, language_model
 from lowbit.errors import LowbitError
 from lowbit.formats import ggml
+from lowbit.formats.ggml import GGML_TYPES
 from lowbit.io.atomic import atomic_output, check_output_file, check_replaceable
 from lowbit.io.gguf.archs import GGUFArch, arch_for, arch_kv, dims
 from lowbit.io.gguf.lossless import BY_SIZE, carry, native_type, summary
@@ -278,6 +279,7 @@ def export_gguf(
     source_gguf: Path | None = None,
     progress: bool = True,
     dequantize_into_model: bool = False,
+    type_overrides: Mapping[str, str] | None = None,
 ) -> dict:
     """Write ``model`` to ``out_path`` as a GGUF of preset ``qtype`` (Q4_K_M, Q8_0, F32 ...), or
     (``native``) with each quantized Linear in the block type that holds its lowbit grid.
@@ -285,7 +287,9 @@ def export_gguf(
     ``imatrix``: llama.cpp tensor name -> per-input-column mean of x^2 (an importance matrix);
     ``source_gguf``: a GGUF file to take the tokenizer and general metadata from;
     ``dequantize_into_model``: afterwards the model holds exactly the weights llama.cpp will
-    decode (for evaluating the file with lowbit). Returns sizes and bits per weight, the
+    decode (for evaluating the file with lowbit); ``type_overrides``: a ggml type for some
+    weights (module name -> type, e.g. a size-budget allocation), over the preset's rules.
+    Returns sizes and bits per weight, the
     tensors written from lowbit's codes (``from_codes``), those re-encoded (``reencoded``: name
     -> (type, why)) and a one-line ``note`` on both.
     """
@@ -321,6 +325,15 @@ def export_gguf(
     )
     if native:  # each quantized tensor in its own grid's type, the rest by the preset's rules
         types |= own
+    if type_overrides:
+        to_gguf, shapes = tensor_namer(model, ga), {e.name: e.shape for e in entries}
+        for module, t in type_overrides.items():
+            name = to_gguf(module + ".weight")
+            if name not in shapes or len(shapes[name]) != 2:
+                raise LowbitError(f"{module}: no such weight matrix in the GGUF file")
+            if t.upper() not in GGML_TYPES or shapes[name][-1] % GGML_TYPES[t.upper()].block_size:
+                raise LowbitError(f"{module}: {t} cannot hold rows of {shapes[name][-1]}")
+            types[name] = t.upper()
     kv = arch_kv(model, ga) + _kv(model, tokenizer, arch, source_gguf)
     out_path = Path(out_path)
     with atomic_output(out_path, folder=False) as tmp:

@@ -26,6 +26,7 @@ from lowbit.io.serving.base import first, int_weight, label, stored_scale
 
 name = "awq"
 quant_method = "awq"
+mixed = False
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)
 

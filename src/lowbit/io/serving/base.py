@@ -36,6 +36,7 @@ W8A8_SCHEMES = {"w8a8": "dynamic", "w8a8-static": "static"}
 class ServingFormat(Protocol):
     name: str
     quant_method: str
+    mixed: bool  # holds several schemes in one checkpoint (one config group per scheme)
 
     def check(self, name: str, w: Any) -> None: ...
 

@@ -16,6 +16,7 @@ writing and reading go through that protocol only.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -73,17 +74,44 @@ def quantized_weights(model: nn.Module) -> dict:
     return out
 
 
-def check_weights(fmt: str, weights: dict) -> None:
-    """Every weight fits the format, and all share one scheme."""
+def fused_mismatch(model: nn.Module, schemes: dict[str, str]) -> str | None:
+    """The first set of Linears that read one input (q/k/v, gate/up) whose ``schemes`` (by full
+    module name) differ, named; None when every set agrees. vLLM and SGLang fuse each such set
+    into one matrix (``qkv_proj``, ``gate_up_proj``) of one scheme."""
+    from lowbit.arch import block_groups, spec_for
+
+    try:
+        spec = spec_for(model)
+        blocks = [(i, b, block_groups(b, spec)) for i, b in enumerate(get_blocks(model, spec))]
+    except LowbitError:
+        return None  # a family lowbit has no block table for: nothing to check against
+    for i, _, groups in blocks:
+        for group in groups:
+            names = [f"{spec.blocks}.{i}.{m}" for m in group]
+            got = {schemes[n] for n in names if n in schemes}
+            if len(got) > 1:
+                return f"{', '.join(names)} have {' / '.join(sorted(got))}"
+    return None
+
+
+def check_weights(fmt: str, weights: dict, model: nn.Module | None = None) -> None:
+    """Every weight fits the format; one scheme for all of them unless the format holds
+    several, and then one scheme per set of Linears that serving engines fuse."""
     f = get_format(fmt)
-    schemes = set()
+    schemes = {}
     for name, w in weights.items():
         f.check(name, w)
-        schemes.add(scheme_name(scheme_of(w)))
-    if len(schemes) > 1:
-        raise LowbitError(f"{fmt} export takes one scheme for all Linears, not {len(schemes)}")
+        schemes[name] = scheme_name(scheme_of(w))
     if not weights:
         raise LowbitError("the model has no quantized Linears to export")
+    if len(set(schemes.values())) > 1:
+        if not f.mixed:
+            raise LowbitError(f"{fmt} export takes one scheme for all Linears, not "
+                              f"{len(set(schemes.values()))} (compressed-tensors holds several)")
+        bad = None if model is None else fused_mismatch(model, schemes)
+        if bad:
+            raise LowbitError(f"{fmt}: vLLM fuses Linears that read one input into one matrix "
+                              f"of one scheme, and {bad}")
 
 
 def _plain_tensors(model: nn.Module, qnames: set[str], dtype: torch.dtype):
@@ -157,11 +185,14 @@ def write_checkpoint(
     f = get_format(fmt)
     if dtype not in DTYPES:
         raise LowbitError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
-    check_weights(fmt, weights)
-    scheme = scheme_of(next(iter(weights.values())))
+    check_weights(fmt, weights, model)
+    counts = Counter(scheme_name(scheme_of(w)) for w in weights.values())
+    scheme = next(scheme_of(w) for w in weights.values()
+                  if scheme_name(scheme_of(w)) == counts.most_common(1)[0][0])
     qnames = set(weights)
     disk = _on_disk(model)
-    qcfg = f.quantization_config(weights, [disk(n) for n in _unquantized_linears(model, qnames)])
+    qcfg = f.quantization_config({disk(n): w for n, w in weights.items()},
+                                 [disk(n) for n in _unquantized_linears(model, qnames)])
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qcfg
     cfg["torch_dtype"] = cfg["dtype"] = dtype
@@ -187,12 +218,13 @@ def write_checkpoint(
                 pass
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(fmt, scheme, meta, qcfg))
+        (tmp / "README.md").write_text(model_card(fmt, scheme, meta, qcfg, dict(counts)))
         for fname, data in (extra or {}).items():
             (tmp / fname).write_bytes(data)
         seal(tmp, serving_record(fmt, weights, meta))
     size = sum(p.stat().st_size for p in Path(out).iterdir() if p.suffix == ".safetensors")
     return {"format": fmt, "out": str(out), "scheme": scheme_name(scheme),
+            "schemes": dict(counts.most_common()),
             "layers": len(weights), "shards": files, "tensor_bytes": size,
             "quantization_config": qcfg}
 
@@ -260,7 +292,7 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
     names = list(qweights)
     for name in names:
         qw = qweights.pop(name)  # the module below keeps its own copy of the stored tensors
-        parent_name, child = name.rsplit(".", 1)
+        parent_name, _, child = name.rpartition(".")  # lm_head: a child of the model itself
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
         shape = qw.shape

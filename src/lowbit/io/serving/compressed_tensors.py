@@ -18,8 +18,12 @@ during calibration only, remains): export them as GPTQ, or quantize with ``--sta
 ``--no-act-order``. lowbit's ``w*-tensor`` schemes are written as channel strategy with the
 scale repeated per row (exact).
 
-Float grids (FP8, NVFP4) are written by ``ct_float``, W8A8 modules by ``ct_int8``; a checkpoint
-holds one of these layouts (config.json's ``format``). Imported scales that are fp32 or bf16
+Float grids (FP8, NVFP4) are written by ``ct_float``, W8A8 modules by ``ct_int8``. Weights of
+one scheme are one config group targeting ``Linear``; several schemes (mixed precision) are one
+group per scheme targeting its layers by name, with each group's ``format`` and the top-level
+``mixed-precision`` when the layouts differ. Import reads several groups when each is
+weight-only (pack-quantized, FP8, NVFP4), matching names as the library does (exact, then
+``re:``, then ``Linear``). Imported scales that are fp32 or bf16
 give an ``IntGrid`` with ``scale_dtype="float32"`` (bf16 -> fp32 is exact).
 """
 
@@ -33,11 +37,12 @@ from lowbit.errors import LowbitError
 from lowbit.formats.integer import IntGrid
 from lowbit.formats.weight import GridWeight
 from lowbit.io.serving import ct_float, ct_int8
-from lowbit.io.serving.base import first, int_weight, is_w8a8, stored_scale
+from lowbit.io.serving.base import int_weight, is_w8a8, stored_scale
 
 name = "compressed-tensors"
 quant_method = "compressed-tensors"
 FORMAT = "pack-quantized"
+mixed = True
 _SCALE = {torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -103,23 +108,39 @@ def quant_args(grid: IntGrid):
     )
 
 
-def quantization_config(weights: dict, ignore: list[str]) -> dict:
-    """The ``quantization_config`` of config.json, built by the library's own classes, for the
-    layout of the weights (integer, W8A8 or float)."""
-    _, _, _, QuantizationScheme, QuantizationConfig = _lib()
-    w = first(weights)
-    acts = None
+def _scheme(w) -> tuple[str, object, object]:
+    """(format, weight args, input-activation args) of one weight."""
     fmt = format_of(w)
     if fmt == FORMAT:
-        args = quant_args(w.grid)
-    elif is_w8a8(w):
+        return fmt, quant_args(w.grid), None
+    if is_w8a8(w):
         args, acts = ct_int8.quant_args(w.act, "int" if fmt == ct_int8.FORMAT else "float")
-    else:
-        args = ct_float.quant_args(w.grid)
-    qs = QuantizationScheme(targets=["Linear"], weights=args, input_activations=acts)
+        return fmt, args, acts
+    return fmt, ct_float.quant_args(w.grid), None
+
+
+def quantization_config(weights: dict, ignore: list[str]) -> dict:
+    """The ``quantization_config`` of config.json, built by the library's own classes: one
+    config group targeting every ``Linear`` when all weights share a scheme; else one group per
+    scheme (most layers first) targeting its layers by name (``weights``' keys, as stored), each
+    group with its own format when they differ (``mixed-precision``)."""
+    _, _, _, QuantizationScheme, QuantizationConfig = _lib()
+    by: dict[str, tuple[tuple, list[str]]] = {}
+    for name, w in weights.items():
+        sch = _scheme(w)
+        key = "|".join(a.model_dump_json() if a is not None else "-" for a in sch[1:]) + sch[0]
+        by.setdefault(key, (sch, []))[1].append(name)
+    groups = sorted(by.values(), key=lambda g: (-len(g[1]), g[1][0]))
+    formats = {sch[0] for sch, _ in groups}
+    mixed = len(formats) > 1
+    config_groups = {
+        f"group_{i}": QuantizationScheme(
+            targets=["Linear"] if len(groups) == 1 else sorted(names), weights=args,
+            input_activations=acts, format=fmt if mixed else None)
+        for i, ((fmt, args, acts), names) in enumerate(groups)}
     cfg = QuantizationConfig(
-        config_groups={"group_0": qs},
-        format=fmt,
+        config_groups=config_groups,
+        format="mixed-precision" if mixed else formats.pop(),
         quantization_status="compressed",
         ignore=sorted(ignore),
     )
@@ -215,18 +236,60 @@ def _read_w8a8(tensors: dict, args: dict, acts: dict) -> dict:
     return out
 
 
+def _group_for(name: str, groups: list[dict]) -> dict:
+    """The config group whose targets take Linear ``name``, by the library's precedence: an
+    exact name before a ``re:`` pattern before the class name ``Linear``."""
+    from compressed_tensors.utils.match import match_name
+
+    def rank(targets: list[str]) -> int:
+        if name in targets:
+            return 0
+        if any(t.startswith("re:") and match_name(name, t) for t in targets):
+            return 1
+        return 2 if "Linear" in targets else 3
+
+    ranks = [rank(g.get("targets") or []) for g in groups]
+    best = min(ranks)
+    if best == 3:
+        raise LowbitError(f"compressed-tensors: no config group targets {name}")
+    if ranks.count(best) > 1:
+        raise LowbitError(f"compressed-tensors: several config groups target {name} alike")
+    return groups[ranks.index(best)]
+
+
+WEIGHT_ONLY = (FORMAT, ct_float.FP8, ct_float.NVFP4)
+
+
 def read_layers(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict:
     """Every quantized Linear of a checkpoint (its tensors are popped from ``tensors``):
-    GridWeights, or W8A8Linear modules for int-quantized."""
+    GridWeights, or W8A8Linear modules for int-quantized. Several config groups (mixed
+    precision) are read when each is weight-only and in a format lowbit reads."""
     fmt = qcfg.get("format")
-    if fmt not in (FORMAT, ct_float.FP8, ct_float.NVFP4, ct_int8.FORMAT):
+    groups = list(qcfg.get("config_groups", {}).values())
+    if not groups or any(not g.get("weights") for g in groups):
+        raise LowbitError("compressed-tensors import needs config groups with weights")
+    if len(groups) > 1:
+        for g in groups:
+            gf = g.get("format") or fmt
+            if g.get("input_activations") or gf not in WEIGHT_ONLY:
+                raise LowbitError(
+                    "compressed-tensors import of several config groups takes weight-only "
+                    f"groups in {', '.join(WEIGHT_ONLY)}, not {gf}"
+                    + (" with activations" if g.get("input_activations") else ""))
+        names = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
+        stored, how = {}, {}
+        for n in names:
+            stored[n] = _pop_layer(tensors, n)
+            g = _group_for(n, groups)
+            how[n] = (read_layer if (g.get("format") or fmt) == FORMAT else ct_float.read_layer,
+                      g["weights"])
+        return StoredLayers(stored, lambda n, parts: how[n][0](n, parts, how[n][1]))
+    if fmt not in (*WEIGHT_ONLY, ct_int8.FORMAT):
         raise LowbitError(
             f"compressed-tensors format {fmt!r} is not supported for import; lowbit reads "
-            f"{FORMAT}, {ct_float.FP8}, {ct_float.NVFP4} and int-quantized (W8A8)"
+            f"{FORMAT}, {ct_float.FP8}, {ct_float.NVFP4}, int-quantized (W8A8) and "
+            "mixed-precision groups of the weight-only ones"
         )
-    groups = list(qcfg.get("config_groups", {}).values())
-    if len(groups) != 1 or not groups[0].get("weights"):
-        raise LowbitError("compressed-tensors import takes one weight-only config group")
     acts = groups[0].get("input_activations")
     if acts and fmt not in (ct_int8.FORMAT, ct_float.FP8):
         raise LowbitError(f"compressed-tensors {fmt} import is weight-only (no activation "
@@ -237,12 +300,16 @@ def read_layers(tensors: dict[str, torch.Tensor], qcfg: dict) -> dict:
     # FP8 layers are the ones with a weight_scale beside a float8 weight
     key = ".weight_scale" if fmt == ct_float.FP8 else ".weight_packed"
     names = sorted(k[: -len(key)] for k in tensors if k.endswith(key))
-    stored = {}
-    for n in names:
-        stored[n] = {k[len(n) + 1 :]: tensors.pop(k) for k in list(tensors)
-                     if k.startswith(n + ".") and k[len(n) + 1 :].startswith("weight")}
+    stored = {n: _pop_layer(tensors, n) for n in names}
     read = read_layer if fmt == FORMAT else ct_float.read_layer
     return StoredLayers(stored, lambda n, parts: read(n, parts, args))
+
+
+def _pop_layer(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Layer ``name``'s weight tensors (``weight``, ``weight_*``), without the prefix."""
+    keys = [k for k in tensors if k.startswith(name + ".") and
+            k[len(name) + 1:].startswith("weight") and "." not in k[len(name) + 1:]]
+    return {k[len(name) + 1:]: tensors.pop(k) for k in keys}
 
 
 class StoredLayers(Mapping):

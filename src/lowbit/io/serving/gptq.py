@@ -37,6 +37,7 @@ from lowbit.io.serving.base import column_groups, first, int_weight, label, stor
 
 name = "gptq"
 quant_method = "gptq"
+mixed = False
 BITS = (2, 4, 8)
 
 

@@ -81,14 +81,21 @@ def front_matter(fmt: str, meta: dict) -> list[str]:
     return lines
 
 
-def model_card(fmt: str, grid: WeightGrid | str, meta: dict, qcfg: dict) -> str:
-    """``grid``: the weights' grid (or W8A8 scheme name); ``meta``: lowbit.json's description
+def model_card(fmt: str, grid: WeightGrid | str, meta: dict, qcfg: dict,
+               counts: dict[str, int] | None = None) -> str:
+    """``grid``: the weights' grid (or W8A8 scheme name), the most frequent one when
+    ``counts`` (layers per scheme name) holds several; ``meta``: lowbit.json's description
     (``method`` such as ``awq+gptq``, ``recipe`` ``{"steps": [...]}``, ``calibration``,
     ``eval``, ``bits_per_weight``)."""
     cal = meta.get("calibration") or {}
     ev = meta.get("eval") or {}
     name = grid if isinstance(grid, str) else grid.name
     what = describe_scheme(grid)
+    if counts and len(counts) > 1:  # mixed precision: each scheme and its number of layers
+        name = "mixed " + "/".join(counts)
+        what = "mixed precision: " + ", ".join(
+            f"{n} layers {s}" for s, n in sorted(counts.items(), key=lambda t: -t[1])) + \
+            f" (most: {what})"
     lines = [
         *front_matter(fmt, meta),
         "",
