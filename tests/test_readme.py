@@ -16,7 +16,6 @@ from cli_helpers import lowbit_cli
 
 from lowbit.formats.grids import get_grid
 from lowbit.formats.integer import IntGrid
-from lowbit.io.native import load_quantized
 from lowbit.models import load_model
 from lowbit.runtime.qlinear import QLinear, QuantModule
 
@@ -92,7 +91,7 @@ def test_every_readme_command_runs(tiny_ckpt, tmp_path, monkeypatch):
         assert r.code == 0, f"README: lowbit {' '.join(args)}\nran: {run}\n{r.err[-3000:]}"
         ran.append(args[0])
     # the outputs are what the README says they are
-    mixed, _ = load_quantized(tmp_path / "out/mixed")
+    mixed, _ = load_model(tmp_path / "out/mixed")  # compressed-tensors, a group per scheme
     assert mixed.model.layers[0].mlp.down_proj.grid.name == "w8"
     assert mixed.lm_head.grid.name == "w8"
     assert mixed.model.layers[1].mlp.down_proj.grid.name == "w4g64"
