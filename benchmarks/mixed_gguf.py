@@ -22,10 +22,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from gguf import GGUFReader
 from quality import WIKI
 
 from lowbit import data
@@ -42,10 +40,10 @@ def lowbit(*args) -> list[str]:
     return [sys.executable, "-m", "lowbit.cli", *map(str, args)]
 
 
-def linear_bytes(path: Path, names: set[str]) -> tuple[int, int]:
-    """(bytes, weights) of the block Linears in a GGUF file."""
-    ts = [t for t in GGUFReader(path).tensors if t.name in names]
-    return sum(int(t.n_bytes) for t in ts), sum(int(t.n_elements) for t in ts)
+def export(*args) -> dict:
+    r = subprocess.run(lowbit("export", "smollm2-135m", *args, "--json", "-", "--quiet"),
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout)
 
 
 def main() -> None:
@@ -54,31 +52,37 @@ def main() -> None:
     ap.add_argument("--schemes", default="Q3_K,Q4_K,Q5_K,Q6_K,Q8_0")
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--json", help="append one JSON line per variant")
+    ap.add_argument("--sensitivity", help="reuse (or, when missing, keep) the measurement here")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-mixed-gguf-"))
     try:
-        base, tok = load_model("smollm2-135m")
-        ids = data.tokenize(tok, data.read_text(WIKI))
-        t0 = time.perf_counter()
-        sens = measure(base, data.windows(ids, 4, 128, start=400), a.schemes.split(","))
-        sens["base_model"] = "smollm2-135m"
+        sens_path = Path(a.sensitivity) if a.sensitivity else tmp / "sens.json"
+        if sens_path.is_file():
+            sens = json.loads(sens_path.read_text())
+        else:
+            base, tok = load_model("smollm2-135m")
+            ids = data.tokenize(tok, data.read_text(WIKI))
+            sens = measure(base, data.windows(ids, 4, 128, start=400), a.schemes.split(","))
+            sens["base_model"] = "smollm2-135m"
+            sens_path.write_text(json.dumps(sens))
         print(f"sensitivity: {len(sens['layers'])} layers x {len(sens['schemes'])} types on "
-              f"{sens['tokens']} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
-        sens_path = tmp / "sens.json"
-        sens_path.write_text(json.dumps(sens))
-        from lowbit.io.gguf.export import tensor_namer
-
-        namer = tensor_namer(base)
-        names = {namer(n + ".weight") for n in sens["layers"]}
+              f"{sens['tokens']} tokens in {sens['seconds']:.0f} s", flush=True)
+        # (this script's folder holds a gguf.py, which shadows the gguf package here: the
+        # GGUF side runs in lowbit's own processes)
+        n_lin = sum(r["numel"] for r in sens["layers"].values())
         rows = []
 
-        def evaluate(name: str, path: Path, extra: dict) -> None:
+        def linear_bytes(res: dict) -> int:  # the block Linears' bytes, as export counts them
+            return round(res["bpw_linear"] * n_lin / 8)
+
+        def evaluate(name: str, path: Path, res: dict, extra: dict) -> None:
             r = subprocess.run(lowbit("eval", path, "--llamacpp", "--base", "smollm2-135m",
                                       "--data", WIKI, "--windows", a.eval_windows, "--json", "-",
                                       "--quiet"), capture_output=True, text=True, check=True)
             ev = json.loads(r.stdout)
-            nbytes, numel = linear_bytes(path, names)
-            row = {"variant": name, "linear_bytes": nbytes, "bpw": 8 * nbytes / numel,
+            nbytes = linear_bytes(res)
+            row = {"variant": name, "linear_bytes": nbytes,
+                   "bpw": 8 * nbytes / n_lin,
                    **{k: ev.get(k) for k in ("ppl", "kld_mean", "kld_p99", "same_top_p")},
                    **extra}
             rows.append(row)
@@ -88,18 +92,13 @@ def main() -> None:
                     f.write(json.dumps(row) + "\n")
 
         for preset in a.presets:
-            ref = tmp / f"{preset}.gguf"
-            subprocess.run(lowbit("export", "smollm2-135m", ref, "--type", preset, "--quiet"),
-                           check=True)
-            size = linear_bytes(ref, names)[0]
-            mixed = tmp / f"{preset}-mixed.gguf"
-            r = subprocess.run(lowbit("export", "smollm2-135m", mixed, "--type", preset,
-                                      "--target-size", size, "--sensitivity", sens_path,
-                                      "--json", "-", "--quiet"),
-                               capture_output=True, text=True, check=True)
-            types = json.loads(r.stdout)["allocation"]["types"]
-            evaluate(f"llama.cpp {preset}", ref, {})
-            evaluate(f"measured at {preset}'s size", mixed, {"types": types})
+            ref, mixed = tmp / f"{preset}.gguf", tmp / f"{preset}-mixed.gguf"
+            r_ref = export(ref, "--type", preset)
+            r_mix = export(mixed, "--type", preset, "--target-size", linear_bytes(r_ref),
+                           "--sensitivity", sens_path)
+            evaluate(f"llama.cpp {preset}", ref, r_ref, {})
+            evaluate(f"measured at {preset}'s size", mixed, r_mix,
+                     {"types": r_mix["allocation"]["types"]})
         print()
         print(format_table(rows, COLS))
     finally:

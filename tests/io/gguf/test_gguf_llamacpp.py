@@ -182,6 +182,30 @@ def test_llamacpp_computes_with_lowbits_own_grid(tmp_path):
     assert np.abs(llamacpp(tmp_path / "re.gguf") - reencoded).max() < 0.04 * scale
 
 
+def test_llamacpp_computes_with_chosen_types(tmp_path):
+    """Per-tensor types over a preset (what ``export --target-bpw`` writes): the file holds
+    them, and llama.cpp's logits are those of the weights as written (decoded back into the
+    model by the export)."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(hidden=256)
+    pick = {"model.layers.0.self_attn.v_proj": "Q8_0", "model.layers.1.mlp.down_proj": "Q6_K",
+            "model.layers.0.mlp.gate_proj": "Q2_K"}
+    out = tmp_path / "mixed.gguf"
+    export_gguf(model, tok, out, "Q4_0", progress=False, dequantize_into_model=True,
+                type_overrides=pick)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert types["blk.0.attn_v.weight"] == "Q8_0" and types["blk.1.ffn_down.weight"] == "Q6_K"
+    assert types["blk.0.ffn_gate.weight"] == "Q2_K" and types["blk.1.attn_v.weight"] == "Q4_0"
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"][:48]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    llm = load_llama(out, n_ctx=64, n_threads=1)
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)])
+    # llama.cpp rounds activations to Q8_0 blocks (see the test above)
+    assert np.abs(theirs - ours).max() < 0.04 * np.abs(ours).max()
+
+
 def test_imatrix_means_the_same_to_llamacpp(tmp_path):
     """llama.cpp's own quantizer, given lowbit's importance matrix (as llama-quantize passes a
     loaded file), picks the same type for every tensor and writes the same K-quant bytes as
