@@ -23,7 +23,9 @@ DEFAULT_SCHEMES = "w2g64,w3g64,w4g64,w8"
 @click.command("analyze")
 @click.argument("model", default="smollm2-135m")
 @click.option("--schemes", default=DEFAULT_SCHEMES, show_default=True,
-              help="candidate schemes, comma-separated")
+              help="candidate schemes, comma-separated: lowbit schemes (for quantize "
+                   "--target-bpw) or llama.cpp types such as Q4_K, Q6_K, Q8_0 (for export "
+                   "--target-bpw)")
 @calibration_options(samples=4, seq_len=128)
 @click.option("--top", default=10, show_default=True,
               help="print the N most sensitive layers at the lowest scheme")
