@@ -20,11 +20,13 @@ knapsack with one scheme (``tied``), as serving engines that fuse them require.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import time
 from collections import Counter
 from functools import reduce
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -206,6 +208,14 @@ def check_sensitivity(sens: dict) -> dict:
     if not isinstance(sens, dict) or sens.get("format") != FORMAT:
         raise LowbitError("not a sensitivity file written by lowbit analyze --json")
     return sens
+
+
+def read_sensitivity(path: str | Path) -> dict:
+    """A ``lowbit analyze --json`` file, checked; a one-line LowbitError when it is not one."""
+    try:
+        return check_sensitivity(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"cannot read --sensitivity {path}: {e}") from None
 
 
 def budget_bytes(sens: dict, target_bpw: float | None = None,

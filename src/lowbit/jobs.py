@@ -451,10 +451,10 @@ def export_job(model_arg: str, out: str | Path, fmt: str = "gguf", qtype: str = 
         from collections import Counter
 
         from lowbit.analyze import tensor_type_file
-        from lowbit.io.gguf.export import tensor_namer
+        from lowbit.io.atomic import atomic_output
 
-        namer = tensor_namer(language_model(model))
-        tfile.write_text(tensor_type_file({namer(n + ".weight"): t for n, t in types.items()}))
+        with atomic_output(tfile, folder=False) as tmp:
+            tmp.write_text(tensor_type_file(res["type_overrides"]))
         res["allocation"] = {"tensor_type_file": str(tfile),
                              "types": dict(Counter(types.values()).most_common())}
     return res

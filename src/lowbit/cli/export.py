@@ -78,10 +78,7 @@ def command(model, out, fmt, qtype, imatrix_path, target_bpw, target_size, sensi
 
 
 def _budget(target_bpw, target_size, sensitivity_path):
-    import json
-    from pathlib import Path
-
-    from lowbit.analyze import check_sensitivity
+    from lowbit.analyze import read_sensitivity
     from lowbit.cli.quantize import parse_size
     from lowbit.errors import LowbitError
 
@@ -89,8 +86,4 @@ def _budget(target_bpw, target_size, sensitivity_path):
         raise LowbitError("a GGUF size budget takes --sensitivity and one of --target-bpw and "
                           "--target-size")
     size = None if target_size is None else parse_size(target_size)
-    try:
-        sens = check_sensitivity(json.loads(Path(sensitivity_path).read_text()))
-    except (OSError, ValueError) as e:
-        raise LowbitError(f"cannot read --sensitivity {sensitivity_path}: {e}") from None
-    return sens, size, target_bpw
+    return read_sensitivity(sensitivity_path), size, target_bpw

@@ -181,9 +181,8 @@ def parse_size(text: str) -> int:
 def _allocate(model, recipe, calib_req, target_bpw, target_size, sensitivity_path,
               candidates, quiet, dtype):
     """The recipe with a scheme per block Linear for the budget, and what the choice costs."""
-    import json
 
-    from lowbit.analyze import budget_bytes, budget_recipe, check_sensitivity, choose, summary
+    from lowbit.analyze import budget_bytes, budget_recipe, choose, read_sensitivity, summary
     from lowbit.cli.analyze import DEFAULT_SCHEMES
     from lowbit.jobs import Calibration, analyze_job
 
@@ -195,10 +194,7 @@ def _allocate(model, recipe, calib_req, target_bpw, target_size, sensitivity_pat
     size = None if target_size is None else parse_size(target_size)
     budget_recipe(recipe, {})  # a recipe the choice cannot go into fails now
     if sensitivity_path:
-        try:
-            sens = check_sensitivity(json.loads(Path(sensitivity_path).read_text()))
-        except (OSError, ValueError) as e:
-            raise LowbitError(f"cannot read --sensitivity {sensitivity_path}: {e}") from None
+        sens = read_sensitivity(sensitivity_path)
         if sens.get("base_model") not in (None, str(model)):
             note(f"{sensitivity_path} was measured on {sens['base_model']}, not {model}")
     else:

@@ -288,10 +288,10 @@ def export_gguf(
     ``source_gguf``: a GGUF file to take the tokenizer and general metadata from;
     ``dequantize_into_model``: afterwards the model holds exactly the weights llama.cpp will
     decode (for evaluating the file with lowbit); ``type_overrides``: a ggml type for some
-    weights (module name -> type, e.g. a size-budget allocation), over the preset's rules.
-    Returns sizes and bits per weight, the
-    tensors written from lowbit's codes (``from_codes``), those re-encoded (``reencoded``: name
-    -> (type, why)) and a one-line ``note`` on both.
+    weights (module name -> type, e.g. a size-budget allocation), over the preset's rules (the
+    result's ``type_overrides`` names them as llama.cpp does). Returns sizes and bits per
+    weight, the tensors written from lowbit's codes (``from_codes``), those re-encoded
+    (``reencoded``: name -> (type, why)) and a one-line ``note`` on both.
     """
     t0 = time.perf_counter()
     native = str(qtype).lower() == NATIVE
@@ -325,6 +325,7 @@ def export_gguf(
     )
     if native:  # each quantized tensor in its own grid's type, the rest by the preset's rules
         types |= own
+    overridden: dict[str, str] = {}  # llama.cpp tensor name -> type, from type_overrides
     if type_overrides:
         to_gguf, shapes = tensor_namer(model, ga), {e.name: e.shape for e in entries}
         for module, t in type_overrides.items():
@@ -333,7 +334,8 @@ def export_gguf(
                 raise LowbitError(f"{module}: no such weight matrix in the GGUF file")
             if t.upper() not in GGML_TYPES or shapes[name][-1] % GGML_TYPES[t.upper()].block_size:
                 raise LowbitError(f"{module}: {t} cannot hold rows of {shapes[name][-1]}")
-            types[name] = t.upper()
+            overridden[name] = t.upper()
+        types |= overridden
     kv = arch_kv(model, ga) + _kv(model, tokenizer, arch, source_gguf)
     out_path = Path(out_path)
     with atomic_output(out_path, folder=False) as tmp:
@@ -345,6 +347,7 @@ def export_gguf(
         "qtype": f"native ({preset.name} rules)" if native else preset.name,
         "file_bytes": out_path.stat().st_size,
         "imatrix": bool(imatrix),
+        "type_overrides": overridden,
         "seconds": time.perf_counter() - t0,
     }
     return stats
