@@ -1,14 +1,15 @@
 """Benchmark variants as ``method:scheme[:key=value,...]``: the CLI's recipe shorthand plus any
 step option (``gptq:w4g64:act_order=0,damp=0.05``, ``awq+gptq:w3g64:search_windows=1``,
-``llm-int8:-:threshold=4,kernel=emulate``); ``-`` for no scheme. Values are typed from the
-steps' own option annotations."""
+``llm-int8:-:threshold=4,kernel=emulate``); ``-`` for no scheme; ``rotate+`` before the method
+puts the fused rotations first (``rotate+gptq:w3g64``, the CLI's ``--rotate``). Values are typed
+from the steps' own option annotations."""
 
 from __future__ import annotations
 
 from typing import get_args, get_type_hints
 
 from lowbit.methods.base import STEPS
-from lowbit.recipe import METHODS, Recipe, shorthand
+from lowbit.recipe import METHODS, Recipe, rotated, shorthand
 
 
 def _typed(key: str, value: str, method: str):
@@ -26,6 +27,8 @@ def _typed(key: str, value: str, method: str):
 
 
 def parse_variant(v: str) -> Recipe:
+    if v.startswith("rotate+"):
+        return rotated(parse_variant(v.removeprefix("rotate+")))
     parts = v.split(":")
     method = parts[0]
     scheme = parts[1] if len(parts) > 1 and parts[1] != "-" else None

@@ -111,6 +111,8 @@ def test_every_readme_command_runs(tiny_ckpt, tmp_path, monkeypatch):
     budget = json.loads((tmp_path / "out/mixed-3.5/lowbit.json").read_text())
     assert budget["bits_per_weight"] <= 3.5 and budget["recipe"]["steps"][0]["overrides"]
     assert budget["format"] == "compressed-tensors"  # one config group per scheme
+    rotated = json.loads((tmp_path / "out/rotated/lowbit.json").read_text())
+    assert rotated["recipe"]["steps"][0]["step"] == "rotate"
     assert (tmp_path / "out/mixed.gguf").stat().st_size > 0
     assert len((tmp_path / "out/mixed.tensor-types.txt").read_text().splitlines()) == 14
     groups = json.loads((tmp_path / "out/mixed-3.5/config.json").read_text())[

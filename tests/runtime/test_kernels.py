@@ -82,6 +82,24 @@ def test_own_kernels_equal_the_decoded_weight_in_every_variant(name, variant):
         assert float((y.double() - ref).abs().max()) <= 1e-6 * scale, (name, variant)
 
 
+HALF_SCALES = {"w4g32", "w4g64", "w3g64"}
+
+
+@pytest.mark.parametrize("variant", cpu.runnable())
+@pytest.mark.parametrize("name", ["w4g32", "w4g64", "w3g64", "nf4", "w4g128-asym", "fp4-g32"])
+def test_lut4_keeps_scales_in_fp16_exactly_when_they_are_fp16_values(name, variant):
+    """Symmetric integer grids store fp16 scales: lut4 keeps them in half the bytes, and the
+    product is bit for bit the fp32 scales' (16 and 8 groups a row: the vector conversion and
+    the scalar tail). Offsets (asym) or scales no fp16 holds stay
+    fp32 (NF4 stores an fp32 absmax, as bitsandbytes does)."""
+    kernel = BUILD["lut4"](layer(name).grid_weight(), isa=variant)
+    assert (kernel.scale.dtype == torch.float16) == (name in HALF_SCALES)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(2))
+    y = kernel(x)
+    kernel.scale = kernel.scale.float()
+    assert torch.equal(y, kernel(x))
+
+
 def q8_blocks(x: torch.Tensor) -> torch.Tensor:
     """x as the a8 kernels see it: each 32 columns rounded to int8 steps of max|x| / 127
     (llama.cpp's Q8_0), computed here by torch in fp32."""
@@ -312,3 +330,36 @@ def test_without_a_compiler_auto_says_so_and_decodes(monkeypatch, capsys):
     assert "could not build lowbit's CPU kernels" in capsys.readouterr().err
     with pytest.raises(LowbitError, match="could not build"):
         prepare_kernels(torch.nn.Sequential(layer("w4g64"), layer("nf4", 64, 64)), "lut4")
+
+
+@pytest.mark.parametrize("names", [("w4g32", "w4g32", "w4g32"), ("nf4-g32", "w4g32", "mxfp4"),
+                                   ("w4g32-asym", "w4g32"), ("sq4", "w4"),
+                                   ("w8", "w8-asym"), ("int4-a8", "w4g32", "w4g32-asym")])
+def test_fused_siblings_equal_each_product(names):
+    """Weights that read one input, stacked into one kernel: one product equals the separate
+    ones row for row (the sums of a row do not change), across tables, scale dtypes and
+    offsets; kinds, groups or act-orders that differ do not fuse."""
+    from lowbit.runtime.kernels import fuse
+
+    kernel = None
+    if names[0] == "int4-a8":
+        kernel, names = "int4-a8", names[1:]
+    qs = [layer(n, rows=32 * (i + 1)) for i, n in enumerate(names)]
+    kernels = [BUILD[kernel or q.use_kernel("auto")](q.grid_weight()) for q in qs]
+    fused = fuse(kernels)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(fused(x), torch.cat([k(x) for k in kernels], -1))
+    assert fuse(kernels[:1]) is None
+
+
+def test_only_kernels_of_one_kind_and_group_fuse():
+    from lowbit.runtime.kernels import fuse
+
+    def own(name):
+        q = layer(name)
+        return BUILD[q.use_kernel("auto")](q.grid_weight())
+
+    assert fuse([own("w4g32"), own("w4g64")]) is None  # groups differ
+    assert fuse([own("w4"), own("w8")]) is None  # lut4 and u8
+    assert fuse([own("w4g32"), BUILD["int4-a8"](layer("w4g32").grid_weight())]) is None
+    assert fuse([own("w4g32"), own("w4g32")]) is not None

@@ -15,19 +15,22 @@ STEP_FLAGS = {"act_order": "act_order", "static_groups": "static_groups", "damp"
               "alpha": "alpha", "threshold": "threshold", "int8_kernel": "kernel"}
 
 
-def build_recipe(recipe_path, method, scheme, flags: dict):
-    """The recipe of the command line: a file, or the shorthand with the flags given."""
-    from lowbit.recipe import load_recipe, shorthand
+def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = None):
+    """The recipe of the command line: a file, or the shorthand with the flags given
+    (``rotate``: the seed of fused rotations put first, None for none)."""
+    from lowbit.recipe import load_recipe, rotated, shorthand
 
     given = {STEP_FLAGS[k]: v for k, v in flags.items() if v is not None}
     if recipe_path:
         extra = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
         extra += [o for o, v in (("--method", method), ("--scheme", scheme)) if v is not None]
+        extra += ["--rotate"] if rotate is not None else []
         if extra:
             raise LowbitError(f"--recipe gives the steps; drop {', '.join(extra)} (or edit the "
                               "recipe)")
         return load_recipe(recipe_path)
-    return shorthand(method, scheme, **given)
+    recipe = shorthand(method, scheme, **given)
+    return recipe if rotate is None else rotated(recipe, rotate)
 
 
 @click.command("quantize")
@@ -57,6 +60,11 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
                    "[default: 6.0]")
 @click.option("--int8-kernel", default=None,
               help="w8a8, smoothquant, llm-int8: auto, onednn, int_mm or emulate [default: auto]")
+@click.option("--rotate", is_flag=True,
+              help="rotate the model first (Hadamard R1 on the residual stream, R2 per "
+                   "attention head, fused into the weights: the same function, fewer outliers)")
+@click.option("--rotate-seed", type=int, default=0, show_default=True,
+              help="seed of the rotations' random signs (recorded in lowbit.json)")
 @click.option("--target-bpw", type=float, default=None,
               help="mixed precision: a scheme per block Linear (from --candidates) with the "
                    "least measured KL whose stored bytes (scales included) average at most "
@@ -100,7 +108,8 @@ def build_recipe(recipe_path, method, scheme, flags: dict):
 @dtype_option("dtype to load and quantize the model in (statistics are fp32): auto = the "
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
-            act_order, static_groups, damp, alpha, threshold, int8_kernel, target_bpw,
+            act_order, static_groups, damp, alpha, threshold, int8_kernel, rotate,
+            rotate_seed, target_bpw,
             target_size, sensitivity_path, candidates, eval_windows,
             eval_data, chunk, out, fmt, tp, overwrite, resume, nproc, json_path, quiet, dtype):
     """Quantize MODEL (default: the built-in smollm2-135m, or the base model of a --recipe
@@ -116,7 +125,7 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
         return launch(nproc)  # this command line again, in nproc processes
     flags = {"act_order": act_order, "static_groups": static_groups, "damp": damp,
              "alpha": alpha, "threshold": threshold, "int8_kernel": int8_kernel}
-    recipe = build_recipe(recipe_path, method, scheme, flags)
+    recipe = build_recipe(recipe_path, method, scheme, flags, rotate_seed if rotate else None)
     base = _recorded_base(recipe_path)
     model = model or base or "smollm2-135m"
     calib_req = calibration(calib, calib_samples, calib_offset, seq_len, recipe.calibration)
@@ -189,6 +198,10 @@ def _allocate(model, recipe, calib_req, target_bpw, target_size, sensitivity_pat
     if (target_bpw is None) == (target_size is None):
         raise LowbitError("give one of --target-bpw and --target-size (--sensitivity and "
                           "--candidates only go with them)")
+    if any(s.step == "rotate" for s in recipe.steps):
+        raise LowbitError("a size budget measures each layer's sensitivity on the model as "
+                          "loaded, and a rotation changes every weight first: --rotate with "
+                          "--target-bpw/--target-size is not supported yet")
     if sensitivity_path and candidates:
         raise LowbitError("--candidates are measured now; a --sensitivity file has its own")
     size = None if target_size is None else parse_size(target_size)

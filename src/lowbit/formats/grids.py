@@ -52,8 +52,8 @@ GRID_NAMES: tuple[str, ...] = (
     "sq4",
     "ternary",
 )
-_INT_HINT = ("integer schemes such as w4g64, w3g64-asym, w8, w8-tensor, or a compressed-tensors "
-             "preset (W4A16, W4A16_ASYM, NVFP4A16, MXFP4A16 ...)")
+_INT_HINT = ("integer schemes such as w4g64, w3g64-asym, w8, w8-tensor, w4g64a8, or a "
+             "compressed-tensors preset (W4A16, W4A16_ASYM, NVFP4A16, MXFP4A16 ...)")
 
 _NF = re.compile(r"nf(\d+)(-dq)?(?:-g(\d+))?")
 _FP8 = re.compile(r"fp8-([a-z0-9]+?)(?:-(tensor|b\d+))?")
@@ -132,5 +132,5 @@ def grid_from_info(info: dict) -> WeightGrid:
         if not isinstance(grid, IntGrid):
             raise LowbitError(f"{grid.name}: scale_dtype applies to integer grids only")
         grid = IntGrid(grid.bits, grid.granularity, grid.group, grid.symmetric, grid.clip,
-                       info["scale_dtype"])
+                       info["scale_dtype"], grid.act_bits)
     return grid

@@ -10,6 +10,10 @@ Scheme names (``--scheme``):
 - ``w4g64``  4-bit, symmetric, groups of 64 along the input dimension, fp16 scales
 - ``w4``     per output channel; ``w8-tensor`` one scale for the whole tensor
 - ``-asym``  adds an integer zero point per group; ``-mse`` searches the clipping range
+- ``w4g64a8``, ``w4a8``, ``w4a4``: 2-4-bit weights whose Linear also rounds its input per
+  token, symmetric, to the given bits at run time (``quantize_activations``; the QuaRot and
+  SpinQuant settings after a rotation). The products are emulated: the rounded activations
+  times the decoded weight in fp32, the values an integer GEMM would give up to fp32 rounding.
 
 Stored form (the compact layout the serving exports read): ``qweight`` (codes packed at b
 bits), ``scales`` (out, groups) in the scale dtype, ``zeros`` (out, groups) packed at b bits
@@ -33,7 +37,8 @@ Granularity = Literal["tensor", "channel", "group"]
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 _NAME = re.compile(
-    r"^w(?P<bits>\d+)(?:g(?P<group>\d+)|-(?P<tensor>tensor))?(?P<opts>(?:-[a-z0-9]+)*)$"
+    r"^w(?P<bits>\d+)(?:g(?P<group>\d+)|-(?P<tensor>tensor))?(?:a(?P<act>\d+))?"
+    r"(?P<opts>(?:-[a-z0-9]+)*)$"
 )
 _OPTS = {"asym", "sym", "mse", "minmax"}
 
@@ -48,6 +53,7 @@ class IntGrid(GridBase):
     symmetric: bool = True
     clip: Literal["minmax", "mse"] = "minmax"
     scale_dtype: Literal["float16", "float32"] = "float16"
+    act_bits: int | None = None  # the input rounded per token to this many bits at run time
 
     group_keys: ClassVar[tuple[str, ...]] = ("scale", "zero")
     column_groups: ClassVar[bool] = True
@@ -65,6 +71,13 @@ class IntGrid(GridBase):
             raise LowbitError(f"clip must be 'minmax' or 'mse', not {self.clip!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise LowbitError(f"scale dtype must be float16 or float32, not {self.scale_dtype!r}")
+        if self.act_bits is not None:
+            if self.bits > 4:
+                raise LowbitError(f"activation bits go with 2-4-bit weights (w4a8, w4g64a4); "
+                                  f"for 8-bit weights and activations use --method w8a8, not "
+                                  f"{self.name}")
+            if not 2 <= self.act_bits <= 8:
+                raise LowbitError(f"activations take 2..8 bits, not {self.act_bits}")
 
     # -- the WeightGrid attributes
     @property
@@ -74,6 +87,8 @@ class IntGrid(GridBase):
             core += f"g{self.group}"
         elif self.granularity == "tensor":
             core += "-tensor"
+        if self.act_bits is not None:
+            core += f"a{self.act_bits}"
         if not self.symmetric:
             core += "-asym"
         if self.clip == "mse":
@@ -226,7 +241,18 @@ def parse_int_grid(name: str) -> IntGrid:
         group=gs,
         symmetric="asym" not in opts,
         clip="mse" if "mse" in opts else "minmax",
+        act_bits=int(m.group("act")) if m.group("act") else None,
     )
+
+
+def quantize_activations(x: Tensor, bits: int) -> Tensor:
+    """x rounded per token (each row of the last dimension) to ``bits``-bit signed integers
+    with the symmetric scale ``max|x| / (2^(bits-1) - 1)``, half to even, and scaled back."""
+    qmax = (1 << (bits - 1)) - 1
+    xf = x.float()
+    s = xf.abs().amax(-1, keepdim=True) / qmax
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (torch.round(xf / s).clamp(-qmax, qmax) * s).to(x.dtype)
 
 
 def _round_scale_up(scale: Tensor, dtype: str) -> Tensor:
@@ -351,4 +377,5 @@ def int_grid_from_dict(d: dict) -> IntGrid:
         symmetric=bool(d.get("symmetric", True)),
         clip=d.get("clip", "minmax"),
         scale_dtype=d.get("scale_dtype", "float16"),
+        act_bits=d.get("act_bits"),
     )

@@ -55,7 +55,7 @@ class HqqGrid(IntGrid):
 
 def hqq_grid(grid: IntGrid, iters: int = 20, lp_norm: float = 0.7) -> HqqGrid:
     return HqqGrid(grid.bits, grid.granularity, grid.group, grid.symmetric, grid.clip,
-                   grid.scale_dtype, iters, lp_norm)
+                   grid.scale_dtype, grid.act_bits, iters=iters, lp_norm=lp_norm)
 
 
 @register

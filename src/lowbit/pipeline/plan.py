@@ -58,7 +58,7 @@ class Plan:
 
     @property
     def needs_data(self) -> bool:
-        if self.transforms:
+        if any(t.needs_data() for t in self.transforms):
             return True
         return any(self.wants(la) or (la.step.kind == "replacer" and la.step.needs_data())
                    for la in self.layers.values())
@@ -196,7 +196,7 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
     if not layers:
         raise LowbitError("the recipe's targets and ignore lists select no layer of this "
                           f"{spec.family} model")
-    transforms = [s for s in steps if s.kind == "transform"]
+    transforms = [s for s in steps if s.kind == "transform" and s.needs_data()]
     if spec.moe is not None and transforms:
         raise LowbitError(f"{transforms[0].step} does not support mixture-of-experts models "
                           f"({spec.family}) yet; use a rounder alone (rtn, gptq ...)")
@@ -356,6 +356,10 @@ def execute(
     t0 = time.perf_counter()
     spec = plan.spec
     ex = _Executor(model, plan, res, on_row, 0 if calib is None else calib.numel())
+    for t in plan.transforms:  # whole-model transforms (rotations) before the first block
+        if hasattr(t, "transform_model"):
+            for row in t.transform_model(model, spec):
+                ex.emit({"step": t.step} | row)
     blocks = get_blocks(model, spec)
     start, inputs, sources = 0, (None, None), []
     if checkpoint is not None:

@@ -1,12 +1,14 @@
-"""lowbit's own CPU kernels (``gemv.cpp``), compiled at their first use and cached.
+"""lowbit's own CPU kernels (``gemv.cpp``, ``attention.cpp``), compiled at their first use and
+cached.
 
-The C++ source is built once per source version and torch version with torch's extension
+The C++ sources are built once per source version and torch version with torch's extension
 builder (a C++ compiler and ninja; about half a minute) into ``$LOWBIT_CACHE/kernels``, then
-loaded as the ops ``torch.ops.lowbit_cpu.lut4_mm``, ``u8_mm`` and ``a8_mm``. Each op has
-variants - AVX-512 (``a8_mm`` also AVX-512 VNNI), AVX2+FMA, portable C++ - all compiled into the
-one library; ``isa()`` names the best one this CPU runs (torch's own CPU capability check, and
-the kernel's CPU flags for VNNI), and every call names its variant, so tests run each path the
-CPU can execute.
+loaded as the ops ``torch.ops.lowbit_cpu.lut4_mm``, ``u8_mm``, ``a8_mm`` (products from packed
+codes) and ``decode_attn`` (one decode step's attention over the cache positions in use). Each
+op has variants - AVX-512 (``a8_mm`` also AVX-512 VNNI), AVX2+FMA, portable C++ - all compiled
+into the one library; ``isa()`` names the best one this CPU runs (torch's own CPU capability
+check, and the kernel's CPU flags for VNNI), and every call names its variant, so tests run each
+path the CPU can execute.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from lowbit.errors import LowbitError
 
-SOURCE = Path(__file__).with_name("gemv.cpp")
+SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "attention.cpp")]
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512-vnni": 3}
 # -fopenmp: at::parallel_for is inline, OpenMP in torch's CPU builds; without the flag its
 # pragma is ignored and every product runs on one thread. The library then needs libgomp.so.1,
@@ -68,7 +70,8 @@ def runnable() -> list[str]:
 
 def _cache_dir() -> Path:
     root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
-    key = SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS + LDFLAGS).encode()
+    key = b"".join(f.read_bytes() for f in SOURCES) + torch.__version__.encode() + \
+        " ".join(CFLAGS + LDFLAGS).encode()
     tag = hashlib.sha256(key).hexdigest()[:12]
     return root / "kernels" / tag
 
@@ -92,9 +95,9 @@ def ops():
         print("building lowbit's CPU kernels (once per version, about 30 s)...",
               file=sys.stderr, flush=True)
     try:
-        cpp_extension.load(name="lowbit_cpu", sources=[str(SOURCE)], build_directory=str(build),
-                           extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False,
-                           verbose=False)
+        cpp_extension.load(name="lowbit_cpu", sources=[str(f) for f in SOURCES],
+                           build_directory=str(build), extra_cflags=CFLAGS,
+                           extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LowbitError(f"could not build lowbit's CPU kernels ({first}); a C++ compiler "
@@ -117,3 +120,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("lowbit_cpu::a8_mm")
     def _(x, codes, scale, bias, group, bits, isa):
         return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("lowbit_cpu::decode_attn")
+    def _(q, k, v, mask, scale, isa):
+        return q.new_empty(*q.shape[:-1], v.shape[-1])

@@ -5,7 +5,8 @@ transformers' ``generate`` spends most of a small model's decode step outside th
 allocated once for the whole length (``StaticCache``), the prompt is one forward pass, and each
 new token is one forward pass of one token at a known position - the loop ``lowbit generate``,
 ``lowbit chat`` and ``lowbit eval --speed`` share. ``compile=True`` compiles that single-token
-step with ``torch.compile`` (inductor's C++ backend on CPU) once per model.
+step with ``torch.compile`` (inductor's C++ backend on CPU, with its C++ wrapper) once per
+model.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import inspect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cache, partial
 
 import torch
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.qlinear import fuse_siblings
 
 
 @dataclass
@@ -45,31 +48,62 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 ATTENTION = "lowbit_decode"
+# inductor's C++ wrapper calls the step's ~400 kernels and ops from C++ instead of Python: 10%
+# faster per SmolLM2 token (BENCHMARKS.md, issue 16). Built separately from the kernels, the
+# first compile takes ~80 s (one C++ file for the whole step: ~330 s; the Python wrapper: 60 s)
+COMPILE_OPTIONS = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+
+
+@cache
+def attention_kernel() -> str:
+    """What ``decode_attention`` multiplies one query token through: ``decode_attn`` (lowbit's
+    C++ op, ``attention.cpp``) when lowbit's CPU kernels build here, else ``sdpa``."""
+    from lowbit.runtime import cpu
+
+    try:
+        cpu.ops()
+    except LowbitError:
+        return "sdpa"
+    return "decode_attn"
 
 
 def decode_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                      attention_mask: Tensor | None, dropout: float = 0.0,
-                     scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
-    """transformers' SDPA attention, except for one query token with grouped keys and values:
-    there the query heads that share a key/value head become that head's rows
-    ``(b, h_kv, group, d)``, so keys and values are read as stored. transformers' own SDPA
-    path does this only outside ``torch.compile``; inside, it repeats the whole static cache
-    per query head at every step (``repeat_kv``), which cost 60% of a compiled SmolLM2 step at
-    a 640-position cache (BENCHMARKS.md, issue 16). The same sums in the same order per head:
-    the result equals the repeated form's."""
+                     scaling: float | None = None, *, op=None, isa: int = 0,
+                     **kwargs) -> tuple[Tensor, None]:
+    """transformers' SDPA attention, except for one fp32 query token: there the query heads
+    that share a key/value head become that head's rows ``(b, h_kv, group, d)``, so keys and
+    values are read as stored, and only the positions the mask lets through are read
+    (``op``: ``lowbit_cpu::decode_attn`` in variant ``isa``; packed rows through SDPA when
+    None).
+    transformers' own SDPA path packs the heads only outside ``torch.compile``; inside, it
+    repeats the whole static cache per query head at every step (``repeat_kv``), which cost 60%
+    of a compiled SmolLM2 step at a 640-position cache (BENCHMARKS.md, issue 16); and SDPA reads
+    every position of the static cache, used or not. Results equal SDPA's to fp32 rounding."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
     b, h, n, d = query.shape
-    if (n != 1 or groups == 1 or kwargs.get("position_bias") is not None or
-            kwargs.get("softcap") is not None or
-            (attention_mask is not None and attention_mask.shape[1] != 1)):
+    if (n != 1 or dropout or any(kwargs.get(k) is not None for k in _OTHER_TERMS) or
+            (attention_mask is not None and attention_mask.shape[1:3] != (1, 1))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout,
                                       scaling, **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(b, h // groups, groups, d), key, value, attn_mask=attention_mask,
-        dropout_p=dropout, scale=scaling)
+    rows = query.reshape(b, h // groups, groups, d)
+    scale = scaling if scaling is not None else d**-0.5
+    if op is not None and query.dtype == key.dtype == value.dtype == torch.float32 and \
+            (attention_mask is None or attention_mask.dtype in (torch.bool, torch.float32)):
+        out = op(rows, key, value, attention_mask, scale, isa)
+    elif groups == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout,
+                                      scaling, **kwargs)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            rows, key, value, attn_mask=attention_mask, scale=scale)
     return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+# attention terms beyond softmax(q k^T + mask) v: SDPA's path handles them
+_OTHER_TERMS = ("position_bias", "softcap", "s_aux", "sinks")
 
 
 def use_decode_attention(model: nn.Module) -> bool:
@@ -82,7 +116,12 @@ def use_decode_attention(model: nn.Module) -> bool:
     if getattr(cfg, "_attn_implementation", None) != "sdpa" or \
             not hasattr(model, "set_attn_implementation"):
         return False
-    AttentionInterface.register(ATTENTION, decode_attention)
+    op = isa = None
+    if attention_kernel() == "decode_attn":
+        from lowbit.runtime import cpu
+
+        op, isa = cpu.ops().decode_attn, cpu.ISAS[cpu.isa()]
+    AttentionInterface.register(ATTENTION, partial(decode_attention, op=op, isa=isa))
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     model.set_attn_implementation(ATTENTION)
     return True
@@ -107,13 +146,12 @@ class Decoder:
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._step = self._forward
+        # every kernel built now (building inside the trace breaks the graph), those of Linears
+        # that read one input fused into one
+        fuse_siblings(model)
         if compile:
-            from lowbit.runtime.qlinear import QLinear
-
-            for m in model.modules():  # built now: building inside the trace breaks the graph
-                if isinstance(m, QLinear):
-                    m.built_kernel()
-            self._step = torch.compile(self._forward, dynamic=False)
+            self._step = torch.compile(self._forward, dynamic=False,
+                                       options=COMPILE_OPTIONS)
 
     def _forward(self, ids: Tensor, pos: Tensor) -> Tensor:
         out = self.model(input_ids=ids, cache_position=pos, use_cache=True, logits_to_keep=1,

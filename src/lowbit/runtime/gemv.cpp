@@ -9,6 +9,7 @@
 //            (integer grids: T = 0..15, b = -zero * s; NF4/FP4/MX/NVFP4/ternary: the grid's
 //            levels; SqueezeLLM: a table per row).  Codes are packed 32 to 16 bytes: byte j of
 //            a chunk holds element j in its low nibble and element j + 16 in its high nibble.
+//            Scales in fp32, or fp16 (converted per row as it is read: fewer bytes to stream).
 //   u8_mm:   8-bit codes, y[m,n] = sum_g s[n,g] * sum_{i in g} q[n,i] x[m,i] + sum_g b[n,g] X[m,g].
 //   a8_mm:   unsigned integer codes (4 or 8 bits) times x quantized to int8 in chunks of 32
 //            columns (as llama.cpp's Q8_0): integer dot products per chunk, then scaled:
@@ -28,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -41,7 +43,8 @@ struct Args {
   const uint8_t* q;    // lut4: (N, K/2) packed; u8: (N, K)
   const float* table;  // lut4: (1 or N, 16)
   int64_t table_stride;  // 0: one table; 16: a table per row
-  const float* s;      // (N, G)
+  const float* s;      // (N, G), or null when sh
+  const at::Half* sh;  // lut4: (N, G) in fp16 (when every scale is exactly an fp16 value)
   const float* b;      // (N, G) or null
   const float* xs;     // (M, G) group sums of x, when b
   float* y;            // (M, N)
@@ -65,11 +68,31 @@ inline float bias_term(const Args& a, int64_t m, int64_t n) {
   return (t[0] + t[1]) + (t[2] + t[3]);
 }
 
+// room for one row's fp32 scales: on the stack up to 1024 groups, else on the heap
+struct RowScales {
+  float stack[1024];
+  std::vector<float> heap;
+  float* p;
+  explicit RowScales(int64_t G) : p(stack) {
+    if (G > 1024) p = (heap.resize(G), heap.data());
+  }
+  float* data() { return p; }
+};
+
+// lut4's scales of row n in fp32: the row of a.s, or a.sh's converted into buf (G floats)
+inline const float* scales_ref(const Args& a, int64_t n, float* buf) {
+  if (a.s) return a.s + n * a.G;
+  for (int64_t g = 0; g < a.G; ++g) buf[g] = float(a.sh[n * a.G + g]);
+  return buf;
+}
+
 // ---- portable ----------------------------------------------------------------------------
 
 void lut4_rows_ref(const Args& a, int64_t n0, int64_t n1) {
+  RowScales sbuf(a.G);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = a.q + n * (a.K / 2);
+    const float* s = scales_ref(a, n, sbuf.data());
     const float* t = a.table + n * a.table_stride;
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = a.x + m * a.K;
@@ -81,7 +104,7 @@ void lut4_rows_ref(const Args& a, int64_t n0, int64_t n1) {
           const uint8_t byte = q[c * 16 + (j & 15)];
           ag += t[j < 16 ? (byte & 15) : (byte >> 4)] * x[i];
         }
-        acc += a.s[n * a.G + g] * ag;
+        acc += s[g] * ag;
       }
       a.y[m * a.N + n] = acc + bias_term(a, m, n);
     }
@@ -165,12 +188,27 @@ inline __m512 lut4_group_avx512(const uint8_t* q, const float* x, __m512 tv, int
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+inline const float* scales_avx512(const Args& a, int64_t n, float* buf) {
+  if (a.s) return a.s + n * a.G;
+  const at::Half* h = a.sh + n * a.G;
+  int64_t g = 0;
+  for (; g + 16 <= a.G; g += 16)
+    _mm512_storeu_ps(buf + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + g))));
+  if (g < a.G) {  // the last 1-15 scales through a masked load
+    const __mmask16 k = __mmask16((1u << (a.G - g)) - 1);
+    _mm512_mask_storeu_ps(buf + g, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, h + g)));
+  }
+  return buf;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 void lut4_rows_avx512(const Args& a, int64_t n0, int64_t n1) {
   const int64_t chunks = a.K / 32;
+  RowScales sbuf(a.G);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = a.q + n * (a.K / 2);
     const __m512 tv = _mm512_loadu_ps(a.table + n * a.table_stride);
-    const float* s = a.s + n * a.G;
+    const float* s = scales_avx512(a, n, sbuf.data());
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = a.x + m * a.K;
       // two accumulators over alternate groups: the scale's FMA chain is the critical path
@@ -297,15 +335,27 @@ inline __m256 lut4_group_avx2(const uint8_t* q, const float* x, __m256 tlo, __m2
   return _mm256_add_ps(a0, a1);
 }
 
+__attribute__((target("avx2,fma,f16c")))
+inline const float* scales_avx2(const Args& a, int64_t n, float* buf) {
+  if (a.s) return a.s + n * a.G;
+  const at::Half* h = a.sh + n * a.G;
+  int64_t g = 0;
+  for (; g + 8 <= a.G; g += 8)
+    _mm256_storeu_ps(buf + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + g))));
+  for (; g < a.G; ++g) buf[g] = float(h[g]);
+  return buf;
+}
+
 template <bool IDENT>
-__attribute__((target("avx2,fma")))
+__attribute__((target("avx2,fma,f16c")))
 void lut4_rows_avx2(const Args& a, int64_t n0, int64_t n1) {
+  RowScales sbuf(a.G);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* q = a.q + n * (a.K / 2);
     const float* t = a.table + n * a.table_stride;
     const __m256 tlo = IDENT ? _mm256_set1_ps(t[0]) : _mm256_loadu_ps(t);
     const __m256 thi = _mm256_loadu_ps(t + 8);
-    const float* s = a.s + n * a.G;
+    const float* s = scales_avx2(a, n, sbuf.data());
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = a.x + m * a.K;
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -559,13 +609,16 @@ at::Tensor run(bool lut, const at::Tensor& x, const at::Tensor& q, const at::Ten
   TORCH_CHECK(!lut || (K % 32 == 0 && q.size(1) == K / 2), "lowbit: lut4 codes must be (N, K/2)");
   TORCH_CHECK(lut || q.size(1) == K, "lowbit: u8 codes must be (N, K)");
   const int64_t G = K / group;
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  scale.numel() == N * G, "lowbit: scale must be contiguous float32 (N, G)");
+  TORCH_CHECK((scale.scalar_type() == at::kFloat ||
+               (lut && scale.scalar_type() == at::kHalf)) &&
+                  scale.is_contiguous() && scale.numel() == N * G,
+              "lowbit: scale must be contiguous float32 (N, G) (lut4: or float16)");
   Args a{};
   bool ident = false;
   a.x = x.data_ptr<float>();
   a.q = q.data_ptr<uint8_t>();
-  a.s = scale.data_ptr<float>();
+  if (scale.scalar_type() == at::kHalf) a.sh = scale.data_ptr<at::Half>();
+  else a.s = scale.data_ptr<float>();
   a.M = M; a.N = N; a.K = K; a.G = G; a.group = group;
   if (lut) {
     TORCH_CHECK(table->scalar_type() == at::kFloat && table->is_contiguous() &&

@@ -10,8 +10,9 @@ A ``QLinear`` multiplies through one of these, chosen per layer when the model i
   act-order), NF4, FP4, MXFP4, NVFP4, ternary, SqueezeLLM. Each weight is ``s * T[q] + b`` with
   a 16-entry table ``T`` (one per tensor, or per row for SqueezeLLM), a scale ``s`` and an
   offset ``b`` per group: ``lut_form`` finds them by decoding every code of every group and
-  checks the decomposition against the grid's own ``decode``. 0.5 bytes per weight plus fp32
-  scales; the decoded weight is never built.
+  checks the decomposition against the grid's own ``decode``. 0.5 bytes per weight plus the
+  scales, in fp16 when every scale is exactly an fp16 value (lowbit's symmetric integer grids
+  store fp16 scales), else fp32; the decoded weight is never built.
 - ``u8``: the same kernel's 8-bit form for integer grids of 5-8 bits (one byte per code).
 - ``int4-a8`` / ``int8-a8``: integer grids of 2-4 / 5-8 bits with the activations rounded to
   int8 per 32 columns at each call, as llama.cpp's Q8_0 does, so the sums are integer dot
@@ -26,6 +27,10 @@ A ``QLinear`` multiplies through one of these, chosen per layer when the model i
 - ``dequant``: the weight decoded, then a dense product - what every other grid uses (5-8-bit
   floats, MX 6/8-bit) and the reference the kernels are checked against.
 
+Linears that read one input (q, k and v; gate and up) are multiplied by one call when they
+use the same kind of own kernel (``fuse``, done by ``qlinear.fuse_siblings`` for decoding):
+their rows stacked, one pass over x, one OpenMP fork/join instead of three.
+
 None is bit-exact: the sums run in another order than a dense GEMM, so results equal the
 dequantized reference to fp32 rounding (tests bound the difference). Activations in any float
 dtype are multiplied in fp32 by ``lut4``/``u8`` and cast back. Kernels are matrix-vector
@@ -35,6 +40,7 @@ weight for a prompt's many rows.
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 from collections import Counter
@@ -72,10 +78,10 @@ def _takes(name: str, grid, shape: tuple[int, int], g_idx: bool = False) -> bool
     if name == "u8":
         return isinstance(grid, IntGrid) and 4 < grid.bits <= 8 and in_f % 16 == 0 and \
             (gs is None or gs % 16 == 0)
-    if name in ("int4-a8", "int8-a8"):
+    if name in ("int4-a8", "int8-a8"):  # not on grids that round activations their own way
         four = name == "int4-a8"
         return isinstance(grid, IntGrid) and (grid.bits <= 4) == four and grid.bits <= 8 and \
-            in_f % 32 == 0 and (gs is None or gs % 32 == 0)
+            in_f % 32 == 0 and (gs is None or gs % 32 == 0) and grid.act_bits is None
     if name == "int4pack":
         return (isinstance(grid, IntGrid) and grid.bits == 4 and grid.granularity == "group"
                 and grid.group in INT4_GROUPS and in_f % grid.group == 0 and out_f % 16 == 0
@@ -320,6 +326,9 @@ class Lut4(_OwnKernel):
         super().__init__(gw, isa)
         self.codes = _pack_nibbles(self.codes)
         self.table = self.table.float().reshape(-1, 16).contiguous()
+        half = self.scale.half()
+        if self.bias is None and bool((half.float() == self.scale).all()):
+            self.scale = half  # exactly the same scales in half the bytes (a 10% smaller w4g32)
 
     def __call__(self, x: Tensor) -> Tensor:
         x2, lead = self._x(x)
@@ -390,6 +399,34 @@ class A8(_OwnKernel):
         y = self.ops.a8_mm(x2, self.codes, self.scale, self.bias, self.group, self.bits,
                            self.isa)
         return y.reshape(*lead, self.out_features)
+
+
+def fuse(kernels: list) -> _OwnKernel | None:
+    """One kernel computing the products of several weights that read the same input (q, k and
+    v; gate and up), their rows stacked: one call, one pass over x, instead of one per weight.
+    None unless all are lowbit's own kernels of one kind, group size, column order and ISA."""
+    first = kernels[0]
+    same = ("name", "group", "isa", "bits")
+    if len(kernels) < 2 or not isinstance(first, _OwnKernel) or any(
+            type(k) is not type(first) or
+            any(getattr(k, a, None) != getattr(first, a, None) for a in same) or
+            (k.perm is None) != (first.perm is None) or
+            (k.perm is not None and not torch.equal(k.perm, first.perm)) for k in kernels):
+        return None
+    out = copy.copy(first)
+    out.out_features = sum(k.out_features for k in kernels)
+    out.codes = torch.cat([k.codes for k in kernels])
+    scales = [k.scale for k in kernels]
+    if len({s.dtype for s in scales}) > 1:
+        scales = [s.float() for s in scales]
+    out.scale = torch.cat(scales).contiguous()
+    if any(k.bias is not None for k in kernels):
+        out.bias = torch.cat([k.scale.new_zeros(k.scale.shape).float() if k.bias is None
+                              else k.bias for k in kernels]).contiguous()
+    if first.table is not None and not all(
+            k.table.shape[0] == 1 and torch.equal(k.table, first.table) for k in kernels):
+        out.table = torch.cat([k.table.expand(k.out_features, -1) for k in kernels]).contiguous()
+    return out
 
 
 # the kernel objects by name, built from a GridWeight (``QLinear`` builds one at first use)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats.grids import grid_info
+from lowbit.formats.integer import quantize_activations
 from lowbit.formats.weight import GridWeight
 from lowbit.runtime.kernels import BUILD, OWN_KERNELS, check_kernel
 
@@ -87,6 +88,8 @@ class QLinear(QuantModule):
         self._kernel_name = "dequant"  # lowbit.runtime.kernels: dequant = decode, dense product
         self._kernel = None  # its object, built from the stored codes at first use
         self._kernel_always = False
+        self._siblings: Siblings | None = None  # fuse_siblings: one product with its siblings
+        self._sibling_index = 0
 
     def grid_weight(self) -> GridWeight:
         return GridWeight.from_tensors(self.grid, self.shape, self.to_tensors())
@@ -110,7 +113,7 @@ class QLinear(QuantModule):
         fp32 model under ``auto`` never does)."""
         self._kernel_name = check_kernel(name, self.grid, self.shape, "g_idx" in self._dtypes)
         self._kernel_always = name != "auto"
-        self._kernel = None
+        self._kernel, self._siblings = None, None
         if self._kernel_name in OWN_KERNELS:  # a decoded copy would undo the kernel's saving
             self.cache, self._w = False, None
         return self._kernel_name
@@ -122,7 +125,11 @@ class QLinear(QuantModule):
         return self._kernel
 
     def kernel_bytes(self) -> int:
-        """Bytes of the kernel's packed copy of the weight, once built."""
+        """Bytes of the kernel's packed copy of the weight, once built (fused with siblings:
+        this layer's share of the fused copy, by rows)."""
+        if self._siblings is not None:
+            sib = self._siblings
+            return sib.kernel.nbytes() * self.out_features // sum(sib.sizes)
         return 0 if self._kernel is None else self._kernel.nbytes()
 
     def _through_kernel(self, x: torch.Tensor) -> bool:
@@ -131,8 +138,13 @@ class QLinear(QuantModule):
             (self._kernel_always or x.dtype in BUILD[name].fast_dtypes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = getattr(self.grid, "act_bits", None)
+        if act:  # w4a8 ...: the input rounded per token first (emulated integer activations)
+            x = quantize_activations(x, act)
         if self._through_kernel(x):
-            y = self.built_kernel()(x).to(x.dtype)
+            sib = self._siblings
+            y = (self.built_kernel()(x) if sib is None else sib.take(self._sibling_index, x))
+            y = y.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
@@ -149,7 +161,7 @@ class QLinear(QuantModule):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._w = None  # new stored tensors: decode again, no kernel built from the old ones
-        self._kernel = None
+        self._kernel, self._siblings = None, None
         for k, dt in self._dtypes.items():  # accept the tensors in their own dtypes too
             t = state_dict.get(prefix + k)
             if t is not None and t.dtype == dt and dt in _BITS:
@@ -162,6 +174,71 @@ class QLinear(QuantModule):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, grid={self.grid.name}, "
                 f"kernel={self.kernel}")
+
+
+class Siblings:
+    """QLinears that read the same input (q, k, v; gate, up) multiplied by one fused kernel
+    (``kernels.fuse``): the first of them called with an input computes every product, the
+    others take their part. Any member called with another input (or twice) computes again, so
+    results never depend on the order of the calls, only the speed does."""
+
+    def __init__(self, kernel, sizes: list[int]) -> None:
+        self.kernel, self.sizes = kernel, sizes
+        self.x: torch.Tensor | None = None
+        self.outs: list[torch.Tensor | None] | None = None
+        self.left = 0
+
+    def take(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.outs is None or self.x is not x or self.outs[i] is None:
+            self.outs = list(self.kernel(x).split(self.sizes, -1))
+            self.x, self.left = x, len(self.sizes)
+        y, self.outs[i] = self.outs[i], None
+        self.left -= 1
+        if self.left == 0:  # every part taken: hold nothing between steps
+            self.x = self.outs = None
+        return y
+
+
+def fuse_siblings(model: nn.Module) -> int:
+    """Give the QLinears of each block that read one input (``arch.block_groups``) and use the
+    same kind of lowbit kernel one fused kernel: 90 calls fewer per token on a 30-block Llama.
+    Their own packed copies are released; every other QLinear's kernel is built. Returns how
+    many groups are fused (0 for a family lowbit has no table for)."""
+    from lowbit.arch import block_groups, get_blocks, spec_for
+    from lowbit.errors import LowbitError
+    from lowbit.runtime.kernels import fuse
+
+    try:
+        spec = spec_for(model)
+        blocks = get_blocks(model, spec)
+    except LowbitError:
+        return 0
+    fused = 0
+    for block in blocks:
+        try:
+            groups = block_groups(block, spec)
+        except LowbitError:  # a MoE block's experts still fused in 3-D parameters: none here
+            continue
+        for group in groups:
+            mods = [block.get_submodule(n) for n in group]
+            if len(mods) < 2 or not all(isinstance(m, QLinear) and m.kernel in OWN_KERNELS
+                                        for m in mods):
+                continue
+            if mods[0]._siblings is not None and \
+                    all(m._siblings is mods[0]._siblings for m in mods):
+                fused += 1  # fused by an earlier call
+                continue
+            kernel = fuse([m.built_kernel() for m in mods])
+            if kernel is None:
+                continue
+            sib = Siblings(kernel, [m.out_features for m in mods])
+            for i, m in enumerate(mods):
+                m._siblings, m._sibling_index, m._kernel = sib, i, None
+            fused += 1
+    for m in model.modules():
+        if isinstance(m, QLinear) and m._siblings is None:
+            m.built_kernel()
+    return fused
 
 
 def _available_bytes() -> float:

@@ -53,6 +53,9 @@ def grid_of(mods: list[nn.Module]) -> tuple[IntGrid | None, str]:
     grid = grids.pop()
     if not isinstance(grid, IntGrid):
         return None, f"{grid.name} is not an integer grid"
+    if grid.act_bits is not None:
+        return None, (f"{grid.name} rounds activations at run time, which GGUF does not record "
+                      "(llama.cpp rounds them its own way)")
     return grid, ""
 
 

@@ -89,6 +89,10 @@ def check_target(
         rep.errors.append(f"{fmt} holds {_holds(fmt)}, not {grid.name}; use compressed-tensors "
                           "for fp8-e4m3/nvfp4/w8a8, gguf for any scheme")
         return rep
+    if grid.act_bits is not None:
+        rep.errors.append(f"{fmt} holds weight-only integer schemes; {grid.name} also rounds "
+                          "activations at run time, which only lowbit's native folder records")
+        return rep
     b = grid.bits
     if b not in FORMAT_BITS[fmt]:
         rep.errors.append(f"{fmt} cannot hold {b}-bit weights; formats that can: {_formats_for(b)}")

@@ -1,0 +1,70 @@
+"""Rotations (QuaRot-style R1 + R2, fused) on the protocol: the rotated fp32 model's
+perplexity against the base (the rotation must change nothing), then weight-only variants with
+and without the rotation, side by side (``quality.py``'s evaluation: perplexity, KL to the
+base, top-1 agreement on WikiText-2 windows 0..63; in-domain calibration).
+
+    python benchmarks/rotation.py gptq:w4g64 rotate+gptq:w4g64 gptq:w3g64 rotate+gptq:w3g64 \\
+        --json benchmarks/results/rotation.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from quality import COLS, WIKI, base_logprobs, calibration, evaluate_against
+from variants import parse_variant
+
+import lowbit
+from lowbit import data
+from lowbit.arch import spec_for
+from lowbit.cli.common import format_table
+from lowbit.methods.rotate import Rotate
+from lowbit.models import load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("variants", nargs="*")
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--json", help="append one JSON line per row to this file")
+    a = ap.parse_args()
+    base, tok = load_model("smollm2-135m")
+    ids = data.tokenize(tok, data.read_text(WIKI))
+    ev = data.windows(ids, a.eval_windows, 512)
+    blp = base_logprobs(base, ev)
+    rows = [{"variant": "base", "calib": "-", "bpw": 32.0, **evaluate_against(base, ev, None)}]
+    rot, _ = load_model("smollm2-135m")
+    t0 = time.perf_counter()
+    info = Rotate().transform_model(rot, spec_for(rot))[0]
+    rows.append({"variant": "rotated fp32", "calib": "-", "bpw": 32.0,
+                 "seconds": time.perf_counter() - t0, **evaluate_against(rot, ev, blp)})
+    print(f"rotation: {info}", flush=True)
+    del rot
+    print(format_table(rows, COLS), flush=True)
+    out = open(a.json, "a") if a.json else None
+    cal = None
+    for v in a.variants:
+        recipe = parse_variant(v)
+        model, _ = load_model("smollm2-135m")
+        if cal is None:
+            cal = calibration("wiki", model, tok, ids, a.calib_windows)
+        t0 = time.perf_counter()
+        res = lowbit.quantize(model, recipe, cal, progress=False)
+        row = {"variant": v, "calib": "wiki", "bpw": res.bits_per_weight(),
+               "seconds": time.perf_counter() - t0, **evaluate_against(model, ev, blp)}
+        rows.append(row)
+        print(format_table([row], COLS).splitlines()[-1], flush=True)
+        if out:
+            out.write(json.dumps(row | {"eval_windows": a.eval_windows,
+                                        "calib_windows": a.calib_windows}) + "\n")
+            out.flush()
+        del model
+    print()
+    print(format_table(rows, COLS))
+
+
+if __name__ == "__main__":
+    main()
