@@ -231,10 +231,10 @@ def test_inspect(word_ckpt, tmp_path):
     "args,message",
     [
         (["--method", "rtn", "--scheme", "w4g32", "--alpha", "0.5"],
-         "--alpha is for smoothquant; rtn does not take it"),
+         "--alpha is for smoothquant, smoothquant+gptq; rtn does not take it"),
         (["--method", "gptq", "--threshold", "4"], "--threshold is for llm-int8; gptq does not"),
-        (["--method", "llm-int8", "--damp", "0.1"], "--damp is for awq+gptq, gptq; llm-int8"),
-        (["--method", "rtn", "--act-order"], "--act-order is for awq+gptq, gptq; rtn"),
+        (["--method", "llm-int8", "--damp", "0.1"], "--damp is for awq+gptq, gptq, smoothquant+gptq; llm-int8"),
+        (["--method", "rtn", "--act-order"], "--act-order is for awq+gptq, gptq, smoothquant+gptq; rtn"),
         (["--method", "smoothquant", "--scheme", "w4g32"], "w8a8 takes the schemes"),
         (["--method", "hqq", "--scheme", "nf4"], "hqq fits integer schemes"),
         (["--method", "rtn", "--calib-samples", "0"], "--calib-samples must be at least 1"),

@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "awq": ("awq", "rtn"),
     "awq+gptq": ("awq", "gptq"),
     "smoothquant": ("smoothquant", "w8a8"),
+    "smoothquant+gptq": ("smoothquant", "gptq"),  # W4A8 / W4A4 schemes (w4g64a8) after smoothing
 }
 
 

@@ -38,8 +38,8 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
 @click.option("--recipe", "recipe_path", type=click.Path(),
               help="a recipe file (YAML or JSON); a lowbit.json re-runs the recipe it records")
 @click.option("--method", default=None,
-              help="shorthand for a recipe: rtn, gptq, hqq, awq, awq+gptq, smoothquant, w8a8, "
-                   "llm-int8 [default: gptq]")
+              help="shorthand for a recipe: rtn, gptq, hqq, awq, awq+gptq, smoothquant, "
+                   "smoothquant+gptq, w8a8, llm-int8 [default: gptq]")
 @click.option("--scheme", default=None,
               help="w4g64, w4g64-asym, w3g64-mse, w8, nf4, mxfp4, nvfp4 ... (README lists them); "
                    "w8a8 and smoothquant: w8a8, w8a8-static, w7a8, w8a8-fp8 ... "
