@@ -94,14 +94,18 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
 
 
 def test_shorthand_refuses_flags_its_method_does_not_take():
-    with pytest.raises(LowbitError, match="--alpha is for smoothquant; gptq does not take it"):
+    with pytest.raises(LowbitError, match="--alpha is for smoothquant, smoothquant\\+gptq; gptq does not take it"):
         shorthand("gptq", alpha=0.5)
-    with pytest.raises(LowbitError, match="--damp is for awq\\+gptq, gptq; rtn does not"):
+    with pytest.raises(LowbitError, match="--damp is for awq\\+gptq, gptq, smoothquant\\+gptq; rtn does not"):
         shorthand("rtn", damp=0.1)
     with pytest.raises(LowbitError, match="unknown method 'awq9'"):
         shorthand("awq9")
     assert shorthand("gptq", "w3g64", act_order=False).steps[0].act_order is False
     assert shorthand("smoothquant", alpha=0.8).steps[0].alpha == 0.8
+    sq = shorthand("smoothquant+gptq", "w4g64a8", alpha=0.6, damp=0.02)
+    assert [s.step for s in sq.steps] == ["smoothquant", "gptq"]
+    assert sq.steps[0].alpha == 0.6 and sq.steps[1].damp == 0.02
+    assert sq.steps[1].scheme == "w4g64a8"
 
 
 def test_recipe_objects_are_values():

@@ -154,3 +154,21 @@ def test_stats_save_load(tmp_path, windows):
     back = load_stats(tmp_path / "s.safetensors")
     assert set(back) == set(st)
     assert torch.equal(back[name].absmax, st[name].absmax) and back[name].n == st[name].n
+
+
+def test_smoothquant_then_gptq_rounds_activations_of_a_grid(windows):
+    """``smoothquant+gptq`` with an activation-bit grid: the norms are smoothed, GPTQ rounds
+    every Linear onto w4g64a8, and the forward pass rounds their inputs per token."""
+    from lowbit.runtime.qlinear import QLinear
+
+    ref = logits(tiny_model("llama"), windows)
+    model = tiny_model("llama")
+    res = lowbit.quantize(model, lowbit.shorthand("smoothquant+gptq", "w4g64a8"), windows,
+                          progress=False)
+    assert sum(r.get("step") == "smoothquant" for r in res.rows) == 2 * 2
+    layers = [model.get_submodule(n) for n in res.weights]
+    assert len(layers) == 14 and all(isinstance(m, QLinear) and m.grid.act_bits == 8
+                                     for m in layers)
+    out = logits(model, windows)
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert 0 < err < 0.2
