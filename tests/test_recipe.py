@@ -94,9 +94,11 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
 
 
 def test_shorthand_refuses_flags_its_method_does_not_take():
-    with pytest.raises(LowbitError, match="--alpha is for smoothquant, smoothquant\\+gptq; gptq does not take it"):
+    with pytest.raises(LowbitError,
+                       match="--alpha is for smoothquant, smoothquant\\+gptq; gptq does not take"):
         shorthand("gptq", alpha=0.5)
-    with pytest.raises(LowbitError, match="--damp is for awq\\+gptq, gptq, smoothquant\\+gptq; rtn does not"):
+    with pytest.raises(LowbitError,
+                       match="--damp is for awq\\+gptq, gptq, smoothquant\\+gptq; rtn does not"):
         shorthand("rtn", damp=0.1)
     with pytest.raises(LowbitError, match="unknown method 'awq9'"):
         shorthand("awq9")
