@@ -100,6 +100,50 @@ def forward_seconds(model, windows: torch.Tensor, chunk: int = 8) -> float:
     return time.perf_counter() - t0
 
 
+def run_variants(variants: list[str], table: list[dict], tok, ids, ev, blp, calib: str,
+                 n_calib: int, json_path: str | None, save_dir: str | None = None,
+                 time_forward: bool = False) -> None:
+    """Quantize the model once per variant (``variants.py``'s names), calibrated on ``calib`` x
+    ``n_calib`` windows when the recipe needs data, and evaluate it on ``ev`` against the base
+    log-probabilities ``blp``: one row each, appended to ``table``, printed, and appended to
+    ``json_path`` as one JSON line."""
+    out = open(json_path, "a") if json_path else None
+    cal = None
+    for v in variants:
+        recipe = parse_variant(v)
+        model, _ = load_model("smollm2-135m")
+        needs = lowbit.plan(model, recipe).needs_data
+        if needs and cal is None:
+            cal = calibration(calib, model, tok, ids, n_calib)
+            if time_forward:
+                fwd = forward_seconds(model, cal)
+                print(f"plain forward over the calibration windows: {fwd:.1f} s", flush=True)
+        t0 = time.perf_counter()
+        res = lowbit.quantize(model, recipe, cal if needs else None, progress=False)
+        secs = time.perf_counter() - t0
+        if save_dir:
+            lowbit.save(Path(save_dir) / v.replace(":", "_"), model, tok, res,
+                        overwrite=True)
+        losses = [r for r in res.rows if "loss" in r]
+        row = {
+            "variant": v,
+            "calib": calib if needs else "-",
+            "bpw": res.bits_per_weight(),
+            "seconds": secs,
+            "below_rtn": f"{sum(r['loss'] < r['rtn_loss'] for r in losses)}/{len(losses)}"
+            if losses
+            else None,
+            **evaluate_against(model, ev, blp),
+        }
+        table.append(row)
+        print(format_table([row], COLS).splitlines()[-1], flush=True)
+        if out:
+            out.write(json.dumps(row | {"eval_windows": len(ev), "calib_windows": n_calib})
+                      + "\n")
+            out.flush()
+        del model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("variants", nargs="+")
@@ -131,43 +175,8 @@ def main() -> None:
         }
     ]
     print(format_table(table, COLS), flush=True)
-    out = open(a.json, "a") if a.json else None
-    cal = None
-    for v in a.variants:
-        recipe = parse_variant(v)
-        model, _ = load_model("smollm2-135m")
-        needs = lowbit.plan(model, recipe).needs_data
-        if needs and cal is None:
-            cal = calibration(a.calib, model, tok, ids, a.calib_windows)
-            if a.time_forward:
-                fwd = forward_seconds(model, cal)
-                print(f"plain forward over the calibration windows: {fwd:.1f} s", flush=True)
-        t0 = time.perf_counter()
-        res = lowbit.quantize(model, recipe, cal if needs else None, progress=False)
-        secs = time.perf_counter() - t0
-        if a.save_dir:
-            lowbit.save(Path(a.save_dir) / v.replace(":", "_"), model, tok, res,
-                        overwrite=True)
-        losses = [r for r in res.rows if "loss" in r]
-        row = {
-            "variant": v,
-            "calib": a.calib if needs else "-",
-            "bpw": res.bits_per_weight(),
-            "seconds": secs,
-            "below_rtn": f"{sum(r['loss'] < r['rtn_loss'] for r in losses)}/{len(losses)}"
-            if losses
-            else None,
-            **evaluate_against(model, ev, blp),
-        }
-        table.append(row)
-        print(format_table([row], COLS).splitlines()[-1], flush=True)
-        if out:
-            out.write(
-                json.dumps(row | {"eval_windows": a.eval_windows, "calib_windows": a.calib_windows})
-                + "\n"
-            )
-            out.flush()
-        del model
+    run_variants(a.variants, table, tok, ids, ev, blp, a.calib, a.calib_windows, a.json,
+                 a.save_dir, a.time_forward)
     print()
     print(format_table(table, COLS))
     print(

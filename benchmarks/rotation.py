@@ -10,13 +10,10 @@ base, top-1 agreement on WikiText-2 windows 0..63; in-domain calibration).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from quality import COLS, WIKI, base_logprobs, calibration, evaluate_against
-from variants import parse_variant
+from quality import COLS, WIKI, base_logprobs, evaluate_against, run_variants
 
-import lowbit
 from lowbit import data
 from lowbit.arch import spec_for
 from lowbit.cli.common import format_table
@@ -44,24 +41,7 @@ def main() -> None:
     print(f"rotation: {info}", flush=True)
     del rot
     print(format_table(rows, COLS), flush=True)
-    out = open(a.json, "a") if a.json else None
-    cal = None
-    for v in a.variants:
-        recipe = parse_variant(v)
-        model, _ = load_model("smollm2-135m")
-        if cal is None:
-            cal = calibration("wiki", model, tok, ids, a.calib_windows)
-        t0 = time.perf_counter()
-        res = lowbit.quantize(model, recipe, cal, progress=False)
-        row = {"variant": v, "calib": "wiki", "bpw": res.bits_per_weight(),
-               "seconds": time.perf_counter() - t0, **evaluate_against(model, ev, blp)}
-        rows.append(row)
-        print(format_table([row], COLS).splitlines()[-1], flush=True)
-        if out:
-            out.write(json.dumps(row | {"eval_windows": a.eval_windows,
-                                        "calib_windows": a.calib_windows}) + "\n")
-            out.flush()
-        del model
+    run_variants(a.variants, rows, tok, ids, ev, blp, "wiki", a.calib_windows, a.json)
     print()
     print(format_table(rows, COLS))
 
