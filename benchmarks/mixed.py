@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from quality import WIKI, base_logprobs, evaluate_against
 
 import lowbit
 from lowbit import data
-from lowbit.analyze import budget_bytes, budget_recipe, choose, measure, summary
+from lowbit.analyze import budget_bytes, budget_recipe, choose, measure, read_sensitivity, summary
 from lowbit.cli.common import format_table
 from lowbit.models import load_model
 from lowbit.recipe import shorthand
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--json", help="append one JSON line per variant")
+    ap.add_argument("--sensitivity", help="a measurement to reuse (lowbit analyze --json, or "
+                    "--save-sensitivity of an earlier run) instead of measuring")
+    ap.add_argument("--save-sensitivity", help="write the measurement here (JSON)")
     a = ap.parse_args()
 
     base, tok = load_model("smollm2-135m")
@@ -49,7 +53,12 @@ def main() -> None:
     cal = data.windows(ids, a.calib_windows, 512, start=100)
     blp = base_logprobs(base, ev)
     t0 = time.perf_counter()
-    sens = measure(base, data.windows(ids, 4, 128, start=400), a.schemes.split(","))
+    if a.sensitivity:
+        sens = read_sensitivity(a.sensitivity)
+    else:
+        sens = measure(base, data.windows(ids, 4, 128, start=400), a.schemes.split(","))
+    if a.save_sensitivity:
+        Path(a.save_sensitivity).write_text(json.dumps(sens))
     print(f"sensitivity: {len(sens['layers'])} layers x {len(sens['schemes'])} schemes on "
           f"{sens['tokens']} tokens in {time.perf_counter() - t0:.0f} s; Spearman of the Hessian "
           f"proxy with the KL: {json.dumps({k: round(v, 3) for k, v in sens['spearman'].items()})}",
