@@ -186,15 +186,13 @@ class Siblings:
         self.kernel, self.sizes = kernel, sizes
         self.x: torch.Tensor | None = None
         self.outs: list[torch.Tensor | None] | None = None
-        self.left = 0
 
     def take(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self.outs is None or self.x is not x or self.outs[i] is None:
             self.outs = list(self.kernel(x).split(self.sizes, -1))
-            self.x, self.left = x, len(self.sizes)
+            self.x = x
         y, self.outs[i] = self.outs[i], None
-        self.left -= 1
-        if self.left == 0:  # every part taken: hold nothing between steps
+        if all(o is None for o in self.outs):  # every part taken: hold nothing between steps
             self.x = self.outs = None
         return y
 
