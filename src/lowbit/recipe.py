@@ -181,11 +181,13 @@ def shorthand(method: str | None, scheme: str | None = None, **options: Any) -> 
     return Recipe(tuple(steps))
 
 
-def rotated(recipe: Recipe, seed: int = 0) -> Recipe:
-    """``recipe`` with the fused rotations (``rotate``: R1 and R2) as its first step."""
+def rotated(recipe: Recipe, seed: int = 0, online: bool = False) -> Recipe:
+    """``recipe`` with the fused rotations (``rotate``: R1 and R2; ``online``: R4 too) as its
+    first step."""
     if any(s.step == "rotate" for s in recipe.steps):
         raise LowbitError("the recipe rotates already; drop --rotate")
-    return Recipe((STEPS["rotate"](seed=seed), *recipe.steps), recipe.calibration)
+    return Recipe((STEPS["rotate"](seed=seed, online=online), *recipe.steps),
+                  recipe.calibration)
 
 
 def step_fields(step: Step) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.hadamard import factor, hadamard, paley, rotation
+from lowbit.formats.hadamard import FastRotation, factor, hadamard, paley, rotation
 
 # SmolLM2 (576, 1536, head 64), Qwen2.5-0.5B (896, 4864), Llama-3-8B (4096, 14336), Llama-2-7B
 # (11008), Phi-3-mini (3072, 8192), Gemma-2-2B (2304, 9216), and Paley's small orders
@@ -54,3 +54,18 @@ def test_rotations_are_orthogonal_seeded_and_say_what_they_are():
     torch.testing.assert_close(r @ r.T, torch.eye(172, dtype=torch.float64), rtol=0, atol=1e-12)
     with pytest.raises(LowbitError, match="positive size"):
         rotation(0, 0)
+
+
+@pytest.mark.parametrize("n", [*WIDTHS, 172, 4864])
+def test_the_fast_transform_is_the_rotation(n):
+    """``FastRotation`` (butterflies and one small product) multiplies by exactly the matrix
+    ``rotation`` builds, over any leading shape, to fp32 rounding; widths without a Hadamard
+    matrix fall back to the dense product, and say so."""
+    x = torch.randn(3, 2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    fast = FastRotation(n, 5)
+    q, what = rotation(n, 5)
+    assert fast.desc == what and fast.fast == (what != "random orthogonal")
+    got = fast(x.float())
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got.double(), x @ q, rtol=0, atol=5e-6 * float(x.abs().max()))
+    assert fast.info() == {"kind": "hadamard", "size": n, "seed": 5}

@@ -51,6 +51,14 @@ def test_rotations_keep_the_function_or_say_why_not(family, windows):
         with pytest.raises(LowbitError, match="Conv1D"):
             rotated(family, r1=False)
         return
+    if family in R1_FAMILIES:  # R4 online, float Linear with its input rotated by a hook
+        before, after, rows = rotated(family, online=True)
+        ref = logits(before, windows)
+        torch.testing.assert_close(logits(after, windows), ref, rtol=0,
+                                   atol=4e-6 * float(ref.abs().max()))
+        spec = spec_for(after)
+        down = get_blocks(after, spec)[0].get_submodule(spec.groups[3][0])
+        assert rows[0]["r4"].startswith("hadamard") and down.in_rotation.n == down.in_features
     before, after, rows = rotated(family, r1=False)  # R2 alone: every other family
     assert "r1" not in rows[0]
     ref = logits(before, windows)
@@ -93,7 +101,7 @@ def test_rotate_then_gptq_from_the_command_line(tiny_ckpt, tmp_path):
     desc = json.loads((out / "lowbit.json").read_text())
     assert desc["recipe"]["steps"][0] == {"step": "rotate", "targets": ["Linear"],
                                          "ignore": ["lm_head"], "r1": True, "r2": True,
-                                         "seed": 0}
+                                         "online": False, "seed": 0}
     rows = [json.loads(x) for x in (out / "layers.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == "rotate" and rows[0]["untied"]
     ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -120,3 +128,61 @@ def test_a_budget_with_a_rotation_is_refused(tiny_ckpt, tmp_path):
     r = lowbit_cli("quantize", ckpt, "--rotate", "--target-bpw", "3.5", "--out",
                    tmp_path / "q", ok=False)
     one_line_error(r, "--rotate with --target-bpw")
+
+
+def test_online_rotation_from_the_command_line(tiny_ckpt, tmp_path):
+    """``--rotate --rotate-online``: down_proj's rounded weight is in the rotated basis and its
+    input is rotated at run time; lowbit.json records the rotation per layer, the folder reloads
+    to the same logits (through the kernels too), and the formats that cannot hold a run-time
+    rotation refuse it in one line (auto picks native and says why)."""
+    from lowbit.models import load_model
+    from lowbit.runtime.qlinear import online_rotated
+
+    ckpt, text = tiny_ckpt
+    out = tmp_path / "q"
+    r = lowbit_cli("quantize", ckpt, "--rotate", "--rotate-online", "--method", "rtn",
+                   "--scheme", "w8", "--out", out, "--quiet")
+    assert "format: native" in r.err and "transform_config" in r.err
+    desc = json.loads((out / "lowbit.json").read_text())
+    assert desc["recipe"]["steps"][0]["online"] is True
+    downs = {k: v for k, v in desc["layers"].items() if k.endswith("down_proj")}
+    assert downs and all(v["input_rotation"]["kind"] == "hadamard" for v in downs.values())
+    assert not any("input_rotation" in v for k, v in desc["layers"].items() if k not in downs)
+    ours, _ = load_model(out, "fp32")
+    assert sorted(online_rotated(ours)) == sorted(downs)
+    base = tiny_model_from(ckpt)
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    a, ref = logits(ours, ids), logits(base, ids)
+    assert float((a - ref).abs().max()) < 0.05 * float(ref.abs().max())  # w8: close
+    one = lowbit_cli("export", out, tmp_path / "q.gguf", ok=False)
+    one_line_error(one, "rotate their input at run time")
+    ct = lowbit_cli("quantize", ckpt, "--rotate", "--rotate-online", "--method", "rtn",
+                    "--scheme", "w8", "--format", "compressed-tensors", "--out",
+                    tmp_path / "ct", ok=False)
+    one_line_error(ct, "transform_config")
+    assert not (tmp_path / "ct").exists()
+    alone = lowbit_cli("quantize", ckpt, "--rotate-online", "--out", tmp_path / "x", ok=False)
+    one_line_error(alone, "give --rotate too")
+
+
+def tiny_model_from(ckpt):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+
+
+def test_online_rotation_refuses_what_would_break_it(tiny_ckpt):
+    """A scaling step between up_proj and down_proj, or a down_proj left in full precision,
+    would not survive the run-time rotation: refused before any work."""
+    from lowbit.api import quantize
+
+    ckpt, _ = tiny_ckpt
+    for recipe, match in (
+        ({"steps": [{"step": "rotate", "online": True}, {"step": "awq"},
+                    {"step": "rtn", "scheme": "w4g64"}]}, "awq scales"),
+        ({"steps": [{"step": "rotate", "online": True},
+                    {"step": "rtn", "scheme": "w4g64", "ignore": ["lm_head", "re:.*down_proj"]}]},
+         "not quantized"),
+    ):
+        with pytest.raises(LowbitError, match=match):
+            quantize(tiny_model_from(ckpt), recipe, calib=torch.randint(0, 100, (2, 16)))

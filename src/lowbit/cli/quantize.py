@@ -15,9 +15,10 @@ STEP_FLAGS = {"act_order": "act_order", "static_groups": "static_groups", "damp"
               "alpha": "alpha", "threshold": "threshold", "int8_kernel": "kernel"}
 
 
-def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = None):
+def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = None,
+                 online: bool = False):
     """The recipe of the command line: a file, or the shorthand with the flags given
-    (``rotate``: the seed of fused rotations put first, None for none)."""
+    (``rotate``: the seed of fused rotations put first, None for none; ``online``: R4 too)."""
     from lowbit.recipe import load_recipe, rotated, shorthand
 
     given = {STEP_FLAGS[k]: v for k, v in flags.items() if v is not None}
@@ -30,7 +31,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
                               "recipe)")
         return load_recipe(recipe_path)
     recipe = shorthand(method, scheme, **given)
-    return recipe if rotate is None else rotated(recipe, rotate)
+    return recipe if rotate is None else rotated(recipe, rotate, online)
 
 
 @click.command("quantize")
@@ -63,6 +64,9 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
 @click.option("--rotate", is_flag=True,
               help="rotate the model first (Hadamard R1 on the residual stream, R2 per "
                    "attention head, fused into the weights: the same function, fewer outliers)")
+@click.option("--rotate-online", is_flag=True,
+              help="with --rotate: also a Hadamard before each MLP down projection, applied "
+                   "to its input at run time (R4; native folders only)")
 @click.option("--rotate-seed", type=int, default=0, show_default=True,
               help="seed of the rotations' random signs (recorded in lowbit.json)")
 @click.option("--target-bpw", type=float, default=None,
@@ -109,7 +113,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
             act_order, static_groups, damp, alpha, threshold, int8_kernel, rotate,
-            rotate_seed, target_bpw,
+            rotate_online, rotate_seed, target_bpw,
             target_size, sensitivity_path, candidates, eval_windows,
             eval_data, chunk, out, fmt, tp, overwrite, resume, nproc, json_path, quiet, dtype):
     """Quantize MODEL (default: the built-in smollm2-135m, or the base model of a --recipe
@@ -125,7 +129,10 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
         return launch(nproc)  # this command line again, in nproc processes
     flags = {"act_order": act_order, "static_groups": static_groups, "damp": damp,
              "alpha": alpha, "threshold": threshold, "int8_kernel": int8_kernel}
-    recipe = build_recipe(recipe_path, method, scheme, flags, rotate_seed if rotate else None)
+    if rotate_online and not rotate:
+        raise LowbitError("--rotate-online adds to the fused rotations: give --rotate too")
+    recipe = build_recipe(recipe_path, method, scheme, flags, rotate_seed if rotate else None,
+                          rotate_online)
     base = _recorded_base(recipe_path)
     model = model or base or "smollm2-135m"
     calib_req = calibration(calib, calib_samples, calib_offset, seq_len, recipe.calibration)

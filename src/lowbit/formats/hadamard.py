@@ -88,17 +88,64 @@ def hadamard(n: int) -> Tensor | None:
     return torch.kron(base, sylvester(k))
 
 
+def _signs(n: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+
+
 def rotation(n: int, seed: int) -> tuple[Tensor, str]:
     """An n x n orthogonal matrix (float64) and what it is: ``H diag(s) / sqrt(n)`` with random
     signs s from ``seed`` when a Hadamard matrix of order n is known, else a random orthogonal
     matrix (QR of a Gaussian from ``seed``, signs fixed so the draw is uniform)."""
     if n < 1:
         raise LowbitError(f"a rotation needs a positive size, not {n}")
-    g = torch.Generator().manual_seed(seed)
     h = hadamard(n)
     if h is not None:
-        signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
         m, k = factor(n)  # type: ignore[misc]
-        return h * signs / math.sqrt(n), f"hadamard {m}x2^{k}" if m > 1 else f"hadamard 2^{k}"
+        return (h * _signs(n, seed) / math.sqrt(n),
+                f"hadamard {m}x2^{k}" if m > 1 else f"hadamard 2^{k}")
+    g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r)), "random orthogonal"
+
+
+class FastRotation:
+    """``x -> x R`` with ``R = rotation(n, seed)[0]``, for rotations applied to activations at
+    run time: ``R = (A (x) B) diag(s) / sqrt(n)`` with A the small Hadamard factor (order m)
+    and B Sylvester's of order p = 2^k, so ``x (A (x) B)`` is ``A^T X B`` for x read as an
+    m x p matrix X: k butterfly stages (the fast Walsh-Hadamard transform) and one m x m
+    product, O(n (log n + m)) instead of n^2. Where ``rotation`` fell back to a random
+    orthogonal matrix, the product is dense (and ``fast`` is False)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        f = factor(n)
+        self.fast = f is not None
+        if f is None:
+            r, self.desc = rotation(n, seed)
+            self._dense = r.float()
+            return
+        self.desc = f"hadamard {f[0]}x2^{f[1]}" if f[0] > 1 else f"hadamard 2^{f[1]}"
+        m, k = f
+        self.m, self.p = m, 1 << k
+        self._signs = (_signs(n, seed) / math.sqrt(n)).float()
+        self._a = (sylvester(1)[:m, :m] if m <= 2 else paley(m)).float()  # type: ignore[union-attr]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.fast:
+            return x @ self._dense.to(x.dtype)
+        shape, dt = x.shape, x.dtype
+        y = x.float().reshape(-1, self.m, self.p)
+        h = 1
+        while h < self.p:  # one butterfly stage: pairs (j, j + h) within blocks of 2h
+            y = y.reshape(-1, self.m, self.p // (2 * h), 2, h)
+            a, b = y[..., 0, :], y[..., 1, :]
+            y = torch.stack((a + b, a - b), dim=-2)
+            h *= 2
+        y = y.reshape(-1, self.m, self.p)
+        if self.m > 1:
+            y = torch.einsum("im,bip->bmp", self._a, y)
+        return (y.reshape(-1, self.n) * self._signs).reshape(shape).to(dt)
+
+    def info(self) -> dict:
+        return {"kind": "hadamard", "size": self.n, "seed": self.seed}

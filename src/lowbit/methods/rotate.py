@@ -13,7 +13,14 @@ outliers spread over all channels, so they round with less error.
   value rows become ``R^T W_v`` and each query head's columns of o_proj ``W_o R``; the
   attention weights mix positions, not channels, so they commute with it.
 
-``Q`` and ``R`` are randomised Hadamard matrices (``lowbit.formats.hadamard``; a random
+- R4 (``online``), before the MLP's last Linear: its weight becomes ``W R4`` and its input is
+  multiplied by ``R4`` at run time (``FastRotation``, O(n log n)), so the activations with this
+  kind of model's largest outliers (down_proj's inputs) are spread before they are rounded
+  (``w4a4``) and the weight is rotated on its input side too. The Linear keeps the rotation
+  (``in_rotation``; a ``QLinear`` records it in ``lowbit.json``). It must be rounded onto a
+  weight grid: its rotated weight alone is not the original function.
+
+``Q``, ``R`` and ``R4`` are randomised Hadamard matrices (``lowbit.formats.hadamard``; a random
 orthogonal matrix where no Hadamard matrix of that size is known), drawn from ``seed``, which
 the recipe in ``lowbit.json`` records. The rotated model is an ordinary checkpoint.
 
@@ -34,7 +41,7 @@ from torch import Tensor, nn
 
 from lowbit.arch import ArchSpec, get_blocks, text_config
 from lowbit.errors import LowbitError
-from lowbit.formats.hadamard import rotation
+from lowbit.formats.hadamard import FastRotation, rotation
 from lowbit.methods.base import Transform, register
 from lowbit.pipeline.plan import untie_head
 
@@ -155,6 +162,20 @@ def r2_refusal(model: nn.Module, spec: ArchSpec) -> str | None:
     return None
 
 
+def rotate_input(lin: nn.Module, rot: FastRotation) -> None:
+    """R4 on one float Linear: ``W <- W R`` and its input ``x -> x R`` from now on (a pre-hook;
+    the quantized module that replaces it takes ``in_rotation`` over)."""
+    _cols(lin, rotation(rot.n, rot.seed)[0])
+    lin.in_rotation = rot
+    lin.register_forward_pre_hook(lambda m, args: (m.in_rotation(args[0]), *args[1:]))
+
+
+def online_refusal(model: nn.Module, spec: ArchSpec) -> str | None:
+    if spec.moe is not None or spec.conv1d or spec.mlp_path is None:
+        return f"{spec.family}: no single MLP down projection to rotate online"
+    return None
+
+
 @register
 @dataclass(frozen=True)
 class Rotate(Transform):
@@ -164,12 +185,34 @@ class Rotate(Transform):
     step = "rotate"
     r1: bool = True
     r2: bool = True
+    online: bool = False  # R4 before the MLP's last Linear, applied at run time
     seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (self.r1 or self.r2):
-            raise LowbitError("rotate: r1 and r2 are both off; nothing to rotate")
+        if not (self.r1 or self.r2 or self.online):
+            raise LowbitError("rotate: r1, r2 and online are all off; nothing to rotate")
+
+    def check_plan(self, model: nn.Module, plan) -> None:
+        """Before any work: the Linears rotated online must be rounded onto a grid, and no
+        other step may scale their inputs through the Linear before them."""
+        if not self.online:
+            return
+        down = plan.spec.groups[3]
+        for full, la in plan.layers.items():
+            if la.local in down and la.step.kind != "rounder":
+                raise LowbitError(f"rotate: online: {full} must be rounded onto a weight grid, "
+                                  f"not replaced by {la.step.step}")
+        blocks = {la.block for la in plan.layers.values() if la.local in down}
+        missing = [b for b in range(len(get_blocks(model, plan.spec))) if b not in blocks]
+        if missing:
+            raise LowbitError(f"rotate: online: {down[0]} of block {missing[0]} is not "
+                              "quantized; its rotated weight is saved only as a grid weight")
+        scaling = [t.step for t in plan.transforms if t.step in ("awq", "smoothquant")]
+        if scaling:
+            raise LowbitError(f"rotate: online: {scaling[0]} scales {down[0]}'s input through "
+                              "the Linear before it, which the online rotation between them "
+                              "breaks; use the fused rotations alone (no online)")
 
     def needs_data(self) -> bool:
         return False
@@ -195,4 +238,13 @@ class Rotate(Transform):
         if self.r2:
             r, row["r2"] = rotation(head_dim(text_config(model)), self.seed + 1)
             rotate_heads(model, spec, r)
+        if self.online:
+            why = online_refusal(model, spec)
+            if why:
+                raise LowbitError(f"rotate: {why}; online: false leaves it out")
+            for block in get_blocks(model, spec):
+                lin = block.get_submodule(spec.groups[3][0])
+                rot = FastRotation(lin.weight.shape[1], self.seed + 2)
+                rotate_input(lin, rot)
+            row["r4"] = rot.desc
         return [row]

@@ -303,6 +303,7 @@ class _Executor:
             old = getattr(parent, child)
             bias = getattr(old, "bias", None)
             q = QLinear(gw, None if bias is None else bias.data)
+            q.in_rotation = getattr(old, "in_rotation", None)  # rotated online (methods.rotate)
             setattr(parent, child, q)
             self.res.weights[full] = q
             done.append(old.weight.data)
@@ -357,6 +358,9 @@ def execute(
     spec = plan.spec
     ex = _Executor(model, plan, res, on_row, 0 if calib is None else calib.numel())
     for t in plan.transforms:  # whole-model transforms (rotations) before the first block
+        if hasattr(t, "check_plan"):
+            t.check_plan(model, plan)
+    for t in plan.transforms:
         if hasattr(t, "transform_model"):
             for row in t.transform_model(model, spec):
                 ex.emit({"step": t.step} | row)

@@ -17,7 +17,11 @@ def build_module(info: dict, parts: dict[str, torch.Tensor], bias: torch.Tensor 
     kind = info.get("kind")
     if kind is None:
         gw = GridWeight.from_tensors(grid_from_info(info), tuple(info["shape"]), parts)
-        return QLinear(gw, bias, cache=cache)
+        q = QLinear(gw, bias, cache=cache)
+        q.rotate_input(info.get("input_rotation"))
+        return q
+    if "input_rotation" in info:
+        raise LowbitError(f"a {kind} layer with an input rotation: only grid weights take one")
     k = kernel or info.get("kernel", "auto")
     try:
         if kind == "w8a8":

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.formats.grids import grid_info
+from lowbit.formats.hadamard import FastRotation
 from lowbit.formats.integer import quantize_activations
 from lowbit.formats.weight import GridWeight
 from lowbit.runtime.kernels import BUILD, OWN_KERNELS, check_kernel
@@ -28,6 +30,7 @@ class QuantModule(nn.Module):
 
     out_features: int
     in_features: int
+    in_rotation: FastRotation | None = None  # QLinear: its input rotated first (R4)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -90,6 +93,17 @@ class QLinear(QuantModule):
         self._kernel_always = False
         self._siblings: Siblings | None = None  # fuse_siblings: one product with its siblings
         self._sibling_index = 0
+        self.in_rotation = None
+
+    def rotate_input(self, info: dict | None) -> None:
+        """Multiply the input by the rotation ``info`` records (``layer_info``'s
+        ``input_rotation``: its weight was rotated to match; None: no rotation)."""
+        if info is None:
+            self.in_rotation = None
+            return
+        if info.get("kind") != "hadamard" or info.get("size") != self.in_features:
+            raise LowbitError(f"input rotation {info} does not fit {self.in_features} columns")
+        self.in_rotation = FastRotation(int(info["size"]), int(info["seed"]))
 
     def grid_weight(self) -> GridWeight:
         return GridWeight.from_tensors(self.grid, self.shape, self.to_tensors())
@@ -138,6 +152,8 @@ class QLinear(QuantModule):
             (self._kernel_always or x.dtype in BUILD[name].fast_dtypes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_rotation is not None:
+            x = self.in_rotation(x)
         act = getattr(self.grid, "act_bits", None)
         if act:  # w4a8 ...: the input rounded per token first (emulated integer activations)
             x = quantize_activations(x, act)
@@ -169,11 +185,13 @@ class QLinear(QuantModule):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def layer_info(self) -> dict:
-        return {"shape": list(self.shape)} | grid_info(self.grid)
+        rot = {} if self.in_rotation is None else {"input_rotation": self.in_rotation.info()}
+        return {"shape": list(self.shape)} | grid_info(self.grid) | rot
 
     def extra_repr(self) -> str:
+        rot = "" if self.in_rotation is None else f", input rotated ({self.in_rotation.desc})"
         return (f"in={self.in_features}, out={self.out_features}, grid={self.grid.name}, "
-                f"kernel={self.kernel}")
+                f"kernel={self.kernel}{rot}")
 
 
 class Siblings:
@@ -237,6 +255,12 @@ def fuse_siblings(model: nn.Module) -> int:
         if isinstance(m, QLinear) and m._siblings is None:
             m.built_kernel()
     return fused
+
+
+def online_rotated(model: nn.Module) -> list[str]:
+    """The modules of ``model`` whose input is rotated at run time (``methods.rotate``'s R4):
+    formats without such a transform cannot hold them."""
+    return [n for n, m in model.named_modules() if getattr(m, "in_rotation", None) is not None]
 
 
 def _available_bytes() -> float:

@@ -54,7 +54,7 @@ from lowbit.io.gguf.presets import (
 )
 from lowbit.io.gguf.vocab import KV, hf_tokenizer_kv, source_kv
 from lowbit.runtime.experts import LinearExperts, moe_spec, unfuse_experts
-from lowbit.runtime.qlinear import QuantModule
+from lowbit.runtime.qlinear import QuantModule, online_rotated
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 # types whose llama.cpp quantizer ignores the importance matrix; so do we, so that the files
@@ -294,6 +294,11 @@ def export_gguf(
     (``reencoded``: name -> (type, why)) and a one-line ``note`` on both.
     """
     t0 = time.perf_counter()
+    rotated = online_rotated(model)
+    if rotated:
+        raise LowbitError(f"GGUF: {rotated[0]} (and {len(rotated) - 1} more) rotate their input "
+                          "at run time (--rotate-online), which llama.cpp's graphs do not; "
+                          "quantize with --rotate alone (fused rotations) to export GGUF")
     native = str(qtype).lower() == NATIVE
     preset = None if native else get_preset(qtype)
     model = language_model(model)  # multimodal: the vision tower goes to an mmproj file

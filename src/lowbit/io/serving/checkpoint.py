@@ -39,7 +39,7 @@ from lowbit.io.serving import awq, compressed_tensors, gptq
 from lowbit.io.serving.base import ServingFormat, scheme_name, scheme_of
 from lowbit.io.shards import ShardWriter
 from lowbit.runtime.experts import moe_spec, unfuse_experts
-from lowbit.runtime.qlinear import QLinear
+from lowbit.runtime.qlinear import QLinear, online_rotated
 
 # each format is a module implementing the protocol
 FORMATS: dict[str, ServingFormat] = {f.name: f for f in (compressed_tensors, gptq, awq)}
@@ -186,6 +186,13 @@ def write_checkpoint(
     if dtype not in DTYPES:
         raise LowbitError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     check_weights(fmt, weights, model)
+    rotated = online_rotated(model)
+    if rotated:
+        raise LowbitError(
+            f"{fmt}: {rotated[0]} (and {len(rotated) - 1} more) rotate their input at run time "
+            "(--rotate-online). transformers does not apply compressed-tensors' "
+            "transform_config when it loads a checkpoint, so the file would not compute this "
+            "model; save it natively, or quantize with --rotate alone (fused rotations)")
     counts = Counter(scheme_name(scheme_of(w)) for w in weights.values())
     scheme = next(scheme_of(w) for w in weights.values()
                   if scheme_name(scheme_of(w)) == counts.most_common(1)[0][0])
