@@ -13,6 +13,7 @@ import argparse
 import time
 
 from quality import COLS, WIKI, base_logprobs, evaluate_against, run_variants
+from variants import parse_variant
 
 from lowbit import data
 from lowbit.arch import spec_for
@@ -33,13 +34,22 @@ def main() -> None:
     ev = data.windows(ids, a.eval_windows, 512)
     blp = base_logprobs(base, ev)
     rows = [{"variant": "base", "calib": "-", "bpw": 32.0, **evaluate_against(base, ev, None)}]
-    rot, _ = load_model("smollm2-135m")
-    t0 = time.perf_counter()
-    info = Rotate().transform_model(rot, spec_for(rot))[0]
-    rows.append({"variant": "rotated fp32", "calib": "-", "bpw": 32.0,
-                 "seconds": time.perf_counter() - t0, **evaluate_against(rot, ev, blp)})
-    print(f"rotation: {info}", flush=True)
-    del rot
+    steps = [Rotate()]  # and each other rotate step the variants use, once
+    for v in a.variants:
+        first = parse_variant(v).steps[0]
+        if isinstance(first, Rotate) and first not in steps:
+            steps.append(first)
+    for step in steps:  # the rotated model must compute what the base computes
+        rot, _ = load_model("smollm2-135m")
+        t0 = time.perf_counter()
+        info = step.transform_model(rot, spec_for(rot))[0]
+        parts = [p for p, on in (("R1", step.r1), ("R2", step.r2), ("R4 online", step.online),
+                                 ("incoherent", step.incoherent)) if on]
+        rows.append({"variant": f"rotated fp32 ({', '.join(parts)})", "calib": "-",
+                     "bpw": 32.0, "seconds": time.perf_counter() - t0,
+                     **evaluate_against(rot, ev, blp)})
+        print(f"rotation: {info}", flush=True)
+        del rot
     print(format_table(rows, COLS), flush=True)
     run_variants(a.variants, rows, tok, ids, ev, blp, "wiki", a.calib_windows, a.json)
     print()

@@ -1,7 +1,9 @@
 """Benchmark variants as ``method:scheme[:key=value,...]``: the CLI's recipe shorthand plus any
 step option (``gptq:w4g64:act_order=0,damp=0.05``, ``awq+gptq:w3g64:search_windows=1``,
 ``llm-int8:-:threshold=4,kernel=emulate``); ``-`` for no scheme; ``rotate+`` before the method
-puts the fused rotations first (``rotate+gptq:w3g64``, the CLI's ``--rotate``). Values are typed
+puts the fused rotations first (``rotate+gptq:w3g64``, the CLI's ``--rotate``), ``rotate4+``
+adds R4 online (``--rotate --rotate-online``), ``incoh+`` incoherence processing alone
+(``--incoherence``) and ``rotate+incoh+`` both. Values are typed
 from the steps' own option annotations."""
 
 from __future__ import annotations
@@ -27,8 +29,14 @@ def _typed(key: str, value: str, method: str):
 
 
 def parse_variant(v: str) -> Recipe:
-    if v.startswith("rotate+"):
-        return rotated(parse_variant(v.removeprefix("rotate+")))
+    prefixes = {"rotate", "rotate4", "incoh"}
+    head = []
+    while v.split("+", 1)[0] in prefixes and "+" in v:
+        p, v = v.split("+", 1)
+        head.append(p)
+    if head:
+        return rotated(parse_variant(v), online="rotate4" in head, incoherent="incoh" in head,
+                       fused="rotate" in head or "rotate4" in head)
     parts = v.split(":")
     method = parts[0]
     scheme = parts[1] if len(parts) > 1 and parts[1] != "-" else None

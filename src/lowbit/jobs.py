@@ -66,9 +66,10 @@ def serving_preflight(model, plan, fmt: str, tp: int) -> list[str]:
     if fmt not in SERVING_FORMATS:
         raise LowbitError(f"unknown output format {fmt!r}; known: {', '.join(OUTPUT_FORMATS)} "
                           "(gguf: use lowbit export)")
-    if any(getattr(t, "online", False) for t in plan.transforms):
-        raise LowbitError("the recipe rotates down_proj's input at run time (--rotate-online), "
-                          "and transformers does not apply compressed-tensors' "
+    if any(getattr(t, "online", False) or getattr(t, "incoherent", False)
+           for t in plan.transforms):
+        raise LowbitError("the recipe rotates Linears' inputs at run time (--rotate-online, "
+                          "--incoherence), and transformers does not apply compressed-tensors' "
                           "transform_config on load; --format native holds it, --rotate "
                           "alone (fused) exports everywhere")
     from lowbit.io.serving.targets import check_target, model_shapes

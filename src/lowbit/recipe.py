@@ -181,13 +181,14 @@ def shorthand(method: str | None, scheme: str | None = None, **options: Any) -> 
     return Recipe(tuple(steps))
 
 
-def rotated(recipe: Recipe, seed: int = 0, online: bool = False) -> Recipe:
-    """``recipe`` with the fused rotations (``rotate``: R1 and R2; ``online``: R4 too) as its
-    first step."""
+def rotated(recipe: Recipe, seed: int = 0, online: bool = False, incoherent: bool = False,
+            fused: bool = True) -> Recipe:
+    """``recipe`` with a ``rotate`` step first: the fused rotations R1 and R2 (``fused``), R4
+    at run time (``online``), incoherence processing of every block Linear (``incoherent``)."""
     if any(s.step == "rotate" for s in recipe.steps):
         raise LowbitError("the recipe rotates already; drop --rotate")
-    return Recipe((STEPS["rotate"](seed=seed, online=online), *recipe.steps),
-                  recipe.calibration)
+    step = STEPS["rotate"](r1=fused, r2=fused, online=online, incoherent=incoherent, seed=seed)
+    return Recipe((step, *recipe.steps), recipe.calibration)
 
 
 def step_fields(step: Step) -> dict:

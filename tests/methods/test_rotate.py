@@ -59,6 +59,12 @@ def test_rotations_keep_the_function_or_say_why_not(family, windows):
         spec = spec_for(after)
         down = get_blocks(after, spec)[0].get_submodule(spec.groups[3][0])
         assert rows[0]["r4"].startswith("hadamard") and down.in_rotation.n == down.in_features
+    if family not in MOE_FAMILIES and family != "gpt2":  # incoherence: any plain Linear
+        before, after, rows = rotated(family, r1=False, r2=False, incoherent=True)
+        ref = logits(before, windows)
+        torch.testing.assert_close(logits(after, windows), ref, rtol=0,
+                                   atol=4e-6 * float(ref.abs().max()))
+        assert rows[0]["incoherent"].startswith("hadamard")
     before, after, rows = rotated(family, r1=False)  # R2 alone: every other family
     assert "r1" not in rows[0]
     ref = logits(before, windows)
@@ -101,7 +107,7 @@ def test_rotate_then_gptq_from_the_command_line(tiny_ckpt, tmp_path):
     desc = json.loads((out / "lowbit.json").read_text())
     assert desc["recipe"]["steps"][0] == {"step": "rotate", "targets": ["Linear"],
                                          "ignore": ["lm_head"], "r1": True, "r2": True,
-                                         "online": False, "seed": 0}
+                                         "online": False, "incoherent": False, "seed": 0}
     rows = [json.loads(x) for x in (out / "layers.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == "rotate" and rows[0]["untied"]
     ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -155,7 +161,7 @@ def test_online_rotation_from_the_command_line(tiny_ckpt, tmp_path):
     a, ref = logits(ours, ids), logits(base, ids)
     assert float((a - ref).abs().max()) < 0.05 * float(ref.abs().max())  # w8: close
     one = lowbit_cli("export", out, tmp_path / "q.gguf", ok=False)
-    one_line_error(one, "rotate their input at run time")
+    one_line_error(one, "rotated at run time")
     ct = lowbit_cli("quantize", ckpt, "--rotate", "--rotate-online", "--method", "rtn",
                     "--scheme", "w8", "--format", "compressed-tensors", "--out",
                     tmp_path / "ct", ok=False)
@@ -186,3 +192,48 @@ def test_online_rotation_refuses_what_would_break_it(tiny_ckpt):
     ):
         with pytest.raises(LowbitError, match=match):
             quantize(tiny_model_from(ckpt), recipe, calib=torch.randint(0, 100, (2, 16)))
+
+
+def test_incoherence_from_the_command_line(tiny_ckpt, tmp_path):
+    """``--incoherence``: every block Linear is stored as ``R_out W R_in`` with both rotations
+    recorded; the folder reloads to logits close to the base's at w8 (a missing or misapplied
+    rotation would scramble them), also through the compiled kernels' path."""
+    from lowbit.models import load_model
+    from lowbit.runtime.qlinear import QLinear
+
+    ckpt, _ = tiny_ckpt
+    out = tmp_path / "q"
+    lowbit_cli("quantize", ckpt, "--incoherence", "--method", "rtn", "--scheme", "w8", "--out",
+               out, "--quiet")
+    desc = json.loads((out / "lowbit.json").read_text())
+    step = desc["recipe"]["steps"][0]
+    assert (step["r1"], step["r2"], step["incoherent"]) == (False, False, True)
+    blocks = {k: v for k, v in desc["layers"].items() if k != "lm_head"}
+    assert blocks and all({"input_rotation", "output_rotation"} <= set(v) for v in
+                          blocks.values())
+    ours, _ = load_model(out, "fp32")
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    a, ref = logits(ours, ids), logits(tiny_model_from(ckpt), ids)
+    assert float((a - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    for m in ours.modules():
+        if isinstance(m, QLinear):
+            m.use_kernel("u8")  # one token at a time goes through the kernel
+    x = ids[:, :1]
+    torch.testing.assert_close(logits(ours, x), a[:, :1], rtol=1e-4, atol=1e-4)
+
+
+def test_incoherence_keeps_a_layernorm_family(windows):
+    """Incoherence changes each Linear alone, so OPT (whose LayerNorm refuses R1) takes it:
+    the rotated fp32 model computes the same, and w8 after it stays close."""
+    import lowbit
+
+    before, after, _ = rotated("opt", r1=False, r2=False, incoherent=True)
+    ref = logits(before, windows)
+    torch.testing.assert_close(logits(after, windows), ref, rtol=0,
+                               atol=4e-6 * float(ref.abs().max()))
+    model = copy.deepcopy(before)
+    lowbit.quantize(model, {"steps": [{"step": "rotate", "r1": False, "r2": False,
+                                       "incoherent": True}, {"step": "rtn", "scheme": "w8"}]},
+                    progress=False)
+    got = logits(model, windows)
+    assert float((got - ref).abs().max()) < 0.05 * float(ref.abs().max())

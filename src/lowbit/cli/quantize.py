@@ -16,22 +16,23 @@ STEP_FLAGS = {"act_order": "act_order", "static_groups": "static_groups", "damp"
 
 
 def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = None,
-                 online: bool = False):
+                 online: bool = False, incoherent: bool = False, fused: bool = True):
     """The recipe of the command line: a file, or the shorthand with the flags given
-    (``rotate``: the seed of fused rotations put first, None for none; ``online``: R4 too)."""
+    (``rotate``: the seed of a rotate step put first, None for none; ``fused``: R1 and R2 in
+    it, ``online``: R4, ``incoherent``: incoherence processing)."""
     from lowbit.recipe import load_recipe, rotated, shorthand
 
     given = {STEP_FLAGS[k]: v for k, v in flags.items() if v is not None}
     if recipe_path:
         extra = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
         extra += [o for o, v in (("--method", method), ("--scheme", scheme)) if v is not None]
-        extra += ["--rotate"] if rotate is not None else []
+        extra += ["--rotate/--incoherence"] if rotate is not None else []
         if extra:
             raise LowbitError(f"--recipe gives the steps; drop {', '.join(extra)} (or edit the "
                               "recipe)")
         return load_recipe(recipe_path)
     recipe = shorthand(method, scheme, **given)
-    return recipe if rotate is None else rotated(recipe, rotate, online)
+    return recipe if rotate is None else rotated(recipe, rotate, online, incoherent, fused)
 
 
 @click.command("quantize")
@@ -67,6 +68,10 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
 @click.option("--rotate-online", is_flag=True,
               help="with --rotate: also a Hadamard before each MLP down projection, applied "
                    "to its input at run time (R4; native folders only)")
+@click.option("--incoherence", is_flag=True,
+              help="QuIP#-style: every block Linear's weight rotated on both sides, its input "
+                   "and output rotated at run time (with or without --rotate; native folders "
+                   "only)")
 @click.option("--rotate-seed", type=int, default=0, show_default=True,
               help="seed of the rotations' random signs (recorded in lowbit.json)")
 @click.option("--target-bpw", type=float, default=None,
@@ -113,7 +118,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
             act_order, static_groups, damp, alpha, threshold, int8_kernel, rotate,
-            rotate_online, rotate_seed, target_bpw,
+            rotate_online, incoherence, rotate_seed, target_bpw,
             target_size, sensitivity_path, candidates, eval_windows,
             eval_data, chunk, out, fmt, tp, overwrite, resume, nproc, json_path, quiet, dtype):
     """Quantize MODEL (default: the built-in smollm2-135m, or the base model of a --recipe
@@ -131,8 +136,9 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
              "alpha": alpha, "threshold": threshold, "int8_kernel": int8_kernel}
     if rotate_online and not rotate:
         raise LowbitError("--rotate-online adds to the fused rotations: give --rotate too")
-    recipe = build_recipe(recipe_path, method, scheme, flags, rotate_seed if rotate else None,
-                          rotate_online)
+    recipe = build_recipe(recipe_path, method, scheme, flags,
+                          rotate_seed if rotate or incoherence else None, rotate_online,
+                          incoherence, rotate)
     base = _recorded_base(recipe_path)
     model = model or base or "smollm2-135m"
     calib_req = calibration(calib, calib_samples, calib_offset, seq_len, recipe.calibration)

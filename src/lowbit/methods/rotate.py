@@ -20,9 +20,18 @@ outliers spread over all channels, so they round with less error.
   (``in_rotation``; a ``QLinear`` records it in ``lowbit.json``). It must be rounded onto a
   weight grid: its rotated weight alone is not the original function.
 
-``Q``, ``R`` and ``R4`` are randomised Hadamard matrices (``lowbit.formats.hadamard``; a random
-orthogonal matrix where no Hadamard matrix of that size is known), drawn from ``seed``, which
-the recipe in ``lowbit.json`` records. The rotated model is an ordinary checkpoint.
+- Incoherence processing (``incoherent``, QuIP/QuIP#): every block Linear's weight becomes
+  ``R_out W R_in``, its input is multiplied by ``R_in`` and its output by ``R_out`` at run time
+  (its bias, added before, by ``R_out^T`` once), so the weight is incoherent on both sides and
+  its entries round like Gaussian samples, without outliers. It changes each Linear alone, so
+  it applies to every family with plain Linears (with ``r1: false, r2: false`` where R1 is
+  refused). Linears reading one input share ``R_in`` (the driver measures one Hessian for them).
+
+``Q``, ``R``, ``R4`` and ``R_in``/``R_out`` are randomised Hadamard matrices
+(``lowbit.formats.hadamard``; a random orthogonal matrix where no Hadamard matrix of that size
+is known), drawn from ``seed``, which the recipe in ``lowbit.json`` records. With the fused
+rotations alone the rotated model is an ordinary checkpoint; with R4 or incoherence only
+lowbit's native folder holds it.
 
 Families whose blocks are ``h + attn(norm(h))`` and ``h + mlp(norm(h))`` with RMSNorm take R1
 (llama, mistral, qwen2/3, gemma, phi3). LayerNorm subtracts the mean, which does not commute
@@ -170,6 +179,14 @@ def rotate_input(lin: nn.Module, rot: FastRotation) -> None:
     lin.register_forward_pre_hook(lambda m, args: (m.in_rotation(args[0]), *args[1:]))
 
 
+def rotate_output(lin: nn.Module, rot: FastRotation) -> None:
+    """Incoherence's output side on one float Linear: ``W <- R^T W``, ``b <- R^T b`` and its
+    output ``y -> y R`` from now on (a hook the quantized module takes over)."""
+    _rows(lin, rotation(rot.n, rot.seed)[0].T)
+    lin.out_rotation = rot
+    lin.register_forward_hook(lambda m, args, out: m.out_rotation(out))
+
+
 def online_refusal(model: nn.Module, spec: ArchSpec) -> str | None:
     if spec.moe is not None or spec.conv1d or spec.mlp_path is None:
         return f"{spec.family}: no single MLP down projection to rotate online"
@@ -186,33 +203,42 @@ class Rotate(Transform):
     r1: bool = True
     r2: bool = True
     online: bool = False  # R4 before the MLP's last Linear, applied at run time
+    incoherent: bool = False  # both sides of every block Linear, at run time (QuIP#)
     seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (self.r1 or self.r2 or self.online):
-            raise LowbitError("rotate: r1, r2 and online are all off; nothing to rotate")
+        if not (self.r1 or self.r2 or self.online or self.incoherent):
+            raise LowbitError("rotate: r1, r2, online and incoherent are all off; nothing to "
+                              "rotate")
+
+    def _online_linears(self, spec: ArchSpec) -> tuple[str, ...]:
+        if self.incoherent:
+            return spec.linears
+        return spec.groups[3][:1] if self.online else ()
 
     def check_plan(self, model: nn.Module, plan) -> None:
         """Before any work: the Linears rotated online must be rounded onto a grid, and no
         other step may scale their inputs through the Linear before them."""
-        if not self.online:
+        names = self._online_linears(plan.spec)
+        if not names:
             return
-        down = plan.spec.groups[3]
+        what = "incoherent" if self.incoherent else "online"
         for full, la in plan.layers.items():
-            if la.local in down and la.step.kind != "rounder":
-                raise LowbitError(f"rotate: online: {full} must be rounded onto a weight grid, "
+            if la.local in names and la.step.kind != "rounder":
+                raise LowbitError(f"rotate: {what}: {full} must be rounded onto a weight grid, "
                                   f"not replaced by {la.step.step}")
-        blocks = {la.block for la in plan.layers.values() if la.local in down}
-        missing = [b for b in range(len(get_blocks(model, plan.spec))) if b not in blocks]
-        if missing:
-            raise LowbitError(f"rotate: online: {down[0]} of block {missing[0]} is not "
-                              "quantized; its rotated weight is saved only as a grid weight")
+        have = {(la.block, la.local) for la in plan.layers.values()}
+        for b in range(len(get_blocks(model, plan.spec))):
+            for n in names:
+                if (b, n) not in have:
+                    raise LowbitError(f"rotate: {what}: {n} of block {b} is not quantized; its "
+                                      "rotated weight is saved only as a grid weight")
         scaling = [t.step for t in plan.transforms if t.step in ("awq", "smoothquant")]
         if scaling:
-            raise LowbitError(f"rotate: online: {scaling[0]} scales {down[0]}'s input through "
-                              "the Linear before it, which the online rotation between them "
-                              "breaks; use the fused rotations alone (no online)")
+            raise LowbitError(f"rotate: {what}: {scaling[0]} scales a Linear's input through "
+                              "the layer before it, which a rotation at run time between them "
+                              "breaks; use the fused rotations alone")
 
     def needs_data(self) -> bool:
         return False
@@ -238,13 +264,22 @@ class Rotate(Transform):
         if self.r2:
             r, row["r2"] = rotation(head_dim(text_config(model)), self.seed + 1)
             rotate_heads(model, spec, r)
-        if self.online:
+        if self.online and not self.incoherent:
             why = online_refusal(model, spec)
             if why:
                 raise LowbitError(f"rotate: {why}; online: false leaves it out")
-            for block in get_blocks(model, spec):
-                lin = block.get_submodule(spec.groups[3][0])
-                rot = FastRotation(lin.weight.shape[1], self.seed + 2)
-                rotate_input(lin, rot)
-            row["r4"] = rot.desc
+        if self.incoherent and (spec.conv1d or spec.moe is not None):
+            raise LowbitError(f"rotate: incoherent: {spec.family}'s "
+                              f"{'Conv1D projections' if spec.conv1d else 'experts'} are not "
+                              "rotated yet")
+        names = self._online_linears(spec)
+        for block in get_blocks(model, spec):
+            for name in names:
+                lin = block.get_submodule(name)
+                out, inp = lin.weight.shape
+                rotate_input(lin, rot := FastRotation(inp, self.seed + 2))
+                if self.incoherent:
+                    rotate_output(lin, FastRotation(out, self.seed + 3))
+        if names:
+            row["incoherent" if self.incoherent else "r4"] = rot.desc
         return [row]

@@ -189,7 +189,7 @@ class RunCheckpoint:
                 if info.get("kind") is None:
                     module = QLinear.from_stored(grid_from_info(info), tuple(info["shape"]),
                                                  parts, bias)
-                    module.rotate_input(info.get("input_rotation"))
+                    module.set_rotations(info)
                 else:
                     module = build_module(info, parts, bias)
             except (LowbitError, KeyError, ValueError) as e:

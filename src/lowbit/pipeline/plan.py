@@ -304,6 +304,7 @@ class _Executor:
             bias = getattr(old, "bias", None)
             q = QLinear(gw, None if bias is None else bias.data)
             q.in_rotation = getattr(old, "in_rotation", None)  # rotated online (methods.rotate)
+            q.out_rotation = getattr(old, "out_rotation", None)
             setattr(parent, child, q)
             self.res.weights[full] = q
             done.append(old.weight.data)

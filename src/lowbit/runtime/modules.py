@@ -18,10 +18,10 @@ def build_module(info: dict, parts: dict[str, torch.Tensor], bias: torch.Tensor 
     if kind is None:
         gw = GridWeight.from_tensors(grid_from_info(info), tuple(info["shape"]), parts)
         q = QLinear(gw, bias, cache=cache)
-        q.rotate_input(info.get("input_rotation"))
+        q.set_rotations(info)
         return q
-    if "input_rotation" in info:
-        raise LowbitError(f"a {kind} layer with an input rotation: only grid weights take one")
+    if "input_rotation" in info or "output_rotation" in info:
+        raise LowbitError(f"a {kind} layer with a rotation: only grid weights take one")
     k = kernel or info.get("kernel", "auto")
     try:
         if kind == "w8a8":

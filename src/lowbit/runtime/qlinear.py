@@ -31,6 +31,7 @@ class QuantModule(nn.Module):
     out_features: int
     in_features: int
     in_rotation: FastRotation | None = None  # QLinear: its input rotated first (R4)
+    out_rotation: FastRotation | None = None  # and its output after (incoherence processing)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -93,17 +94,18 @@ class QLinear(QuantModule):
         self._kernel_always = False
         self._siblings: Siblings | None = None  # fuse_siblings: one product with its siblings
         self._sibling_index = 0
-        self.in_rotation = None
+        self.in_rotation = self.out_rotation = None
 
-    def rotate_input(self, info: dict | None) -> None:
-        """Multiply the input by the rotation ``info`` records (``layer_info``'s
-        ``input_rotation``: its weight was rotated to match; None: no rotation)."""
-        if info is None:
-            self.in_rotation = None
-            return
-        if info.get("kind") != "hadamard" or info.get("size") != self.in_features:
-            raise LowbitError(f"input rotation {info} does not fit {self.in_features} columns")
-        self.in_rotation = FastRotation(int(info["size"]), int(info["seed"]))
+    def set_rotations(self, info: dict) -> None:
+        """Rotate the input and the output as a layer record says (``layer_info``'s
+        ``input_rotation`` and ``output_rotation``; the stored weight was rotated to match)."""
+        for key, size, attr in (("input_rotation", self.in_features, "in_rotation"),
+                                ("output_rotation", self.out_features, "out_rotation")):
+            r = info.get(key)
+            if r is not None and (r.get("kind") != "hadamard" or r.get("size") != size):
+                raise LowbitError(f"{key} {r} does not fit the layer's {size} features")
+            setattr(self, attr, None if r is None else FastRotation(int(r["size"]),
+                                                                    int(r["seed"])))
 
     def grid_weight(self) -> GridWeight:
         return GridWeight.from_tensors(self.grid, self.shape, self.to_tensors())
@@ -161,9 +163,11 @@ class QLinear(QuantModule):
             sib = self._siblings
             y = (self.built_kernel()(x) if sib is None else sib.take(self._sibling_index, x))
             y = y.to(x.dtype)
-            return y if self.bias is None else y + self.bias.to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+            y = y if self.bias is None else y + self.bias.to(x.dtype)
+        else:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        return y if self.out_rotation is None else self.out_rotation(y)
 
     def bits_per_weight(self) -> float:
         """As ``GridWeight.bits_per_weight``, without decoding: the grid's accounting, plus
@@ -185,11 +189,13 @@ class QLinear(QuantModule):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def layer_info(self) -> dict:
-        rot = {} if self.in_rotation is None else {"input_rotation": self.in_rotation.info()}
+        rot = {k: r.info() for k, r in (("input_rotation", self.in_rotation),
+                                         ("output_rotation", self.out_rotation)) if r is not None}
         return {"shape": list(self.shape)} | grid_info(self.grid) | rot
 
     def extra_repr(self) -> str:
         rot = "" if self.in_rotation is None else f", input rotated ({self.in_rotation.desc})"
+        rot += "" if self.out_rotation is None else ", output rotated"
         return (f"in={self.in_features}, out={self.out_features}, grid={self.grid.name}, "
                 f"kernel={self.kernel}{rot}")
 
@@ -237,8 +243,9 @@ def fuse_siblings(model: nn.Module) -> int:
             continue
         for group in groups:
             mods = [block.get_submodule(n) for n in group]
+            # rotated inputs are new tensors at each call: Siblings would compute every time
             if len(mods) < 2 or not all(isinstance(m, QLinear) and m.kernel in OWN_KERNELS
-                                        for m in mods):
+                                        and m.in_rotation is None for m in mods):
                 continue
             if mods[0]._siblings is not None and \
                     all(m._siblings is mods[0]._siblings for m in mods):
@@ -258,9 +265,12 @@ def fuse_siblings(model: nn.Module) -> int:
 
 
 def online_rotated(model: nn.Module) -> list[str]:
-    """The modules of ``model`` whose input is rotated at run time (``methods.rotate``'s R4):
-    formats without such a transform cannot hold them."""
-    return [n for n, m in model.named_modules() if getattr(m, "in_rotation", None) is not None]
+    """The modules of ``model`` whose input or output is rotated at run time
+    (``methods.rotate``'s R4 and incoherence): formats without such transforms cannot hold
+    them."""
+    return [n for n, m in model.named_modules()
+            if getattr(m, "in_rotation", None) is not None or
+            getattr(m, "out_rotation", None) is not None]
 
 
 def _available_bytes() -> float:

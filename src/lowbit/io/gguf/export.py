@@ -296,8 +296,8 @@ def export_gguf(
     t0 = time.perf_counter()
     rotated = online_rotated(model)
     if rotated:
-        raise LowbitError(f"GGUF: {rotated[0]} (and {len(rotated) - 1} more) rotate their input "
-                          "at run time (--rotate-online), which llama.cpp's graphs do not; "
+        raise LowbitError(f"GGUF: {rotated[0]} (and {len(rotated) - 1} more) are rotated at run "
+                          "time (--rotate-online, --incoherence), which llama.cpp's graphs do not; "
                           "quantize with --rotate alone (fused rotations) to export GGUF")
     native = str(qtype).lower() == NATIVE
     preset = None if native else get_preset(qtype)

@@ -189,8 +189,8 @@ def write_checkpoint(
     rotated = online_rotated(model)
     if rotated:
         raise LowbitError(
-            f"{fmt}: {rotated[0]} (and {len(rotated) - 1} more) rotate their input at run time "
-            "(--rotate-online). transformers does not apply compressed-tensors' "
+            f"{fmt}: {rotated[0]} (and {len(rotated) - 1} more) are rotated at run time "
+            "(--rotate-online, --incoherence). transformers does not apply compressed-tensors' "
             "transform_config when it loads a checkpoint, so the file would not compute this "
             "model; save it natively, or quantize with --rotate alone (fused rotations)")
     counts = Counter(scheme_name(scheme_of(w)) for w in weights.values())
