@@ -347,6 +347,44 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
     return res
 
 
+def kv_eval_job(model_arg: str, data: str, windows: int, seq_len: int, specs: list[str],
+                prefill: int | None, progress: bool = True, dtype: str = "auto") -> list[dict]:
+    """``lowbit eval --kv``: one row per KV-cache format (``lowbit.eval.kv``); float8 scales
+    come from 4 self-generated windows of 256 tokens (the model's own text, never the evaluated
+    one)."""
+    from lowbit.calib import calib_windows, check_disjoint
+    from lowbit.eval.kv import kv_evaluate
+    from lowbit.formats.kv import parse_kv
+    from lowbit.io.native import read_description
+    from lowbit.models import check_seq_len, is_lowbit_dir, load_model, resolve
+    from lowbit.runtime.kvcache import calibrate_kv
+
+    parsed = [parse_kv(s) for s in specs]  # every name checked before any work
+    if windows < 1 or seq_len < 4:
+        raise LowbitError(f"--windows must be at least 1 and --seq-len at least 4, not "
+                          f"{windows} and {seq_len}")
+    check_seq_len(model_arg, seq_len)
+    path = resolve(model_arg)
+    desc = read_description(path) if is_lowbit_dir(path) else {}
+    check_disjoint(desc.get("calibration"), data, windows, seq_len)
+    model, tok = load_model(model_arg, dtype, cache_weights=True)
+    ev, _ = _eval_windows_and_base(data, tok, windows, seq_len,
+                                   model.get_input_embeddings().num_embeddings, None, dtype,
+                                   False, lambda _m: None)
+    rows = []
+    for spec in parsed:
+        if not spec.quantized:
+            raise LowbitError("--kv lists quantized formats; each row is compared with the "
+                              "full-precision cache already")
+        scales = None
+        if spec.fp8 is not None:
+            calib, _ = calib_windows("builtin", model, tok, 4, 256, progress=progress)
+            scales = calibrate_kv(model, spec, calib)
+        rows.append({"model": str(model_arg), "data": data} |
+                    kv_evaluate(model, ev, spec, scales, prefill, progress))
+    return rows
+
+
 def verify_job(path: str | Path) -> dict:
     """The full check of a folder lowbit wrote: every file lowbit.json records has its size and
     sha256, every layer's stored tensors have the sizes its grid gives and the model's shapes,
@@ -621,11 +659,12 @@ def generate_job(model_arg: str, prompt: str, max_new_tokens: int = 64, *,
                  temperature: float = 0.0, seed: int = 0, kernel: str = "auto",
                  compile: bool = False, dtype: str = "auto", chat: bool = False,
                  threads: int | None = None,
-                 on_text: Callable[[str], None] | None = None) -> dict:
+                 on_text: Callable[[str], None] | None = None, kv: str | None = None) -> dict:
     """Continue ``prompt`` (through the tokenizer's chat template with ``chat``), streaming the
-    new text to ``on_text``; a GGUF file runs in llama.cpp (llama-cpp-python)."""
+    new text to ``on_text``; a GGUF file runs in llama.cpp (llama-cpp-python). ``kv``: a
+    quantized KV-cache format (``lowbit.formats.kv``)."""
     session = TextGenerator(model_arg, kernel=kernel, compile=compile, dtype=dtype,
-                            threads=threads)
+                            threads=threads, kv=kv)
     return session.run(prompt, max_new_tokens, temperature=temperature, seed=seed, chat=chat,
                        on_text=on_text)
 
@@ -634,13 +673,20 @@ class TextGenerator:
     """A model loaded once for generation (``lowbit chat`` runs many prompts through one)."""
 
     def __init__(self, model_arg: str, *, kernel: str = "auto", compile: bool = False,
-                 dtype: str = "auto", threads: int | None = None) -> None:
+                 dtype: str = "auto", threads: int | None = None, kv: str | None = None) -> None:
         import torch
 
+        from lowbit.formats.kv import parse_kv
         from lowbit.models import BUILTIN_MODELS, load_model, resolve
         from lowbit.runtime.kernels import check_kernel_name, prepare_kernels
 
         check_kernel_name(kernel)
+        self.kv = None if kv is None else parse_kv(kv)
+        if self.kv is not None and not self.kv.quantized:
+            self.kv = None  # fp16 / none: the ordinary cache
+        if self.kv is not None and compile:
+            raise LowbitError("--kv runs the model's own forward pass with lowbit's quantized "
+                              "cache; --compile compiles the static-cache step, not that")
         if threads is not None:
             if threads < 1:
                 raise LowbitError(f"--threads must be at least 1, not {threads}")
@@ -652,6 +698,9 @@ class TextGenerator:
         if self.gguf is not None:
             from lowbit.eval.llamacpp import load_llama
 
+            if self.kv is not None:
+                raise LowbitError("--kv quantizes lowbit's cache; for a GGUF file use "
+                                  "llama.cpp's --cache-type-k / --cache-type-v")
             self.llm = load_llama(self.gguf, n_ctx=2048, n_threads=threads)
             self.used = {"llama.cpp": 1}
             return
@@ -659,6 +708,13 @@ class TextGenerator:
         # the others drop it (QLinear.use_kernel)
         self.model, self.tok = load_model(model_arg, dtype, cache_weights=True)
         self.used = dict(prepare_kernels(self.model, kernel))
+        self.kv_scales = None
+        if self.kv is not None and self.kv.fp8 is not None:
+            from lowbit.calib import calib_windows
+            from lowbit.runtime.kvcache import calibrate_kv
+
+            calib, _ = calib_windows("builtin", self.model, self.tok, 4, 256, progress=False)
+            self.kv_scales = calibrate_kv(self.model, self.kv, calib)
         from lowbit.runtime.decode import generate
 
         # one token through the model: kernels built, weights decoded - part of loading, not of
@@ -685,8 +741,13 @@ class TextGenerator:
         stop = {t for t in [self.tok.eos_token_id, *_extra_stops(self.tok)] if t is not None}
         timing, new = Timing(), []
         text = Detokenizer(self.tok)
+        cache = None
+        if self.kv is not None:
+            from lowbit.runtime.kvcache import QuantKVCache
+
+            cache = QuantKVCache(self.model, self.kv, scales=self.kv_scales)
         for t in generate(self.model, ids, max_new_tokens, temperature=temperature, seed=seed,
-                          stop=stop, compile=self.compile, timing=timing):
+                          stop=stop, compile=self.compile, timing=timing, cache=cache):
             new.append(t)
             emit(text.add(t))
         emit(text.flush())
@@ -694,12 +755,15 @@ class TextGenerator:
         if history is not None:
             history += [{"role": "user", "content": prompt},
                         {"role": "assistant", "content": reply}]
-        return {"model": str(self.model_arg), "prompt_tokens": timing.prompt_tokens,
-                "new_tokens": len(new),
-                "text": reply,
-                "prefill_tokens_per_s": timing.prefill_tokens_per_s,
-                "decode_tokens_per_s": timing.decode_tokens_per_s,
-                "kernel": self.used, "threads": torch.get_num_threads()}
+        out = {"model": str(self.model_arg), "prompt_tokens": timing.prompt_tokens,
+               "new_tokens": len(new),
+               "text": reply,
+               "prefill_tokens_per_s": timing.prefill_tokens_per_s,
+               "decode_tokens_per_s": timing.decode_tokens_per_s,
+               "kernel": self.used, "threads": torch.get_num_threads()}
+        if cache is not None:
+            out |= {"kv": self.kv.name, "kv_bytes": cache.nbytes()}  # type: ignore[union-attr]
+        return out
 
     def _run_llamacpp(self, prompt, max_new_tokens, temperature, seed, chat, emit,
                       history) -> dict:

@@ -23,6 +23,10 @@ def _options(f):
         click.option("--threads", type=int, help="CPU threads (default: torch's, the cores)"),
         kernel_option(),
         compile_option(),
+        click.option("--kv", default=None,
+                     help="a quantized KV cache (int8, fp8, kivi-k4v4-r128, kivi-k2v2-r128, "
+                          "kvquant-k2v2-r128 ...; README): the model's own forward pass reads "
+                          "it, not the compiled static-cache step"),
         dtype_option(),
     ]):
         f = opt(f)
@@ -41,14 +45,14 @@ def _stream(piece: str) -> None:
 @click.option("--json", "json_path", type=click.Path(),
               help="write the text and the speed as JSON (- for standard output)")
 def command(model, prompt, chat, max_new_tokens, temperature, seed, threads, kernel, compile_,
-            dtype, json_path):
+            kv, dtype, json_path):
     """Continue --prompt with MODEL (a model, a quantized folder or a GGUF file), streaming."""
     from lowbit.jobs import generate_job
 
     check_outputs(json_path=json_path)
     res = generate_job(model, prompt, max_new_tokens, temperature=temperature, seed=seed,
                        kernel=kernel, compile=compile_, dtype=dtype, chat=chat,
-                       threads=threads, on_text=None if json_path == "-" else _stream)
+                       threads=threads, on_text=None if json_path == "-" else _stream, kv=kv)
     if json_path != "-":
         click.echo()
         if "decode_tokens_per_s" in res:
@@ -61,14 +65,15 @@ def command(model, prompt, chat, max_new_tokens, temperature, seed, threads, ker
 @click.command("chat")
 @click.argument("model", default="smollm2-135m")
 @_options
-def chat_command(model, max_new_tokens, temperature, seed, threads, kernel, compile_, dtype):
+def chat_command(model, max_new_tokens, temperature, seed, threads, kernel, compile_, kv,
+                 dtype):
     """Talk with MODEL: each line you type is one user turn (the tokenizer's chat template);
     an empty line or end of input ends the chat. The conversation so far is each turn's
     context."""
     from lowbit.jobs import TextGenerator
 
     session = TextGenerator(model, kernel=kernel, compile=compile_, dtype=dtype,
-                            threads=threads)
+                            threads=threads, kv=kv)
     history: list[dict] = []
     while True:
         try:

@@ -188,13 +188,19 @@ def pick(logits: Tensor, temperature: float, generator: torch.Generator | None) 
 def generate(model: nn.Module, ids: Tensor, max_new_tokens: int, *,
              temperature: float = 0.0, seed: int = 0, stop: set[int] | None = None,
              compile: bool = False, timing: Timing | None = None,
-             decoder: Decoder | None = None) -> Iterator[int]:
+             decoder: Decoder | None = None, cache=None) -> Iterator[int]:
     """Yield new token ids one at a time (stops after ``max_new_tokens`` or a ``stop`` id,
-    which is yielded too). ``timing`` is filled as tokens come."""
+    which is yielded too). ``timing`` is filled as tokens come. ``cache``: a transformers
+    ``Cache`` (a quantized KV cache, ``lowbit.runtime.kvcache``) that the model's own forward
+    pass reads and fills, instead of the compiled step's static cache."""
     if max_new_tokens < 1:
         raise LowbitError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     ids = ids.reshape(1, -1)
     n = ids.shape[1]
+    if cache is not None:
+        yield from _generate_with_cache(model, ids, max_new_tokens, temperature, seed, stop,
+                                        timing, cache)
+        return
     dec = decoder or Decoder(model, n + max_new_tokens, compile)
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     t0 = time.perf_counter()
@@ -207,6 +213,26 @@ def generate(model: nn.Module, ids: Tensor, max_new_tokens: int, *,
             return
         t0 = time.perf_counter()
         tok = pick(dec.step(tok, n + i - 1), temperature, gen)
+        if timing is not None:
+            timing.decode_s.append(time.perf_counter() - t0)
+        yield int(tok)
+
+
+@torch.no_grad()
+def _generate_with_cache(model, ids, max_new_tokens, temperature, seed, stop, timing, cache):
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    t0 = time.perf_counter()
+    tok = pick(model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1], temperature,
+               gen)
+    if timing is not None:
+        timing.prompt_tokens, timing.prefill_s = ids.shape[1], time.perf_counter() - t0
+    yield int(tok)
+    for _ in range(1, max_new_tokens):
+        if stop and int(tok) in stop:
+            return
+        t0 = time.perf_counter()
+        logits = model(input_ids=tok.reshape(1, 1), cache=cache, use_cache=True).logits
+        tok = pick(logits[:, -1], temperature, gen)
         if timing is not None:
             timing.decode_s.append(time.perf_counter() - t0)
         yield int(tok)

@@ -1,0 +1,182 @@
+"""KV-cache formats: how keys and values are rounded and stored, and their names.
+
+Keys and values are tensors ``(batch, kv_heads, tokens, head_dim)``. The reference documents'
+rule (KIVI, KVQuant): a key's outliers sit in fixed channels, so keys are quantized **per
+channel** (one scale and zero point per channel over a group of ``group`` tokens); a value's
+vary by token, so values are quantized **per token** (one scale and zero point per token and
+head). The most recent tokens stay in full precision (the residual window) and are flushed a
+group at a time. Integer codes are asymmetric (min-max, zero point), packed ``bits`` per code;
+scales and minimums are stored in fp16. FP8 stores each element as float8 with one scale per
+layer (``fp8``) or per layer and head (``fp8-head``), measured on calibration text.
+
+Names (``parse_kv``):
+
+- ``fp16`` / ``none``: no quantization (transformers' own cache);
+- ``int8``: keys and values per token, 8 bits, no residual window;
+- ``fp8``, ``fp8-e5m2``, ``fp8-head``, ``fp8-e5m2-head``: float8 E4M3 (or E5M2), static scales;
+- ``kivi-k<b>v<b>-r<R>[-g<G>]``: KIVI: keys per channel in groups of G tokens (32), values per
+  token, R recent tokens in full precision;
+- ``kvquant-k<b>v<b>-r<R>[-g<G>]``: the same with keys quantized before RoPE (KVQuant), RoPE
+  applied again after decoding;
+- ``pertoken-k<b>v<b>-r<R>``: keys per token as well (the ablation that shows why KIVI does
+  not).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+from lowbit.formats.pack import pack, packed_bytes, unpack
+
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+KV_EXAMPLES = ("int8", "fp8", "fp8-head", "kivi-k4v4-r128", "kivi-k2v2-r128",
+               "kvquant-k2v2-r128", "pertoken-k2v2-r128")
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    name: str
+    k_bits: int = 16
+    v_bits: int = 16
+    k_per_channel: bool = True  # else per token
+    residual: int = 0  # recent tokens kept in full precision
+    group: int = 32  # tokens per group of per-channel keys (flushed together)
+    pre_rope: bool = False
+    fp8: str | None = None  # e4m3 / e5m2
+    per_head: bool = False  # fp8: a scale per kv head, else per layer
+
+    @property
+    def quantized(self) -> bool:
+        return self.fp8 is not None or self.k_bits < 16
+
+    @property
+    def flush(self) -> int:
+        """Tokens quantized at once: a key group when keys are per channel, else one."""
+        return self.group if self.k_per_channel and self.fp8 is None else 1
+
+    def bytes_per_token(self, kv_heads: int, head_dim: int) -> float:
+        """Stored bytes per token and layer of a quantized token (codes and scales; the
+        residual window is extra and counted by the cache)."""
+        if not self.quantized:
+            return 2 * kv_heads * head_dim * 2.0
+        if self.fp8 is not None:
+            return 2.0 * kv_heads * head_dim
+        per_head = 0.0
+        for bits, chan in ((self.k_bits, self.k_per_channel), (self.v_bits, False)):
+            codes = packed_bytes(head_dim, bits)
+            scales = 2 * 2 * (head_dim / self.group if chan else 1)  # fp16 scale and minimum
+            per_head += codes + scales
+        return kv_heads * per_head
+
+
+_INT = re.compile(r"^(kivi|kvquant|pertoken)-k(\d)v(\d)-r(\d+)(?:-g(\d+))?$")
+
+
+def parse_kv(name: str) -> KVSpec:
+    """A ``KVSpec`` from its name (the module docstring lists them); one-line errors."""
+    n = str(name).strip().lower()
+    if n in ("fp16", "none", "bf16", "fp32"):
+        return KVSpec("none")
+    if n == "int8":
+        return KVSpec(n, 8, 8, k_per_channel=False)
+    m = re.fullmatch(r"fp8(-e4m3|-e5m2)?(-head)?", n)
+    if m:
+        return KVSpec(n, 8, 8, k_per_channel=False, fp8=(m.group(1) or "-e4m3")[1:],
+                      per_head=bool(m.group(2)))
+    m = _INT.match(n)
+    if m:
+        kind, kb, vb, r, g = m.groups()
+        kb, vb, r, g = int(kb), int(vb), int(r), int(g or 32)
+        if not (1 <= kb <= 8 and 1 <= vb <= 8):
+            raise LowbitError(f"KV cache {name!r}: bits per code are 1..8")
+        if g < 1 or (kind != "pertoken" and r % g):
+            raise LowbitError(f"KV cache {name!r}: the residual window ({r}) must be a multiple "
+                              f"of the key group ({g} tokens)")
+        return KVSpec(n, kb, vb, k_per_channel=kind != "pertoken", residual=r, group=g,
+                      pre_rope=kind == "kvquant")
+    raise LowbitError(f"unknown KV-cache format {name!r}; e.g. {', '.join(KV_EXAMPLES)}")
+
+
+# -- integer codes --------------------------------------------------------------------------
+
+
+@dataclass
+class IntBlock:
+    """Asymmetric integer codes of one stored piece: ``x = code * scale + minimum``. Codes are
+    packed along the last axis; ``scale``/``minimum`` (fp16) broadcast against the codes."""
+
+    codes: Tensor  # uint8, packed along the last axis
+    scale: Tensor
+    minimum: Tensor
+    bits: int
+    n: int  # length of the last axis before packing
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        q = unpack(self.codes, self.bits, self.n).to(torch.float32)
+        return (q * self.scale.float() + self.minimum.float()).to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
+
+
+def quantize_int(x: Tensor, bits: int, dim: int) -> IntBlock:
+    """Min-max asymmetric ``bits``-bit codes of x with one scale and minimum per slice along
+    ``dim`` (reduced over it): ``dim=-2`` is per channel (over tokens), ``dim=-1`` per token.
+    The stored fp16 scale and minimum are the ones the codes are computed with."""
+    xf = x.float()
+    lo = xf.amin(dim, keepdim=True).half().float()
+    hi = xf.amax(dim, keepdim=True)
+    qmax = (1 << bits) - 1
+    scale = ((hi - lo) / qmax).half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((xf - lo) / scale).clamp(0, qmax).to(torch.uint8)
+    return IntBlock(pack(q, bits), scale.half(), lo.half(), bits, x.shape[-1])
+
+
+# -- float8 ---------------------------------------------------------------------------------
+
+
+def fp8_scale(amax: Tensor, fmt: str) -> Tensor:
+    """The static scale that maps ``amax`` to the format's largest finite value."""
+    top = torch.finfo(FP8[fmt]).max
+    return torch.where(amax > 0, amax.float() / top, torch.ones_like(amax, dtype=torch.float32))
+
+
+def quantize_fp8(x: Tensor, scale: Tensor, fmt: str) -> Tensor:
+    """x / scale in float8 (values beyond the range saturate: calibration may miss a peak)."""
+    top = torch.finfo(FP8[fmt]).max
+    return (x.float() / scale).clamp(-top, top).to(FP8[fmt])
+
+
+def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return (q.float() * scale).to(dtype)
+
+
+# -- RoPE, for keys quantized before it -----------------------------------------------------
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """transformers' rotary embedding (``x cos + rotate_half(x) sin``), cos/sin (B, L, d);
+    computed in fp32 at least."""
+    f = torch.promote_types(x.dtype, torch.float32)
+    cos, sin, xf = cos.unsqueeze(1).to(f), sin.unsqueeze(1).to(f), x.to(f)
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def undo_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The key before ``apply_rope``: per pair of channels RoPE multiplies by a rotation times
+    ``a = sqrt(cos^2 + sin^2)`` (models with attention scaling fold ``a`` into cos and sin), so
+    its inverse is ``(x cos - rotate_half(x) sin) / a^2``."""
+    f = torch.promote_types(x.dtype, torch.float32)
+    cos, sin, xf = cos.unsqueeze(1).to(f), sin.unsqueeze(1).to(f), x.to(f)
+    return ((xf * cos - rotate_half(xf) * sin) / (cos * cos + sin * sin)).to(x.dtype)
