@@ -348,7 +348,8 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
 
 
 def kv_eval_job(model_arg: str, data: str, windows: int, seq_len: int, specs: list[str],
-                prefill: int | None, progress: bool = True, dtype: str = "auto") -> list[dict]:
+                prefill: int | None, progress: bool = True, dtype: str = "auto",
+                batch: int = 1) -> list[dict]:
     """``lowbit eval --kv``: one row per KV-cache format (``lowbit.eval.kv``); float8 scales
     come from 4 self-generated windows of 256 tokens (the model's own text, never the evaluated
     one)."""
@@ -381,7 +382,7 @@ def kv_eval_job(model_arg: str, data: str, windows: int, seq_len: int, specs: li
             calib, _ = calib_windows("builtin", model, tok, 4, 256, progress=progress)
             scales = calibrate_kv(model, spec, calib)
         rows.append({"model": str(model_arg), "data": data} |
-                    kv_evaluate(model, ev, spec, scales, prefill, progress))
+                    kv_evaluate(model, ev, spec, scales, prefill, progress, batch))
     return rows
 
 

@@ -106,7 +106,7 @@ def test_names():
     assert not parse_kv("pertoken-k2v2-r128").k_per_channel
     assert parse_kv("fp8").fp8 == "e4m3" and not parse_kv("fp8").per_head
     assert parse_kv("fp8-e5m2-head").fp8 == "e5m2" and parse_kv("fp8-e5m2-head").per_head
-    assert parse_kv("fp16") == KVSpec("none") and not parse_kv("none").quantized
+    assert parse_kv("fp16") == KVSpec("fp16") and not parse_kv("none").quantized
     for bad, msg in (("kivi-k2v2-r100", "multiple"), ("kivi-k9v2-r128", "1..8"),
                      ("int3", "unknown KV-cache format")):
         with pytest.raises(LowbitError, match=msg):

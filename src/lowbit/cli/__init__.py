@@ -33,6 +33,7 @@ def cli(debug: bool) -> None:
 def _register() -> None:
     from lowbit.cli import (
         analyze,
+        calc,
         compare,
         demo,
         eval,
@@ -44,7 +45,8 @@ def _register() -> None:
         quantize,
     )
 
-    for mod in (quantize, eval, info, demo, export, imatrix, inspect, analyze, compare, generate):
+    for mod in (quantize, eval, info, demo, export, imatrix, inspect, analyze, compare, generate,
+                calc):
         cli.add_command(mod.command)
     cli.add_command(generate.chat_command)
 

@@ -63,7 +63,7 @@ def command(models, data, windows, seq_len, batch, base_arg, base_cache, speed, 
     check_outputs(json_path=json_path)
     if kv_specs is not None or prefill is not None:
         return _kv(models, data, windows, seq_len, kv_specs, prefill, base_arg, speed, llamacpp,
-                   json_path, quiet, dtype)
+                   json_path, quiet, dtype, batch)
     results = []
     for model in models or ("smollm2-135m",):
         res = eval_job(model, data, windows, seq_len, base_arg, speed, progress=not quiet,
@@ -87,7 +87,7 @@ KV_COLS = [("model", "model", ""), ("kv", "KV cache", ""), ("ppl", "ppl", ".3f")
 
 
 def _kv(models, data, windows, seq_len, kv_specs, prefill, base_arg, speed, llamacpp,
-        json_path, quiet, dtype) -> None:
+        json_path, quiet, dtype, batch) -> None:
     from lowbit.errors import LowbitError
     from lowbit.jobs import kv_eval_job
 
@@ -99,7 +99,8 @@ def _kv(models, data, windows, seq_len, kv_specs, prefill, base_arg, speed, llam
     specs = [s for s in kv_specs.split(",") if s.strip()]
     rows = []
     for model in models or ("smollm2-135m",):
-        rows += kv_eval_job(model, data, windows, seq_len, specs, prefill, not quiet, dtype)
+        rows += kv_eval_job(model, data, windows, seq_len, specs, prefill, not quiet, dtype,
+                            batch)
     echo(format_table(rows, KV_COLS) + f"\n({windows} windows x {seq_len} tokens of {data}, "
          f"scored after a prefill of {rows[0]['prefill']})", json_path)
     dump_json(json_path, rows[0] if len(rows) == 1 else rows)

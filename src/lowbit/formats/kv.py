@@ -81,7 +81,7 @@ def parse_kv(name: str) -> KVSpec:
     """A ``KVSpec`` from its name (the module docstring lists them); one-line errors."""
     n = str(name).strip().lower()
     if n in ("fp16", "none", "bf16", "fp32"):
-        return KVSpec("none")
+        return KVSpec("fp16")
     if n == "int8":
         return KVSpec(n, 8, 8, k_per_channel=False)
     m = re.fullmatch(r"fp8(-e4m3|-e5m2)?(-head)?", n)
