@@ -51,7 +51,8 @@ def adapt(args: list[str], model: str, text: str) -> list[str]:
     args = [model if a == "smollm2-135m" else a for a in args]
     cmd = args[0]
     rerun = "--recipe" in args and args[args.index("--recipe") + 1].endswith(".json")
-    if cmd in (*CALIBRATED, "eval") and (len(args) == 1 or args[1].startswith("--")):
+    if cmd in (*CALIBRATED, "eval", "generate", "calc") and (len(args) == 1 or
+                                                            args[1].startswith("--")):
         if not rerun:  # MODEL left to its default: the built-in model, here the tiny one
             args.insert(1, model)
     if cmd in CALIBRATED and not rerun:
@@ -76,7 +77,7 @@ def adapt(args: list[str], model: str, text: str) -> list[str]:
 def test_readme_has_the_commands_it_documents():
     cmds = {c[0] for c in commands()}
     assert cmds == {"quantize", "info", "eval", "export", "imatrix", "inspect", "demo",
-                    "generate", "analyze", "compare"}
+                    "generate", "analyze", "compare", "calc"}
     assert len(commands()) >= 20
 
 
@@ -113,6 +114,10 @@ def test_every_readme_command_runs(tiny_ckpt, tmp_path, monkeypatch):
     assert budget["format"] == "compressed-tensors"  # one config group per scheme
     rotated = json.loads((tmp_path / "out/rotated/lowbit.json").read_text())
     assert rotated["recipe"]["steps"][0]["step"] == "rotate"
+    online = json.loads((tmp_path / "out/w4a4/lowbit.json").read_text())["layers"]
+    assert "input_rotation" in online["model.layers.0.mlp.down_proj"]
+    incoherent = json.loads((tmp_path / "out/incoherent/lowbit.json").read_text())["layers"]
+    assert "output_rotation" in incoherent["model.layers.0.self_attn.q_proj"]
     assert (tmp_path / "out/mixed.gguf").stat().st_size > 0
     assert len((tmp_path / "out/mixed.tensor-types.txt").read_text().splitlines()) == 14
     groups = json.loads((tmp_path / "out/mixed-3.5/config.json").read_text())[
