@@ -113,3 +113,22 @@ def test_eval_and_generate_from_the_command_line(tiny_ckpt, tmp_path):
                        "--compile"),
                       (["eval", ckpt, "--kv", "fp16"], "quantized formats")):
         one_line_error(lowbit_cli(*args, ok=False), msg)
+
+
+def test_windows_decoded_together_score_as_one_at_a_time(model):
+    """Every scale is per window, so batching windows changes nothing but the speed; the
+    prefilled tokens are not scored."""
+    from lowbit.eval.kv import kv_evaluate
+
+    windows = torch.cat([ids_for(model, 48, s) for s in range(3)])
+    spec = parse_kv("kivi-k2v2-r8-g4")
+    one = kv_evaluate(model, windows, spec, progress=False)
+    together = kv_evaluate(model, windows, spec, progress=False, batch=2)
+    assert one["tokens"] == together["tokens"] == 3 * 24
+    for k in ("ppl", "ppl_fp_cache", "same_top_p", "kv_bytes_per_token",
+              "kv_stored_bytes_per_token"):
+        assert together[k] == pytest.approx(one[k], rel=1e-5), k
+    # a batched product sums in another order: KL (small differences of log-probabilities)
+    # moves in its fourth digit
+    assert together["kld_mean"] == pytest.approx(one["kld_mean"], rel=1e-3)
+    assert one["ppl"] != one["ppl_fp_cache"]
