@@ -84,8 +84,10 @@ def calc(cfg, scheme: str | None, kv: str, context: int, batch: int = 1) -> dict
     # the residual window after ``context`` tokens: groups of ``flush`` leave it once it holds
     # ``residual + flush`` tokens, whatever the order the tokens came in
     r, g = spec_kv.residual, spec_kv.flush
-    window = 0 if not spec_kv.quantized else (context if context < r + g else
-                                               r + (context - r) % g)
+    sink = min(spec_kv.sink, context)
+    rest = context - sink
+    window = sink + (0 if not spec_kv.quantized else (rest if rest < r + g else
+                                                       r + (rest - r) % g))
     stored = context - window
     kv_per_seq = stored * per_token + window * layers * 2 * heads * head_dim * 2
     out = {

@@ -39,6 +39,14 @@ def reference_codes(x: np.ndarray, bits: int, axis: int) -> np.ndarray:
     return q * scale + lo
 
 
+def test_values_per_token_take_groups_of_channels():
+    x = kv(7, (1, 2, 5, 64))
+    block = quantize_int(x, 2, -1, 32)
+    assert block.scale.shape == (1, 2, 5, 2, 1) and block.decode().shape == x.shape
+    want = reference_codes(x.double().numpy().reshape(1, 2, 5, 2, 32), 2, -1).reshape(x.shape)
+    np.testing.assert_allclose(block.decode().double().numpy(), want, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis", [-2, -1])
 def test_integer_codes_equal_an_independent_min_max_rounding(bits, axis):
@@ -66,10 +74,12 @@ def test_keys_with_outlier_channels_round_better_per_channel():
 def test_stored_bytes_per_token_match_the_blocks():
     spec = parse_kv("kivi-k2v2-r128")
     k, v = kv(2, (1, 3, 32, 64)), kv(3, (1, 3, 32, 64))
-    stored = quantize_int(k, 2, -2).nbytes() + quantize_int(v, 2, -1).nbytes()
+    stored = quantize_int(k, 2, -2).nbytes() + quantize_int(v, 2, -1, 32).nbytes()
     assert stored == spec.bytes_per_token(3, 64) * 32
     assert spec.bytes_per_token(3, 64) / (2 * 3 * 64 * 2) < 0.2  # scales included
-    assert parse_kv("int8").bytes_per_token(3, 64) == 3 * 2 * (64 + 4)
+    # per token in two groups of 32 channels: a scale and a minimum (fp16) each
+    assert parse_kv("int8").bytes_per_token(3, 64) == 3 * 2 * (64 + 2 * 4)
+    assert parse_kv("int8").bytes_per_token(3, 80) == 3 * 2 * (80 + 4)  # 32 does not divide 80
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])

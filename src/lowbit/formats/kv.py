@@ -4,22 +4,25 @@ Keys and values are tensors ``(batch, kv_heads, tokens, head_dim)``. The referen
 rule (KIVI, KVQuant): a key's outliers sit in fixed channels, so keys are quantized **per
 channel** (one scale and zero point per channel over a group of ``group`` tokens); a value's
 vary by token, so values are quantized **per token** (one scale and zero point per token and
-head). The most recent tokens stay in full precision (the residual window) and are flushed a
-group at a time. Integer codes are asymmetric (min-max, zero point), packed ``bits`` per code;
+head, over groups of ``group`` channels when that divides the head, as KIVI groups both). The
+most recent tokens stay in full precision (the residual window) and are flushed a group at a
+time. Integer codes are asymmetric (min-max, zero point), packed ``bits`` per code;
 scales and minimums are stored in fp16. FP8 stores each element as float8 with one scale per
 layer (``fp8``) or per layer and head (``fp8-head``), measured on calibration text.
 
 Names (``parse_kv``):
 
 - ``fp16`` / ``none``: no quantization (transformers' own cache);
-- ``int8``: keys and values per token, 8 bits, no residual window;
+- ``int8``: keys and values per token (groups of 32 channels), 8 bits, no residual window;
 - ``fp8``, ``fp8-e5m2``, ``fp8-head``, ``fp8-e5m2-head``: float8 E4M3 (or E5M2), static scales;
 - ``kivi-k<b>v<b>-r<R>[-g<G>]``: KIVI: keys per channel in groups of G tokens (32), values per
-  token, R recent tokens in full precision;
+  token in groups of G channels, R recent tokens in full precision;
 - ``kvquant-k<b>v<b>-r<R>[-g<G>]``: the same with keys quantized before RoPE (KVQuant), RoPE
   applied again after decoding;
 - ``pertoken-k<b>v<b>-r<R>``: keys per token as well (the ablation that shows why KIVI does
-  not).
+  not);
+- ``-s<N>`` after any of these keeps the first N tokens in full precision (the attention sink,
+  as KVQuant keeps the first token).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class KVSpec:
     pre_rope: bool = False
     fp8: str | None = None  # e4m3 / e5m2
     per_head: bool = False  # fp8: a scale per kv head, else per layer
+    sink: int = 0  # first tokens kept in full precision (the attention sink)
 
     @property
     def quantized(self) -> bool:
@@ -68,13 +72,16 @@ class KVSpec:
             return 2.0 * kv_heads * head_dim
         per_head = 0.0
         for bits, chan in ((self.k_bits, self.k_per_channel), (self.v_bits, False)):
-            codes = packed_bytes(head_dim, bits)
-            scales = 2 * 2 * (head_dim / self.group if chan else 1)  # fp16 scale and minimum
+            groups = channel_groups(head_dim, self.group)
+            codes = packed_bytes(head_dim, bits) if chan else \
+                groups * packed_bytes(head_dim // groups, bits)
+            # fp16 scale and minimum: per channel over ``group`` tokens, or per token and group
+            scales = 2 * 2 * (head_dim / self.group if chan else groups)
             per_head += codes + scales
         return kv_heads * per_head
 
 
-_INT = re.compile(r"^(kivi|kvquant|pertoken)-k(\d)v(\d)-r(\d+)(?:-g(\d+))?$")
+_INT = re.compile(r"^(kivi|kvquant|pertoken)-k(\d)v(\d)-r(\d+)(?:-g(\d+))?(?:-s(\d+))?$")
 
 
 def parse_kv(name: str) -> KVSpec:
@@ -90,7 +97,7 @@ def parse_kv(name: str) -> KVSpec:
                       per_head=bool(m.group(2)))
     m = _INT.match(n)
     if m:
-        kind, kb, vb, r, g = m.groups()
+        kind, kb, vb, r, g, sink = m.groups()
         kb, vb, r, g = int(kb), int(vb), int(r), int(g or 32)
         if not (1 <= kb <= 8 and 1 <= vb <= 8):
             raise LowbitError(f"KV cache {name!r}: bits per code are 1..8")
@@ -98,7 +105,7 @@ def parse_kv(name: str) -> KVSpec:
             raise LowbitError(f"KV cache {name!r}: the residual window ({r}) must be a multiple "
                               f"of the key group ({g} tokens)")
         return KVSpec(n, kb, vb, k_per_channel=kind != "pertoken", residual=r, group=g,
-                      pre_rope=kind == "kvquant")
+                      pre_rope=kind == "kvquant", sink=int(sink or 0))
     raise LowbitError(f"unknown KV-cache format {name!r}; e.g. {', '.join(KV_EXAMPLES)}")
 
 
@@ -108,34 +115,47 @@ def parse_kv(name: str) -> KVSpec:
 @dataclass
 class IntBlock:
     """Asymmetric integer codes of one stored piece: ``x = code * scale + minimum``. Codes are
-    packed along the last axis; ``scale``/``minimum`` (fp16) broadcast against the codes."""
+    packed along the last axis; ``scale``/``minimum`` (fp16) broadcast against the codes. A
+    per-token piece in groups of channels holds its last axis as (groups, group)."""
 
     codes: Tensor  # uint8, packed along the last axis
     scale: Tensor
     minimum: Tensor
     bits: int
     n: int  # length of the last axis before packing
+    grouped: bool = False
 
     def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
         q = unpack(self.codes, self.bits, self.n).to(torch.float32)
-        return (q * self.scale.float() + self.minimum.float()).to(dtype)
+        x = q * self.scale.float() + self.minimum.float()
+        return (x.flatten(-2) if self.grouped else x).to(dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
 
 
-def quantize_int(x: Tensor, bits: int, dim: int) -> IntBlock:
+def channel_groups(head_dim: int, group: int) -> int:
+    """Groups of channels a per-token scale covers: ``group`` channels each when that divides
+    the head, else the whole head in one."""
+    return head_dim // group if 0 < group < head_dim and head_dim % group == 0 else 1
+
+
+def quantize_int(x: Tensor, bits: int, dim: int, group: int = 0) -> IntBlock:
     """Min-max asymmetric ``bits``-bit codes of x with one scale and minimum per slice along
-    ``dim`` (reduced over it): ``dim=-2`` is per channel (over tokens), ``dim=-1`` per token.
-    The stored fp16 scale and minimum are the ones the codes are computed with."""
+    ``dim`` (reduced over it): ``dim=-2`` is per channel (over tokens), ``dim=-1`` per token
+    (over each ``group`` channels: ``channel_groups``). The stored fp16 scale and minimum are
+    the ones the codes are computed with."""
     xf = x.float()
+    grouped = dim == -1 and channel_groups(x.shape[-1], group) > 1
+    if grouped:
+        xf = xf.unflatten(-1, (channel_groups(x.shape[-1], group), group))
     lo = xf.amin(dim, keepdim=True).half().float()
     hi = xf.amax(dim, keepdim=True)
     qmax = (1 << bits) - 1
     scale = ((hi - lo) / qmax).half().float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round((xf - lo) / scale).clamp(0, qmax).to(torch.uint8)
-    return IntBlock(pack(q, bits), scale.half(), lo.half(), bits, x.shape[-1])
+    return IntBlock(pack(q, bits), scale.half(), lo.half(), bits, xf.shape[-1], grouped)
 
 
 # -- float8 ---------------------------------------------------------------------------------

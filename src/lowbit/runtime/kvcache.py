@@ -2,7 +2,8 @@
 ``model.generate(..., past_key_values=cache)``): ``QuantKVCache`` holds one ``QuantKVLayer``
 per decoder layer, each storing its keys and values as ``lowbit.formats.kv`` describes.
 
-A layer keeps three parts: the stored groups (packed codes with fp16 scales, or float8), the
+A layer keeps three parts (four with a sink: the first tokens, kept as they came): the stored
+groups (packed codes with fp16 scales, or float8), the
 residual window (the most recent tokens in the model's dtype) and, with ``keep_decoded``, the
 decoded values of the stored groups, which are fixed once stored, so evaluation does not decode
 the whole cache at every token (the attention reads exactly the same numbers; ``nbytes``
@@ -66,6 +67,8 @@ class QuantKVLayer(DynamicLayer):
         self.spec, self.rope, self.keep_decoded = spec, rope, keep_decoded
         self.fp8_scales = scales  # (k, v): (kv_heads,) or () for fp8
         self.stored = 0  # tokens in the stored groups
+        self.sink_k: Tensor | None = None  # the first tokens, kept (spec.sink)
+        self.sink_v: Tensor | None = None
         self.k_blocks: list = []
         self.v_blocks: list = []
         self.dk: Tensor | None = None  # decoded stored keys (post-RoPE) when keep_decoded
@@ -90,8 +93,9 @@ class QuantKVLayer(DynamicLayer):
             if s.pre_rope:
                 cos, sin = self.rope.at(start, start + k.shape[-2], k)  # type: ignore[union-attr]
                 k = undo_rope(k, cos, sin)
-            self.k_blocks.append(quantize_int(k, s.k_bits, -2 if s.k_per_channel else -1))
-            self.v_blocks.append(quantize_int(v, s.v_bits, -1))
+            self.k_blocks.append(quantize_int(k, s.k_bits, -2 if s.k_per_channel else -1,
+                                              s.group))
+            self.v_blocks.append(quantize_int(v, s.v_bits, -1, s.group))
         if self.keep_decoded:
             dk, dv = self._decode_block(len(self.k_blocks) - 1, start, k.dtype)
             self.dk = dk if self.dk is None else torch.cat([self.dk, dk], -2)
@@ -110,7 +114,7 @@ class QuantKVLayer(DynamicLayer):
     def _decoded(self, dtype) -> tuple[Tensor | None, Tensor | None]:
         if self.keep_decoded or not self.k_blocks:
             return self.dk, self.dv
-        ks, vs, start = [], [], 0
+        ks, vs, start = [], [], self.sink_len
         for i in range(len(self.k_blocks)):
             k, v = self._decode_block(i, start, dtype)
             ks.append(k)
@@ -123,26 +127,39 @@ class QuantKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         dk, dv = self._decoded(key_states.dtype)
-        keys = torch.cat([t for t in (dk, self.keys, key_states) if t is not None], -2)
-        values = torch.cat([t for t in (dv, self.values, value_states) if t is not None], -2)
+        keys = torch.cat([t for t in (self.sink_k, dk, self.keys, key_states) if t is not None],
+                         -2)
+        values = torch.cat([t for t in (self.sink_v, dv, self.values, value_states)
+                            if t is not None], -2)
+        s = self.spec
+        take = min(s.sink - self.sink_len, key_states.shape[-2])
+        if take > 0:  # the first tokens stay as they are
+            sk, sv = key_states[..., :take, :], value_states[..., :take, :]
+            self.sink_k = sk if self.sink_k is None else torch.cat([self.sink_k, sk], -2)
+            self.sink_v = sv if self.sink_v is None else torch.cat([self.sink_v, sv], -2)
+            key_states, value_states = key_states[..., take:, :], value_states[..., take:, :]
         # the new tokens join the residual window; whole groups beyond it are stored
         self.keys = torch.cat([self.keys, key_states], -2)
         self.values = torch.cat([self.values, value_states], -2)
-        s = self.spec
         while self.keys.shape[-2] >= s.residual + s.flush:
             n = s.flush
             if s.flush == 1:  # per-token formats store everything beyond the window at once
                 n = self.keys.shape[-2] - s.residual
-            self._encode(self.keys[..., :n, :], self.values[..., :n, :], self.stored)
+            self._encode(self.keys[..., :n, :], self.values[..., :n, :],
+                         self.sink_len + self.stored)
             self.stored += n
             self.keys = self.keys[..., n:, :].clone()
             self.values = self.values[..., n:, :].clone()
         return keys, values
 
+    @property
+    def sink_len(self) -> int:
+        return 0 if self.sink_k is None else self.sink_k.shape[-2]
+
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.stored + self.keys.shape[-2]
+        return self.sink_len + self.stored + self.keys.shape[-2]
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held: ``stored`` (the format's codes and scales), ``residual`` (the window in
@@ -157,11 +174,14 @@ class QuantKVLayer(DynamicLayer):
         stored += sum(4 * s.numel() for s in (self.fp8_scales or ()))
         residual = 0 if not self.is_initialized else \
             self.keys.numel() * self.keys.element_size() * 2
+        if self.sink_k is not None:
+            residual += self.sink_k.numel() * self.sink_k.element_size() * 2
         return {"stored": stored, "residual": residual}
 
     def reset(self) -> None:
         super().reset()
         self.stored, self.k_blocks, self.v_blocks, self.dk, self.dv = 0, [], [], None, None
+        self.sink_k = self.sink_v = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise LowbitError("a quantized KV cache cannot be cropped")
