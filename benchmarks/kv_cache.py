@@ -20,10 +20,10 @@ from quality import WIKI
 from transformers import DynamicCache
 
 from lowbit import data
-from lowbit.calib import calib_windows
 from lowbit.cli.common import format_table
 from lowbit.eval.kv import kv_evaluate
 from lowbit.formats.kv import parse_kv
+from lowbit.jobs import kv_calibration
 from lowbit.models import load_model
 from lowbit.runtime.kvcache import calibrate_kv
 
@@ -62,7 +62,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     model, tok = load_model("smollm2-135m", "fp32")
     ids = data.tokenize(tok, data.read_text(WIKI))
-    calib, _ = calib_windows("builtin", model, tok, 4, 256, progress=False)
+    calib = kv_calibration(model, tok)
     rows = []
     for ctx in a.context:
         ev = data.windows(ids, a.windows, ctx)

@@ -170,6 +170,16 @@ def text_config(model: nn.Module):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+def head_dim(cfg) -> int:
+    """Channels per attention head of a (text) config."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def kv_heads(cfg) -> int:
+    """Key/value heads of a (text) config (as many as query heads without grouping)."""
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
 class TextModel(nn.Module):
     """A multimodal model's language model as a plain causal LM: ``model`` (embeddings, blocks,
     final norm) and ``lm_head`` are the multimodal model's own modules, ``config`` its text

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.arch import get_blocks, spec_for, text_config
+from lowbit.arch import get_blocks, head_dim, kv_heads, spec_for, text_config
 from lowbit.errors import LowbitError
 from lowbit.formats.grids import get_grid
 from lowbit.formats.kv import parse_kv
+from lowbit.runtime.kvcache import kv_bytes_formula
 
 
 def load_config(model_arg: str):
@@ -78,9 +79,9 @@ def calc(cfg, scheme: str | None, kv: str, context: int, batch: int = 1) -> dict
         other_bytes += 2.0 * p.numel()
     tc = text_config(model)
     layers = tc.num_hidden_layers
-    heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    per_token = layers * spec_kv.bytes_per_token(heads, head_dim)
+    heads, d = kv_heads(tc), head_dim(tc)
+    per_token = layers * spec_kv.bytes_per_token(heads, d)
+    fp16 = kv_bytes_formula(layers, heads, d, 2)
     # the residual window after ``context`` tokens: groups of ``flush`` leave it once it holds
     # ``residual + flush`` tokens, whatever the order the tokens came in
     r, g = spec_kv.residual, spec_kv.flush
@@ -89,15 +90,15 @@ def calc(cfg, scheme: str | None, kv: str, context: int, batch: int = 1) -> dict
     window = sink + (0 if not spec_kv.quantized else (rest if rest < r + g else
                                                        r + (rest - r) % g))
     stored = context - window
-    kv_per_seq = stored * per_token + window * layers * 2 * heads * head_dim * 2
+    kv_per_seq = stored * per_token + window * fp16
     out = {
         "model_type": tc.model_type, "scheme": scheme or "16-bit", "kv": spec_kv.name,
         "context": context, "batch": batch,
-        "layers": layers, "kv_heads": heads, "head_dim": head_dim,
+        "layers": layers, "kv_heads": heads, "head_dim": d,
         "linear_bytes": linear_bytes, "other_bytes": other_bytes,
         "weight_bytes": linear_bytes + other_bytes,
         "kv_bytes_per_token": per_token,
-        "kv_fp16_bytes_per_token": 2 * layers * heads * head_dim * 2,
+        "kv_fp16_bytes_per_token": fp16,
         "kv_bytes_per_sequence": kv_per_seq,
         "kv_bytes": kv_per_seq * batch,
     }

@@ -347,13 +347,20 @@ def eval_job(model_arg: str, data: str, windows: int, seq_len: int, base_arg: st
     return res
 
 
+def kv_calibration(model, tok, progress: bool = False):
+    """Windows float8 KV-cache scales are measured on: 4 self-generated windows of 256 tokens
+    (the model's own text, never an evaluated one)."""
+    from lowbit.calib import calib_windows
+
+    return calib_windows("builtin", model, tok, 4, 256, progress=progress)[0]
+
+
 def kv_eval_job(model_arg: str, data: str, windows: int, seq_len: int, specs: list[str],
                 prefill: int | None, progress: bool = True, dtype: str = "auto",
                 batch: int = 1) -> list[dict]:
     """``lowbit eval --kv``: one row per KV-cache format (``lowbit.eval.kv``); float8 scales
-    come from 4 self-generated windows of 256 tokens (the model's own text, never the evaluated
-    one)."""
-    from lowbit.calib import calib_windows, check_disjoint
+    come from ``kv_calibration``."""
+    from lowbit.calib import check_disjoint
     from lowbit.eval.kv import kv_evaluate
     from lowbit.formats.kv import parse_kv
     from lowbit.io.native import read_description
@@ -372,15 +379,13 @@ def kv_eval_job(model_arg: str, data: str, windows: int, seq_len: int, specs: li
     ev, _ = _eval_windows_and_base(data, tok, windows, seq_len,
                                    model.get_input_embeddings().num_embeddings, None, dtype,
                                    False, lambda _m: None)
+    if not all(spec.quantized for spec in parsed):
+        raise LowbitError("--kv lists quantized formats; each row is compared with the "
+                          "full-precision cache already")
+    calib = kv_calibration(model, tok, progress) if any(s.fp8 for s in parsed) else None
     rows = []
     for spec in parsed:
-        if not spec.quantized:
-            raise LowbitError("--kv lists quantized formats; each row is compared with the "
-                              "full-precision cache already")
-        scales = None
-        if spec.fp8 is not None:
-            calib, _ = calib_windows("builtin", model, tok, 4, 256, progress=progress)
-            scales = calibrate_kv(model, spec, calib)
+        scales = None if spec.fp8 is None else calibrate_kv(model, spec, calib)
         rows.append({"model": str(model_arg), "data": data} |
                     kv_evaluate(model, ev, spec, scales, prefill, progress, batch))
     return rows
@@ -711,11 +716,10 @@ class TextGenerator:
         self.used = dict(prepare_kernels(self.model, kernel))
         self.kv_scales = None
         if self.kv is not None and self.kv.fp8 is not None:
-            from lowbit.calib import calib_windows
             from lowbit.runtime.kvcache import calibrate_kv
 
-            calib, _ = calib_windows("builtin", self.model, self.tok, 4, 256, progress=False)
-            self.kv_scales = calibrate_kv(self.model, self.kv, calib)
+            self.kv_scales = calibrate_kv(self.model, self.kv,
+                                          kv_calibration(self.model, self.tok))
         from lowbit.runtime.decode import generate
 
         # one token through the model: kernels built, weights decoded - part of loading, not of

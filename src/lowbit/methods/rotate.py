@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lowbit.arch import ArchSpec, get_blocks, text_config
+from lowbit.arch import ArchSpec, get_blocks, head_dim, kv_heads, text_config
 from lowbit.errors import LowbitError
 from lowbit.formats.hadamard import FastRotation, rotation
 from lowbit.methods.base import Transform, register
@@ -130,13 +130,9 @@ def _value_rows(model: nn.Module, block: nn.Module) -> tuple[nn.Module, int] | N
         return attn.v_proj, 0
     if hasattr(attn, "qkv_proj"):  # phi3: [q | k | v] rows
         d = head_dim(cfg)
-        kv = cfg.num_key_value_heads or cfg.num_attention_heads
+        kv = kv_heads(cfg)
         return attn.qkv_proj, (cfg.num_attention_heads + kv) * d
     return None
-
-
-def head_dim(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 @torch.no_grad()
@@ -144,7 +140,7 @@ def rotate_heads(model: nn.Module, spec: ArchSpec, r: Tensor) -> None:
     """R2: each key/value head's value rows ``R^T W_v``, o_proj's columns per head ``W_o R``."""
     cfg = text_config(model)
     d, heads = r.shape[0], cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    kv = kv_heads(cfg)
     for block in get_blocks(model, spec):
         found = _value_rows(model, block)
         attn = block.self_attn
@@ -171,18 +167,20 @@ def r2_refusal(model: nn.Module, spec: ArchSpec) -> str | None:
     return None
 
 
-def rotate_input(lin: nn.Module, rot: FastRotation) -> None:
-    """R4 on one float Linear: ``W <- W R`` and its input ``x -> x R`` from now on (a pre-hook;
-    the quantized module that replaces it takes ``in_rotation`` over)."""
-    _cols(lin, rotation(rot.n, rot.seed)[0])
+def rotate_input(lin: nn.Module, rot: FastRotation, r: Tensor) -> None:
+    """R4 on one float Linear (``r``: ``rot``'s matrix): ``W <- W R`` and its input
+    ``x -> x R`` from now on (a pre-hook; the quantized module that replaces it takes
+    ``in_rotation`` over)."""
+    _cols(lin, r)
     lin.in_rotation = rot
     lin.register_forward_pre_hook(lambda m, args: (m.in_rotation(args[0]), *args[1:]))
 
 
-def rotate_output(lin: nn.Module, rot: FastRotation) -> None:
-    """Incoherence's output side on one float Linear: ``W <- R^T W``, ``b <- R^T b`` and its
-    output ``y -> y R`` from now on (a hook the quantized module takes over)."""
-    _rows(lin, rotation(rot.n, rot.seed)[0].T)
+def rotate_output(lin: nn.Module, rot: FastRotation, r: Tensor) -> None:
+    """Incoherence's output side on one float Linear (``r``: ``rot``'s matrix):
+    ``W <- R W``, ``b <- R b`` and its output ``y -> y R`` from now on (a hook the quantized
+    module takes over)."""
+    _rows(lin, r.T)
     lin.out_rotation = rot
     lin.register_forward_hook(lambda m, args, out: m.out_rotation(out))
 
@@ -273,13 +271,21 @@ class Rotate(Transform):
                               f"{'Conv1D projections' if spec.conv1d else 'experts'} are not "
                               "rotated yet")
         names = self._online_linears(spec)
+        made: dict[tuple[int, int], tuple[FastRotation, Tensor]] = {}  # one per width and seed
+
+        def rot_of(n: int, seed: int) -> tuple[FastRotation, Tensor]:
+            if (n, seed) not in made:
+                made[n, seed] = FastRotation(n, seed), rotation(n, seed)[0]
+            return made[n, seed]
+
         for block in get_blocks(model, spec):
             for name in names:
                 lin = block.get_submodule(name)
                 out, inp = lin.weight.shape
-                rotate_input(lin, rot := FastRotation(inp, self.seed + 2))
+                rot, r = rot_of(inp, self.seed + 2)
+                rotate_input(lin, rot, r)
                 if self.incoherent:
-                    rotate_output(lin, FastRotation(out, self.seed + 3))
+                    rotate_output(lin, *rot_of(out, self.seed + 3))
         if names:
             row["incoherent" if self.incoherent else "r4"] = rot.desc
         return [row]

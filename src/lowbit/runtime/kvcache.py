@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lowbit.arch import head_dim, kv_heads, text_config
 from lowbit.errors import LowbitError
 from lowbit.formats.kv import (
     IntBlock,
@@ -190,17 +191,14 @@ class QuantKVLayer(DynamicLayer):
         raise LowbitError("a quantized KV cache does not support beam search")
 
 
-def _model_parts(model: nn.Module):
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
-    n = cfg.num_hidden_layers
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+def _model_parts(model: nn.Module) -> tuple[int, int, int]:
+    """Layers, KV heads and head size of a model whose every layer is full attention."""
+    cfg = text_config(model)
     types = getattr(cfg, "layer_types", None) or []
     if any(t != "full_attention" for t in types):
         raise LowbitError(f"{cfg.model_type}: sliding-window or linear-attention layers are not "
                           "supported by lowbit's quantized KV cache yet")
-    return cfg, n, head_dim, kv
+    return cfg.num_hidden_layers, kv_heads(cfg), head_dim(cfg)
 
 
 def rotary_of(model: nn.Module) -> nn.Module:
@@ -220,11 +218,11 @@ class QuantKVCache(Cache):
         if not spec.quantized:
             raise LowbitError("QuantKVCache needs a quantized format; use transformers' "
                               "DynamicCache for a full-precision cache")
-        cfg, n, head_dim, kv = _model_parts(model)
-        rope = Rope(rotary_of(model), head_dim) if spec.pre_rope else None
+        n, kv, d = _model_parts(model)
+        rope = Rope(rotary_of(model), d) if spec.pre_rope else None
         if spec.fp8 is not None and scales is None:
             raise LowbitError(f"KV cache {spec.name}: float8 needs scales from calibration")
-        self.spec, self.kv_heads, self.head_dim = spec, kv, head_dim
+        self.spec, self.kv_heads, self.head_dim = spec, kv, d
         layers = [QuantKVLayer(spec, rope, keep_decoded, None if scales is None else scales[i])
                   for i in range(n)]
         super().__init__(layers=layers)
@@ -259,7 +257,7 @@ def calibrate_kv(model: nn.Module, spec: KVSpec, windows: Tensor) -> list[tuple[
     the largest |key| and |value| seen on ``windows`` (n, seq_len)."""
     if spec.fp8 is None:
         return []
-    _, n, _, _ = _model_parts(model)
+    n, _, _ = _model_parts(model)
     amax = [[None, None] for _ in range(n)]
     for w in windows:
         recs = [_Recorder() for _ in range(n)]

@@ -94,7 +94,6 @@ class QLinear(QuantModule):
         self._kernel_always = False
         self._siblings: Siblings | None = None  # fuse_siblings: one product with its siblings
         self._sibling_index = 0
-        self.in_rotation = self.out_rotation = None
 
     def set_rotations(self, info: dict) -> None:
         """Rotate the input and the output as a layer record says (``layer_info``'s
