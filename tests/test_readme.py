@@ -116,6 +116,8 @@ def test_every_readme_command_runs(tiny_ckpt, tmp_path, monkeypatch):
     assert rotated["recipe"]["steps"][0]["step"] == "rotate"
     online = json.loads((tmp_path / "out/w4a4/lowbit.json").read_text())["layers"]
     assert "input_rotation" in online["model.layers.0.mlp.down_proj"]
+    kv = json.loads((tmp_path / "out/w4-fp8kv/config.json").read_text())["quantization_config"]
+    assert kv["kv_cache_scheme"]["type"] == "float"
     incoherent = json.loads((tmp_path / "out/incoherent/lowbit.json").read_text())["layers"]
     assert "output_rotation" in incoherent["model.layers.0.self_attn.q_proj"]
     assert (tmp_path / "out/mixed.gguf").stat().st_size > 0

@@ -86,6 +86,7 @@ def describe(result: Result, recipe: Recipe, **meta: Any) -> dict:
         "recipe": recipe.to_dict(),
         "bits_per_weight": result.bits_per_weight(),
         "quantize_seconds": result.seconds,
+        **({"kv_cache": result.kv_cache} if result.kv_cache else {}),
         **meta,
     }
 

@@ -187,6 +187,11 @@ def quantize_job(
     model, tok = load_model(model_arg, dtype)
     p = plan(model, recipe)
     fmt = choose_format(model, p, fmt, tp, note)
+    if p.cache is not None and fmt != "native":
+        from lowbit.io.serving.ct_kv import kv_note
+
+        if (msg := kv_note(fmt, p.cache.format)) is not None:
+            note(msg)
     windows, record = None, None
     if p.needs_data:
         if rank:
@@ -355,6 +360,30 @@ def kv_calibration(model, tok, progress: bool = False):
     return calib_windows("builtin", model, tok, 4, 256, progress=progress)[0]
 
 
+def kv_setup(model, tok, name: str | None, progress: bool = False, calib=None):
+    """(KVSpec or None, float8 scales or None) of the KV cache a model runs with: ``name``
+    when given (``fp16``/``none``: the full-precision cache), else the format the model's folder
+    records (``kv_cache``, chosen when it was quantized). Float8 scales: the recorded ones for
+    the recorded format, else measured now on ``calib`` (default: ``kv_calibration``)."""
+    from lowbit.formats.kv import parse_kv
+    from lowbit.methods.kvcache import scales_from_data
+    from lowbit.runtime.kvcache import calibrate_kv
+
+    record = getattr(model, "kv_cache_record", None) or {}
+    if name is None:
+        name = record.get("format")
+    spec = None if name is None else parse_kv(name)
+    if spec is None or not spec.quantized:
+        return None, None
+    if spec.fp8 is None:
+        return spec, None
+    if record.get("format") == spec.name and record.get("scales"):
+        return spec, scales_from_data(record["scales"])
+    if calib is None:
+        calib = kv_calibration(model, tok, progress)
+    return spec, calibrate_kv(model, spec, calib)
+
+
 def kv_eval_job(model_arg: str, data: str, windows: int, seq_len: int, specs: list[str],
                 prefill: int | None, progress: bool = True, dtype: str = "auto",
                 batch: int = 1) -> list[dict]:
@@ -365,7 +394,6 @@ def kv_eval_job(model_arg: str, data: str, windows: int, seq_len: int, specs: li
     from lowbit.formats.kv import parse_kv
     from lowbit.io.native import read_description
     from lowbit.models import check_seq_len, is_lowbit_dir, load_model, resolve
-    from lowbit.runtime.kvcache import calibrate_kv
 
     parsed = [parse_kv(s) for s in specs]  # every name checked before any work
     if windows < 1 or seq_len < 4:
@@ -382,10 +410,12 @@ def kv_eval_job(model_arg: str, data: str, windows: int, seq_len: int, specs: li
     if not all(spec.quantized for spec in parsed):
         raise LowbitError("--kv lists quantized formats; each row is compared with the "
                           "full-precision cache already")
-    calib = kv_calibration(model, tok, progress) if any(s.fp8 for s in parsed) else None
+    recorded = (getattr(model, "kv_cache_record", None) or {}).get("format")
+    calib = kv_calibration(model, tok, progress) \
+        if any(s.fp8 and s.name != recorded for s in parsed) else None
     rows = []
     for spec in parsed:
-        scales = None if spec.fp8 is None else calibrate_kv(model, spec, calib)
+        _, scales = kv_setup(model, tok, spec.name, progress, calib)
         rows.append({"model": str(model_arg), "data": data} |
                     kv_evaluate(model, ev, spec, scales, prefill, progress, batch))
     return rows
@@ -496,6 +526,14 @@ def export_job(model_arg: str, out: str | Path, fmt: str = "gguf", qtype: str = 
              "from a separate mmproj file (llama.cpp's convert_hf_to_gguf.py --mmproj)")
     res = export_gguf(model, tok, out, qtype, imatrix=im, source_gguf=source, progress=progress,
                       type_overrides=types)
+    kv = getattr(model, "kv_cache_record", None)
+    if kv:  # a runtime setting in llama.cpp: say which
+        from lowbit.formats.kv import llamacpp_cache_flags
+
+        flags, differs = llamacpp_cache_flags(kv["format"])
+        res["llama_cpp_cache_flags"] = flags
+        note(f"{model_arg} was quantized for a {kv['format']} KV cache; llama.cpp's nearest: "
+             f"{flags}" + (f" ({differs})" if differs else ""))
     res |= {"model": str(model_arg), "imatrix_file": imatrix_path, "source_gguf": source}
     if types is not None:
         from collections import Counter
@@ -714,12 +752,11 @@ class TextGenerator:
         # the others drop it (QLinear.use_kernel)
         self.model, self.tok = load_model(model_arg, dtype, cache_weights=True)
         self.used = dict(prepare_kernels(self.model, kernel))
-        self.kv_scales = None
-        if self.kv is not None and self.kv.fp8 is not None:
-            from lowbit.runtime.kvcache import calibrate_kv
-
-            self.kv_scales = calibrate_kv(self.model, self.kv,
-                                          kv_calibration(self.model, self.tok))
+        self.kv, self.kv_scales = kv_setup(self.model, self.tok, kv)
+        if self.kv is not None and compile:
+            raise LowbitError(f"{model_arg} runs with a {self.kv.name} KV cache (recorded when "
+                              "it was quantized); --compile compiles the static-cache step: "
+                              "add --kv fp16 to compile with the full-precision cache")
         from lowbit.runtime.decode import generate
 
         # one token through the model: kernels built, weights decoded - part of loading, not of

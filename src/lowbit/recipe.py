@@ -34,7 +34,7 @@ CALIB_KEYS = {"source": str, "samples": int, "seq_len": int, "offset": int}
 # --method -> the steps it stands for (the scheme goes to the rounder, or W8A8): every step
 # that works alone under its own name, and the usual pairs
 METHODS: dict[str, tuple[str, ...]] = {
-    **{name: (name,) for name, cls in STEPS.items() if cls.kind != "transform"},
+    **{name: (name,) for name, cls in STEPS.items() if cls.kind in ("rounder", "replacer")},
     "awq": ("awq", "rtn"),
     "awq+gptq": ("awq", "gptq"),
     "smoothquant": ("smoothquant", "w8a8"),
@@ -189,6 +189,14 @@ def rotated(recipe: Recipe, seed: int = 0, online: bool = False, incoherent: boo
         raise LowbitError("the recipe rotates already; drop --rotate")
     step = STEPS["rotate"](r1=fused, r2=fused, online=online, incoherent=incoherent, seed=seed)
     return Recipe((step, *recipe.steps), recipe.calibration)
+
+
+def with_kv(recipe: Recipe, fmt: str) -> Recipe:
+    """``recipe`` with a ``kv`` step last: the model runs with a ``fmt`` KV cache
+    (``lowbit.methods.kvcache``)."""
+    if any(s.kind == "cache" for s in recipe.steps):
+        raise LowbitError("the recipe has a kv step already; drop --kv")
+    return Recipe((*recipe.steps, STEPS["kv"](format=fmt)), recipe.calibration)
 
 
 def step_fields(step: Step) -> dict:

@@ -16,23 +16,28 @@ STEP_FLAGS = {"act_order": "act_order", "static_groups": "static_groups", "damp"
 
 
 def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = None,
-                 online: bool = False, incoherent: bool = False, fused: bool = True):
+                 online: bool = False, incoherent: bool = False, fused: bool = True,
+                 kv: str | None = None):
     """The recipe of the command line: a file, or the shorthand with the flags given
     (``rotate``: the seed of a rotate step put first, None for none; ``fused``: R1 and R2 in
-    it, ``online``: R4, ``incoherent``: incoherence processing)."""
-    from lowbit.recipe import load_recipe, rotated, shorthand
+    it, ``online``: R4, ``incoherent``: incoherence processing; ``kv``: a KV-cache format, a
+    ``kv`` step last)."""
+    from lowbit.recipe import load_recipe, rotated, shorthand, with_kv
+
 
     given = {STEP_FLAGS[k]: v for k, v in flags.items() if v is not None}
     if recipe_path:
         extra = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
         extra += [o for o, v in (("--method", method), ("--scheme", scheme)) if v is not None]
         extra += ["--rotate/--incoherence"] if rotate is not None else []
+        extra += ["--kv"] if kv is not None else []
         if extra:
             raise LowbitError(f"--recipe gives the steps; drop {', '.join(extra)} (or edit the "
                               "recipe)")
         return load_recipe(recipe_path)
     recipe = shorthand(method, scheme, **given)
-    return recipe if rotate is None else rotated(recipe, rotate, online, incoherent, fused)
+    recipe = recipe if rotate is None else rotated(recipe, rotate, online, incoherent, fused)
+    return recipe if kv is None else with_kv(recipe, kv)
 
 
 @click.command("quantize")
@@ -74,6 +79,10 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
                    "only)")
 @click.option("--rotate-seed", type=int, default=0, show_default=True,
               help="seed of the rotations' random signs (recorded in lowbit.json)")
+@click.option("--kv", default=None,
+              help="the KV-cache format the model runs with, recorded in the output: fp8 "
+                   "(scales measured on the calibration windows; compressed-tensors writes "
+                   "kv_cache_scheme for vLLM), fp8-head, int8, kivi-k4v4-r128 ... (README)")
 @click.option("--target-bpw", type=float, default=None,
               help="mixed precision: a scheme per block Linear (from --candidates) with the "
                    "least measured KL whose stored bytes (scales included) average at most "
@@ -118,7 +127,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
             act_order, static_groups, damp, alpha, threshold, int8_kernel, rotate,
-            rotate_online, incoherence, rotate_seed, target_bpw,
+            rotate_online, incoherence, rotate_seed, kv, target_bpw,
             target_size, sensitivity_path, candidates, eval_windows,
             eval_data, chunk, out, fmt, tp, overwrite, resume, nproc, json_path, quiet, dtype):
     """Quantize MODEL (default: the built-in smollm2-135m, or the base model of a --recipe
@@ -138,7 +147,7 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
         raise LowbitError("--rotate-online adds to the fused rotations: give --rotate too")
     recipe = build_recipe(recipe_path, method, scheme, flags,
                           rotate_seed if rotate or incoherence else None, rotate_online,
-                          incoherence, rotate)
+                          incoherence, rotate, kv)
     base = _recorded_base(recipe_path)
     model = model or base or "smollm2-135m"
     calib_req = calibration(calib, calib_samples, calib_offset, seq_len, recipe.calibration)
@@ -180,6 +189,10 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
     if losses:
         echo(f"layer loss below RTN's in {summary['layers_below_rtn']}/{len(losses)} layers",
              json_path)
+    if "kv_cache" in meta:
+        kv = meta["kv_cache"]
+        echo(f"KV cache: {kv['format']}" + (f", float8 scales of {len(kv['scales'])} layers "
+             "measured on the quantized model" if "scales" in kv else ""), json_path)
     if "eval" in meta:
         e = meta["eval"]
         echo(f"eval on {e['windows']}x{e['seq_len']} tokens of {e['data']}: ppl {e['ppl']:.3f}, "

@@ -200,3 +200,33 @@ def undo_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     f = torch.promote_types(x.dtype, torch.float32)
     cos, sin, xf = cos.unsqueeze(1).to(f), sin.unsqueeze(1).to(f), x.to(f)
     return ((xf * cos - rotate_half(xf) * sin) / (cos * cos + sin * sin)).to(x.dtype)
+
+
+# -- what the serving stacks call the nearest cache ------------------------------------------
+
+LLAMACPP_TYPES = {4: "q4_1", 5: "q5_1", 8: "q8_0"}  # llama.cpp cache types by bits per code
+
+
+def llamacpp_cache_flags(name: str) -> tuple[str, str]:
+    """llama.cpp's ``--cache-type-k/-v`` nearest to a KV format, and what differs. llama.cpp
+    quantizes both keys and values per token in blocks of 32 channels (q4_1/q5_1: min and
+    scale, like these formats' values), with no full-precision window; a quantized V cache
+    needs flash attention (``-fa``)."""
+    spec = parse_kv(name)
+    if not spec.quantized:
+        return "--cache-type-k f16 --cache-type-v f16", ""
+    if spec.fp8 is not None:
+        return ("--cache-type-k q8_0 --cache-type-v q8_0 -fa",
+                "llama.cpp has no float8 cache; q8_0 is its 8-bit one (as many bytes)")
+    bits = {}
+    for part, b in (("k", spec.k_bits), ("v", spec.v_bits)):
+        bits[part] = next(t for n, t in sorted(LLAMACPP_TYPES.items()) if n >= b)
+    notes = []
+    if min(spec.k_bits, spec.v_bits) < 4:
+        notes.append("llama.cpp has no cache type under 4 bits")
+    if spec.k_per_channel:
+        notes.append("its keys are per token, not per channel")
+    if spec.residual or spec.sink:
+        notes.append("it keeps no full-precision window")
+    return (f"--cache-type-k {bits['k']} --cache-type-v {bits['v']} -fa",
+            "; ".join(notes))

@@ -275,8 +275,10 @@ def load_quantized(path: Path, cache_weights: bool = False) -> tuple[nn.Module, 
             raise LowbitError(f"{path}: {name}: {e}") from None
         setattr(parent, child, module)
         qbuf |= {f"{name}.{b}" for b, _ in module.named_buffers(recurse=False)}
-    return finish_load(model, path, tensors, qbuf | set(desc.get("tied", {})),
-                       bool(desc.get("tied")))
+    model, tok = finish_load(model, path, tensors, qbuf | set(desc.get("tied", {})),
+                             bool(desc.get("tied")))
+    model.kv_cache_record = desc.get("kv_cache")  # the KV-cache format the recipe chose
+    return model, tok
 
 
 def empty_model(config) -> nn.Module:

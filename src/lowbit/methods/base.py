@@ -4,7 +4,10 @@ Three kinds, run in this order inside every decoder block by ``lowbit.pipeline.p
 
 - transforms keep the function of the full-precision model (AWQ and SmoothQuant scales);
 - rounders put a layer's weight on a grid (RTN, GPTQ, HQQ): every layer has at most one;
-- replacers swap a Linear for a runtime module with its own arithmetic (W8A8, FP8, LLM.int8()).
+- replacers swap a Linear for a runtime module with its own arithmetic (W8A8, FP8, LLM.int8());
+
+and, once after the last block, a ``cache`` step (``kv``) picks the KV-cache format the model
+runs with (``lowbit.methods.kvcache``).
 
 Layers are named by their full module name (``model.layers.3.mlp.down_proj``, ``lm_head``).
 ``targets`` and ``ignore`` are patterns as llm-compressor and compressed-tensors write them:
@@ -27,7 +30,7 @@ from lowbit.formats.grid_base import WeightGrid
 from lowbit.formats.grids import get_grid
 
 STEPS: dict[str, type[Step]] = {}
-KINDS = ("transform", "rounder", "replacer")
+KINDS = ("transform", "rounder", "replacer", "cache")
 
 
 def register(cls: type[Step]) -> type[Step]:

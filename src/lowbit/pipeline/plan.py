@@ -37,7 +37,7 @@ from lowbit.runtime.experts import unfuse_experts
 from lowbit.runtime.qlinear import QLinear
 
 HEAD = "lm_head"
-ORDER = {"transform": 0, "rounder": 1, "replacer": 1}
+ORDER = {"transform": 0, "rounder": 1, "replacer": 1, "cache": 2}
 
 
 @dataclass
@@ -60,8 +60,15 @@ class Plan:
     def needs_data(self) -> bool:
         if any(t.needs_data() for t in self.transforms):
             return True
+        if self.cache is not None and self.cache.needs_data():
+            return True
         return any(self.wants(la) or (la.step.kind == "replacer" and la.step.needs_data())
                    for la in self.layers.values())
+
+    @property
+    def cache(self):
+        """The recipe's KV-cache step, if any (``lowbit.methods.kvcache``)."""
+        return next((s for s in self.steps if s.kind == "cache"), None)
 
     def wants(self, layer: Layer) -> frozenset[str]:
         if layer.step.kind == "rounder":
@@ -127,6 +134,7 @@ class Result:
     seconds: float = 0.0
     calibration_tokens: int = 0
     recipe: object = None  # the Recipe that ran (set by lowbit.api.quantize)
+    kv_cache: dict | None = None  # the KV-cache record (format, float8 scales) of a kv step
 
     def bits_per_weight(self) -> float:
         n = bits = 0.0
@@ -169,7 +177,10 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
         if ORDER[a.kind] > ORDER[b.kind]:
             raise LowbitError(f"recipe order: {b.step} ({b.kind}) must come before "
                               f"{a.step} ({a.kind}); transforms run first")
-    owners = [s for s in steps if s.kind != "transform"]
+    caches = [s for s in steps if s.kind == "cache"]
+    if len(caches) > 1:
+        raise LowbitError("a recipe has at most one kv step")
+    owners = [s for s in steps if s.kind in ("rounder", "replacer")]
     layers: dict[str, Layer] = {}
     for full, (bi, local, mod) in candidates(model, spec).items():
         mine = [s for s in owners if s.applies(full)]
@@ -415,6 +426,9 @@ def execute(
         bar.close()
     if HEAD in plan.layers:
         _head(model, plan, ex, last)
+    if plan.cache is not None:  # on the quantized model: the keys it will cache
+        res.kv_cache = plan.cache.record(model, calib)
+        ex.emit({"step": plan.cache.step, "layer": "kv_cache", "format": res.kv_cache["format"]})
     res.seconds = time.perf_counter() - t0
     return res
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.arch import checkpoint_name, get_blocks, has_module, spec_for_type
+from lowbit.arch import checkpoint_name, get_blocks, has_module, spec_for, spec_for_type
 from lowbit.errors import LowbitError
 from lowbit.formats.weight import GridWeight
 from lowbit.io.native import (
@@ -37,6 +37,7 @@ from lowbit.io.native import (
 )
 from lowbit.io.serving import awq, compressed_tensors, gptq
 from lowbit.io.serving.base import ServingFormat, scheme_name, scheme_of
+from lowbit.io.serving.ct_kv import kv_cache_scheme, kv_tensors, read_kv
 from lowbit.io.shards import ShardWriter
 from lowbit.runtime.experts import moe_spec, unfuse_experts
 from lowbit.runtime.qlinear import QLinear, online_rotated
@@ -78,7 +79,7 @@ def fused_mismatch(model: nn.Module, schemes: dict[str, str]) -> str | None:
     """The first set of Linears that read one input (q/k/v, gate/up) whose ``schemes`` (by full
     module name) differ, named; None when every set agrees. vLLM and SGLang fuse each such set
     into one matrix (``qkv_proj``, ``gate_up_proj``) of one scheme."""
-    from lowbit.arch import block_groups, spec_for
+    from lowbit.arch import block_groups
 
     try:
         spec = spec_for(model)
@@ -200,6 +201,9 @@ def write_checkpoint(
     disk = _on_disk(model)
     qcfg = f.quantization_config({disk(n): w for n, w in weights.items()},
                                  [disk(n) for n in _unquantized_linears(model, qnames)])
+    kv = kv_cache_scheme(meta.get("kv_cache")) if f.name == "compressed-tensors" else None
+    if kv is not None:
+        qcfg["kv_cache_scheme"] = kv
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qcfg
     cfg["torch_dtype"] = cfg["dtype"] = dtype
@@ -212,6 +216,9 @@ def write_checkpoint(
             for name, w in weights.items():
                 for k, v in f.layer_tensors(name, w).items():
                     shards.add(disk(k), v)
+            if kv is not None:
+                for k, v in kv_tensors(meta["kv_cache"], spec_for(model)).items():
+                    shards.add(k, v)
         files = shards.close()
         if fail_after_tensors:
             raise LowbitError("simulated failure after writing the tensors")
@@ -288,9 +295,13 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
     from transformers import AutoConfig
 
     path = Path(path)
+    desc = {}
     if (path / "lowbit.json").is_file():  # written by lowbit: the files it records are intact
-        check_files(path, read_description(path))
-    _, qweights, tensors = read_checkpoint(path)
+        desc = read_description(path)
+        check_files(path, desc)
+    cfg, qweights, tensors = read_checkpoint(path)
+    kv = read_kv(cfg["quantization_config"], tensors, spec_for_type(cfg.get("model_type")))
+    kv = desc.get("kv_cache") or kv  # lowbit's record names formats the checkpoint cannot hold
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -318,4 +329,6 @@ def load_checkpoint(path: Path, cache_weights: bool = False) -> tuple[nn.Module,
     qbuf = {f"{n}.{b}" for n, m in model.named_modules() if n in names
             for b in m.state_dict()}  # stored tensors and the bias given above
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    return finish_load(model, path, tensors, qbuf | tied, bool(tied))
+    model, tok = finish_load(model, path, tensors, qbuf | tied, bool(tied))
+    model.kv_cache_record = kv  # the KV cache the model was quantized for
+    return model, tok

@@ -81,6 +81,16 @@ def front_matter(fmt: str, meta: dict) -> list[str]:
     return lines
 
 
+def _kv_row(fmt: str, kv: dict, qcfg: dict) -> str:
+    if qcfg.get("kv_cache_scheme"):
+        return (f"{kv['format']}: float8 E4M3 with static scales per layer"
+                f"{' and KV head' if 'head' in kv['format'] else ''} in the checkpoint "
+                "(`kv_cache_scheme`, `self_attn.k_scale`/`v_scale`); vLLM: "
+                "`--kv-cache-dtype fp8`")
+    return (f"{kv['format']} (lowbit's cache, chosen at quantization; not carried by this "
+            "checkpoint)")
+
+
 def model_card(fmt: str, grid: WeightGrid | str, meta: dict, qcfg: dict,
                counts: dict[str, int] | None = None) -> str:
     """``grid``: the weights' grid (or W8A8 scheme name), the most frequent one when
@@ -119,6 +129,9 @@ def model_card(fmt: str, grid: WeightGrid | str, meta: dict, qcfg: dict,
         )
     else:
         lines.append("| calibration | none (round-to-nearest) |")
+    kv = meta.get("kv_cache")
+    if kv:
+        lines.append(f"| KV cache | {_kv_row(fmt, kv, qcfg)} |")
     if ev:  # only what was measured: no placeholder numbers
         lines += [f"| perplexity | {_num(ev.get('ppl'))} |"]
         if ev.get("kl_mean") is not None:
