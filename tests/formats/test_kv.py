@@ -15,6 +15,7 @@ from lowbit.formats.kv import (
     KVSpec,
     apply_rope,
     dequantize_fp8,
+    exact_entries,
     fp8_scale,
     parse_kv,
     quantize_fp8,
@@ -80,6 +81,55 @@ def test_stored_bytes_per_token_match_the_blocks():
     # per token in two groups of 32 channels: a scale and a minimum (fp16) each
     assert parse_kv("int8").bytes_per_token(3, 64) == 3 * 2 * (64 + 2 * 4)
     assert parse_kv("int8").bytes_per_token(3, 80) == 3 * 2 * (80 + 4)  # 32 does not divide 80
+
+
+def test_exact_entries_are_the_spikes_and_the_rest_rounds_on_its_own_range():
+    k = kv(6, (1, 2, 32, 16))
+    spikes = [(0, 0, 5, 3, 40.0), (0, 1, 17, 9, -35.0), (0, 0, 30, 12, 25.0)]
+    for b, h, t, c, v in spikes:
+        k[b, h, t, c] = v
+    frac = len(spikes) / k.numel()
+    pos = exact_entries(k, -2, frac)  # keys: slices are channels over the tokens
+    flat = {int(p) for p in pos}
+    want = {int(torch.tensor([b, h, t, c]) @ torch.tensor([2 * 32 * 16, 32 * 16, 16, 1]))
+            for b, h, t, c, _ in spikes}
+    assert flat == want
+    block = quantize_int(k, 2, -2, outliers=frac)
+    got = block.decode()
+    for b, h, t, c, v in spikes:
+        assert float(got[b, h, t, c]) == v  # kept exactly (fp16 holds these)
+    # every other entry is min-max rounded over its channel without the spike: the float64
+    # reference on the channel with the spike replaced by a value inside its range
+    rest = k.clone()
+    for b, h, t, c, _ in spikes:
+        rest[b, h, t, c] = rest[b, h, (t + 1) % 32, c]
+    ref = torch.from_numpy(reference_codes(rest.double().numpy(), 2, -2)).float()
+    mask = torch.ones_like(k, dtype=torch.bool)
+    for b, h, t, c, _ in spikes:
+        mask[b, h, t, c] = False
+    assert torch.allclose(got[mask], ref[mask], atol=1e-3)
+    plain = quantize_int(k, 2, -2).decode()
+    for b, h, _t, c, _ in spikes:  # the spike's channel rounds far better without it
+        m = mask[b, h, :, c]
+        err = (got[b, h, :, c] - k[b, h, :, c])[m].pow(2).mean()
+        assert err < (plain[b, h, :, c] - k[b, h, :, c])[m].pow(2).mean() / 5
+    # values: per token over groups of channels, the same rule along the channel axis
+    vblock = quantize_int(k, 2, -1, 8, outliers=frac)
+    assert {float(v) for v in vblock.exact_val} == {s[-1] for s in spikes}
+
+
+def test_exact_entries_are_counted_in_the_bytes():
+    spec = parse_kv("kivi-k2v2-r128-o1")
+    assert spec.outliers == 0.01 and parse_kv("kivi-k2v2-r128-s4-o0.5").outliers == 0.005
+    k, v = kv(2, (1, 4, 32, 64)), kv(3, (1, 4, 32, 64))
+    blocks = [quantize_int(k, 2, -2, 32, 0.01), quantize_int(v, 2, -1, 32, 0.01)]
+    n = round(0.01 * k.numel())
+    assert all(b.exact_pos.numel() == n and b.exact_pos.dtype == torch.int16 for b in blocks)
+    stored = sum(b.nbytes() for b in blocks)
+    assert stored == pytest.approx(spec.bytes_per_token(4, 64) * 32, rel=0.01)
+    for bad in ("kivi-k2v2-r128-o0", "kivi-k2v2-r128-o60"):
+        with pytest.raises(LowbitError, match="percent"):
+            parse_kv(bad)
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])

@@ -22,7 +22,10 @@ Names (``parse_kv``):
 - ``pertoken-k<b>v<b>-r<R>``: keys per token as well (the ablation that shows why KIVI does
   not);
 - ``-s<N>`` after any of these keeps the first N tokens in full precision (the attention sink,
-  as KVQuant keeps the first token).
+  as KVQuant keeps the first token);
+- ``-o<P>`` after any of these keeps P percent of each stored block's entries exactly (fp16
+  value and position: KVQuant's dense-and-sparse split), those that widen their slice's range
+  most, so the other entries of the slice round on a narrower grid (``quantize_int``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class KVSpec:
     fp8: str | None = None  # e4m3 / e5m2
     per_head: bool = False  # fp8: a scale per kv head, else per layer
     sink: int = 0  # first tokens kept in full precision (the attention sink)
+    outliers: float = 0.0  # fraction of each stored block's entries kept exactly
 
     @property
     def quantized(self) -> bool:
@@ -78,10 +82,13 @@ class KVSpec:
             # fp16 scale and minimum: per channel over ``group`` tokens, or per token and group
             scales = 2 * 2 * (head_dim / self.group if chan else groups)
             per_head += codes + scales
+        # an exact entry: its fp16 value and an int16 position (int32 in blocks of 32k+)
+        per_head += 2 * self.outliers * head_dim * (2 + 2)
         return kv_heads * per_head
 
 
-_INT = re.compile(r"^(kivi|kvquant|pertoken)-k(\d)v(\d)-r(\d+)(?:-g(\d+))?(?:-s(\d+))?$")
+_INT = re.compile(r"^(kivi|kvquant|pertoken)-k(\d)v(\d)-r(\d+)(?:-g(\d+))?(?:-s(\d+))?"
+                  r"(?:-o(\d+(?:\.\d+)?))?$")
 
 
 def parse_kv(name: str) -> KVSpec:
@@ -97,15 +104,19 @@ def parse_kv(name: str) -> KVSpec:
                       per_head=bool(m.group(2)))
     m = _INT.match(n)
     if m:
-        kind, kb, vb, r, g, sink = m.groups()
+        kind, kb, vb, r, g, sink, out = m.groups()
         kb, vb, r, g = int(kb), int(vb), int(r), int(g or 32)
         if not (1 <= kb <= 8 and 1 <= vb <= 8):
             raise LowbitError(f"KV cache {name!r}: bits per code are 1..8")
         if g < 1 or (kind != "pertoken" and r % g):
             raise LowbitError(f"KV cache {name!r}: the residual window ({r}) must be a multiple "
                               f"of the key group ({g} tokens)")
+        if out is not None and not 0 < float(out) < 50:
+            raise LowbitError(f"KV cache {name!r}: -o gives the percent of entries kept exactly, "
+                              "above 0 and below 50")
         return KVSpec(n, kb, vb, k_per_channel=kind != "pertoken", residual=r, group=g,
-                      pre_rope=kind == "kvquant", sink=int(sink or 0))
+                      pre_rope=kind == "kvquant", sink=int(sink or 0),
+                      outliers=float(out or 0) / 100)
     raise LowbitError(f"unknown KV-cache format {name!r}; e.g. {', '.join(KV_EXAMPLES)}")
 
 
@@ -124,14 +135,21 @@ class IntBlock:
     bits: int
     n: int  # length of the last axis before packing
     grouped: bool = False
+    exact_pos: Tensor | None = None  # flat positions of the entries kept exactly (int16/32)
+    exact_val: Tensor | None = None  # their values (fp16)
 
     def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
         q = unpack(self.codes, self.bits, self.n).to(torch.float32)
         x = q * self.scale.float() + self.minimum.float()
+        if self.exact_pos is not None:
+            x.view(-1)[self.exact_pos.long()] = self.exact_val.float()
         return (x.flatten(-2) if self.grouped else x).to(dtype)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
+        parts = [self.codes, self.scale, self.minimum]
+        if self.exact_pos is not None:
+            parts += [self.exact_pos, self.exact_val]
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 def channel_groups(head_dim: int, group: int) -> int:
@@ -140,22 +158,63 @@ def channel_groups(head_dim: int, group: int) -> int:
     return head_dim // group if 0 < group < head_dim and head_dim % group == 0 else 1
 
 
-def quantize_int(x: Tensor, bits: int, dim: int, group: int = 0) -> IntBlock:
+EXACT_DEPTH = 4  # entries per end of a slice that may be kept exactly
+
+
+def exact_entries(xf: Tensor, dim: int, fraction: float) -> Tensor:
+    """Flat positions of the ``fraction`` of entries of ``xf`` whose removal narrows their
+    slice's (along ``dim``) min-max range the most. The j-th largest entry of a slice scores
+    its height above the slice's (EXACT_DEPTH+1)-th largest (the j-th smallest, its depth below
+    the (EXACT_DEPTH+1)-th smallest): the score falls with j, so the entries chosen at each end
+    of a slice are always its most extreme ones, and each entry's score is what keeping it
+    and every entry beyond it exactly takes off the range."""
+    k = int(round(fraction * xf.numel()))
+    n = xf.shape[dim]
+    depth = min(EXACT_DEPTH, (n - 1) // 2)
+    if k == 0 or depth == 0:
+        return torch.empty(0, dtype=torch.long)
+    vals, order = xf.sort(dim=dim)
+    top = vals.narrow(dim, n - depth, depth) - vals.narrow(dim, n - depth - 1, 1)
+    bottom = vals.narrow(dim, depth, 1) - vals.narrow(dim, 0, depth)
+    score = torch.cat([top, bottom], dim)
+    where = torch.cat([order.narrow(dim, n - depth, depth), order.narrow(dim, 0, depth)], dim)
+    # the flat position in xf of every candidate
+    idx = torch.arange(xf.numel()).reshape(xf.shape)
+    pos = idx.gather(dim, where)
+    best = score.flatten().topk(min(k, score.numel())).indices
+    return pos.flatten()[best]
+
+
+def quantize_int(x: Tensor, bits: int, dim: int, group: int = 0,
+                 outliers: float = 0.0) -> IntBlock:
     """Min-max asymmetric ``bits``-bit codes of x with one scale and minimum per slice along
     ``dim`` (reduced over it): ``dim=-2`` is per channel (over tokens), ``dim=-1`` per token
     (over each ``group`` channels: ``channel_groups``). The stored fp16 scale and minimum are
-    the ones the codes are computed with."""
+    the ones the codes are computed with. ``outliers``: that fraction of the entries is kept
+    exactly (``exact_entries``), and the ranges are those of the others."""
     xf = x.float()
     grouped = dim == -1 and channel_groups(x.shape[-1], group) > 1
     if grouped:
         xf = xf.unflatten(-1, (channel_groups(x.shape[-1], group), group))
-    lo = xf.amin(dim, keepdim=True).half().float()
-    hi = xf.amax(dim, keepdim=True)
+    pos = val = None
+    rest = xf
+    if outliers > 0:
+        pos = exact_entries(xf, dim, outliers)
+        val = xf.reshape(-1)[pos].half()
+        keep = torch.ones(xf.numel(), dtype=torch.bool)
+        keep[pos] = False
+        keep = keep.reshape(xf.shape)
+        rest = xf.masked_fill(~keep, float("nan"))
+        pos = pos.to(torch.int16 if xf.numel() <= 32767 else torch.int32)
+    lo = (rest.nan_to_num(float("inf")).amin(dim, keepdim=True) if pos is not None
+          else xf.amin(dim, keepdim=True)).half().float()
+    hi = rest.nan_to_num(float("-inf")).amax(dim, keepdim=True) if pos is not None \
+        else xf.amax(dim, keepdim=True)
     qmax = (1 << bits) - 1
     scale = ((hi - lo) / qmax).half().float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round((xf - lo) / scale).clamp(0, qmax).to(torch.uint8)
-    return IntBlock(pack(q, bits), scale.half(), lo.half(), bits, xf.shape[-1], grouped)
+    return IntBlock(pack(q, bits), scale.half(), lo.half(), bits, xf.shape[-1], grouped, pos, val)
 
 
 # -- float8 ---------------------------------------------------------------------------------

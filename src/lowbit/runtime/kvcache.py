@@ -95,8 +95,8 @@ class QuantKVLayer(DynamicLayer):
                 cos, sin = self.rope.at(start, start + k.shape[-2], k)  # type: ignore[union-attr]
                 k = undo_rope(k, cos, sin)
             self.k_blocks.append(quantize_int(k, s.k_bits, -2 if s.k_per_channel else -1,
-                                              s.group))
-            self.v_blocks.append(quantize_int(v, s.v_bits, -1, s.group))
+                                              s.group, s.outliers))
+            self.v_blocks.append(quantize_int(v, s.v_bits, -1, s.group, s.outliers))
         if self.keep_decoded:
             dk, dv = self._decode_block(len(self.k_blocks) - 1, start, k.dtype)
             self.dk = dk if self.dk is None else torch.cat([self.dk, dk], -2)
