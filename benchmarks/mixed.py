@@ -4,7 +4,9 @@
 
 1. Sensitivity: ``lowbit.analyze.measure`` on SmolLM2 at the candidate schemes (default
    w2g64, w3g64, w4g64, w8), on 4 in-domain windows of 128 tokens (WikiText-2 test tokens from
-   51200: inside the protocol's calibration windows 100..227), timed.
+   51200: inside the protocol's calibration windows 100..227), timed. Each candidate is
+   rounded with ``--sensitivity-method`` (RTN by default; ``gptq`` rounds it as the rows will,
+   with Hessians from the rows' calibration windows).
 2. For each target: ``choose`` under the exact byte budget, the recipe written as overrides of
    ``--method`` (GPTQ: act-order, static groups), quantized with the protocol's 128 in-domain
    calibration windows and evaluated on WikiText-2 windows 0..63 against the base.
@@ -45,6 +47,9 @@ def main() -> None:
     ap.add_argument("--sensitivity", help="a measurement to reuse (lowbit analyze --json, or "
                     "--save-sensitivity of an earlier run) instead of measuring")
     ap.add_argument("--save-sensitivity", help="write the measurement here (JSON)")
+    ap.add_argument("--sensitivity-method", default="rtn",
+                    help="the rounder each candidate is measured with (rtn, gptq); other than "
+                    "rtn, its Hessians come from the calibration windows the rows use")
     a = ap.parse_args()
 
     base, tok = load_model("smollm2-135m")
@@ -56,10 +61,13 @@ def main() -> None:
     if a.sensitivity:
         sens = read_sensitivity(a.sensitivity)
     else:
-        sens = measure(base, data.windows(ids, 4, 128, start=400), a.schemes.split(","))
+        sens = measure(base, data.windows(ids, 4, 128, start=400), a.schemes.split(","),
+                       method=a.sensitivity_method,
+                       calib=None if a.sensitivity_method == "rtn" else cal)
     if a.save_sensitivity:
         Path(a.save_sensitivity).write_text(json.dumps(sens))
-    print(f"sensitivity: {len(sens['layers'])} layers x {len(sens['schemes'])} schemes on "
+    print(f"sensitivity ({sens.get('method', 'rtn')}): {len(sens['layers'])} layers x "
+          f"{len(sens['schemes'])} schemes on "
           f"{sens['tokens']} tokens in {time.perf_counter() - t0:.0f} s; Spearman of the Hessian "
           f"proxy with the KL: {json.dumps({k: round(v, 3) for k, v in sens['spearman'].items()})}",
           flush=True)

@@ -150,3 +150,44 @@ def test_the_budget_recipe_meets_the_budget(measured):
     assert all(step.scheme_for(n) == s for n, s in choice.items())
     with pytest.raises(LowbitError, match="one of --target-bpw and --target-size"):
         budget_bytes(sens)
+
+
+def test_measured_with_gptq_is_the_model_with_that_layers_gptq_weight(measured):
+    """``method="gptq"``: each candidate is GPTQ's rounding of the layer with the Hessian of
+    its float inputs on the ``calib`` windows (captured here by a hook, independently of the
+    driver), and the KL is still measured on ``windows``; GPTQ's proxy is below RTN's."""
+    from lowbit.methods.gptq import gptq_quantize, prepare_hessian
+
+    model, win, rtn_sens = measured
+    calib = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(5))
+    sens = measure(model, win, SCHEMES[:2], method="gptq", calib=calib, progress=False)
+    assert sens["method"] == "gptq" and sens["tokens"] == 2 * 23
+    with torch.no_grad():
+        base_lp = torch.log_softmax(model(input_ids=win).logits[:, :-1].float(), -1)
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+        mod = model.get_submodule(name)
+        seen: list[torch.Tensor] = []
+        hook = mod.register_forward_hook(
+            lambda m, a, o, seen=seen: seen.append(a[0].flatten(0, -2)))
+        with torch.no_grad():
+            model(input_ids=calib)
+        hook.remove()
+        x = torch.cat(seen).double()
+        h = (x.T @ x).float()
+        w0 = mod.weight.data.clone()
+        for s in SCHEMES[:2]:
+            gw = gptq_quantize(w0, prepare_hessian(h, True), get_grid(s), static_groups=True)
+            mod.weight.data = gw.dequantize()
+            want = kl_of(model, win, base_lp)
+            mod.weight.data = w0
+            assert sens["layers"][name]["schemes"][s]["kl"] == pytest.approx(want, rel=2e-3,
+                                                                              abs=1e-7)
+    assert kl_of(model, win, base_lp) == 0.0  # every weight restored
+    for s in SCHEMES[:2]:
+        ours = sum(r["schemes"][s]["proxy"] for r in sens["layers"].values())
+        theirs = sum(r["schemes"][s]["proxy"] for r in rtn_sens["layers"].values())
+        assert ours < theirs  # on different Hessians, but GPTQ's loss is far below RTN's
+    with pytest.raises(LowbitError, match="unknown rounding method 'awq'"):
+        measure(model, win, SCHEMES, method="awq", progress=False)
+    with pytest.raises(LowbitError, match="llama.cpp types are measured"):
+        measure(model, win, ["Q4_K"], method="gptq", progress=False)

@@ -74,6 +74,21 @@ def test_analyze_then_quantize_to_a_budget(tiny_ckpt, tmp_path):
     assert q2["storage_bytes"] <= 30000 and set(q2["schemes"]) <= {"w2g32", "w4g32"}
 
 
+def test_analyze_with_the_rounder_the_recipe_uses(tiny_ckpt):
+    """``--method gptq``: the candidates are rounded by GPTQ with input statistics from
+    ``--hessian-samples`` windows of 512 tokens, or of the model's context when it is shorter;
+    a rounder that does not exist is a one-line error."""
+    ckpt, text = tiny_ckpt
+    sens = json.loads(lowbit_cli("analyze", ckpt, "--schemes", "w2g32,w4g32", "--method", "gptq",
+                                 "--hessian-samples", "2", "--calib", text, "--calib-samples",
+                                 "2", "--seq-len", "32", "--json", "-", "--quiet").out)
+    positions = tf.AutoConfig.from_pretrained(ckpt).max_position_embeddings
+    n = sens["hessian_calibration"]["seq_len"]
+    assert sens["method"] == "gptq" and n == min(512, positions) and sens["calib_tokens"] == 2 * n
+    one_line_error(lowbit_cli("analyze", ckpt, "--method", "awq", "--calib", text, ok=False),
+                   "unknown rounding method 'awq'")
+
+
 def test_analyze_llamacpp_types_then_export_gguf_to_a_budget(tiny_ckpt, tmp_path):
     """Candidates named as llama.cpp types are measured in the type llama-quantize would store
     (Q4_K -> Q5_0 on 64-column rows); export --target-bpw writes each block Linear in its chosen

@@ -39,8 +39,10 @@ from lowbit.eval.metrics import kl_divergence
 from lowbit.formats import ggml
 from lowbit.formats.ggml import GGML_TYPES
 from lowbit.formats.grids import get_grid
+from lowbit.formats.weight import GridWeight
 from lowbit.io.gguf.presets import fallback
-from lowbit.methods.rtn import grid_loss, hessian_loss, rtn
+from lowbit.methods.base import STEPS, Rounder
+from lowbit.methods.rtn import grid_loss, hessian_loss
 from lowbit.pipeline.driver import BlockContext, block_output, run_sequential
 from lowbit.pipeline.stats import InputStats
 from lowbit.recipe import Recipe
@@ -67,45 +69,55 @@ def round_ggml(w: Tensor, ggml_type: str) -> tuple[Tensor, int, str] | None:
 
 
 class _Recorder:
-    """A driver visitor that changes nothing: it keeps each block's inputs and, per Linear and
-    scheme, the RTN result's stored bytes and Hessian proxy."""
+    """A driver visitor that changes nothing: it keeps each block's inputs (of the ``sample``
+    stream when there is one) and, per Linear and scheme, the rounded weight with its stored
+    bytes and Hessian proxy."""
 
-    def __init__(self, schemes: list[str]) -> None:
-        self.schemes = schemes
+    def __init__(self, schemes: list[str], rounder: Rounder, keep_sample: bool) -> None:
+        self.schemes, self.rounder, self.keep_sample = schemes, rounder, keep_sample
         self.inputs: list[tuple[list[Tensor], list[dict]]] = []
         self.layers: dict[str, dict] = {}
+        self.rounded: dict[tuple[str, str], GridWeight] = {}
 
     def transform(self, ctx: BlockContext) -> None:
-        self.inputs.append((ctx.main.hidden, ctx.main.kwargs))
+        stream = ctx.sample if self.keep_sample else ctx.main
+        self.inputs.append((stream.hidden, stream.kwargs))
 
     def wants(self, ctx: BlockContext, group) -> frozenset[str]:
         return frozenset({"hessian"})
 
     def round(self, ctx: BlockContext, group, stats: InputStats) -> None:
-        for name in group:
-            w = get_weight(ctx.linears[name], ctx.spec).float()
-            row = {"block": ctx.index, "kind": name, "shape": list(w.shape),
-                   "numel": w.numel(), "input": [ctx.full(n) for n in group], "schemes": {}}
-            for s in self.schemes:
-                if is_ggml(s):
+        weights = {n: get_weight(ctx.linears[n], ctx.spec).float() for n in group}
+        rows = {n: {"block": ctx.index, "kind": n, "shape": list(w.shape), "numel": w.numel(),
+                    "input": [ctx.full(m) for m in group], "schemes": {}}
+                for n, w in weights.items()}
+        for s in self.schemes:
+            if is_ggml(s):
+                for n, w in weights.items():
                     r = round_ggml(w, s)
-                    if r is None:
-                        continue
+                    if r is None or any(c.get("type") == r[2]
+                                        for c in rows[n]["schemes"].values()):
+                        continue  # no type fits, or another candidate's fallback is this type
                     wq, nbytes, t = r
-                    if any(c.get("type") == t for c in row["schemes"].values()):
-                        continue  # another candidate's fallback is already this type
-                    row["schemes"][s] = {"bytes": nbytes, "bpw": 8 * nbytes / w.numel(),
-                                         "proxy": hessian_loss(wq - w, stats.h), "type": t}
-                    continue
-                grid = get_grid(s)
+                    rows[n]["schemes"][s] = {"bytes": nbytes, "bpw": 8 * nbytes / w.numel(),
+                                             "proxy": hessian_loss(wq - w, stats.h), "type": t}
+                continue
+            grid = get_grid(s)
+            fits = {}
+            for n, w in weights.items():
                 try:
                     grid.check(*w.shape)
+                    fits[n] = w
                 except LowbitError:
-                    continue  # this scheme cannot hold this layer (its group size)
-                gw = rtn(w, grid)
-                row["schemes"][s] = {"bytes": gw.storage_bytes(), "bpw": gw.bits_per_weight(),
-                                     "proxy": grid_loss(gw, w, stats.h)}
-            self.layers[ctx.full(name)] = row
+                    pass  # this scheme cannot hold this layer (its group size)
+            done = self.rounder.round_layers(fits, dict.fromkeys(fits, grid), stats)
+            for n, (gw, _) in done.items():
+                rows[n]["schemes"][s] = {"bytes": gw.storage_bytes(),
+                                         "bpw": gw.bits_per_weight(),
+                                         "proxy": grid_loss(gw, weights[n], stats.h)}
+                self.rounded[ctx.full(n), s] = gw
+        for n, row in rows.items():
+            self.layers[ctx.full(n)] = row
 
     def replace(self, ctx: BlockContext) -> bool:
         return False
@@ -161,22 +173,34 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 @torch.no_grad()
 def measure(model: nn.Module, windows: Tensor, schemes: list[str], chunk: int = 8,
-            progress: bool = True) -> dict:
+            progress: bool = True, method: str = "rtn", calib: Tensor | None = None) -> dict:
     """Each block Linear's sensitivity at each scheme (see the module docstring): a dict that
-    ``choose`` and ``lowbit analyze --json`` use."""
+    ``choose`` and ``lowbit analyze --json`` use. ``method``: the rounder each candidate is
+    rounded with (``rtn``, ``gptq``, ``hqq``: the one the recipe will use, so the measured cost
+    is the one it pays); ``calib``: the windows whose Hessians the rounder and the proxy use
+    (default: ``windows``, on which the KL is measured)."""
     t0 = time.perf_counter()
     if not schemes:
         raise LowbitError("give at least one candidate scheme")
     for s in schemes:
         if not is_ggml(s):
             get_grid(s)  # unknown names fail before any work
+    rounder = STEPS.get(method)
+    if rounder is None or rounder.kind != "rounder":
+        rounders = sorted(n for n, c in STEPS.items() if c.kind == "rounder")
+        raise LowbitError(f"analyze: unknown rounding method {method!r}; one of "
+                          f"{', '.join(rounders)}")
+    if method != "rtn" and any(is_ggml(s) for s in schemes):
+        raise LowbitError("llama.cpp types are measured as llama-quantize rounds them; "
+                          f"--method {method} goes with lowbit schemes")
     spec = spec_for(model)
     if spec.moe:
         raise LowbitError("lowbit analyze does not handle mixture-of-experts blocks yet")
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise LowbitError("the model is already quantized: analyze its base model")
-    rec = _Recorder(schemes)
-    run_sequential(model, spec, windows, rec, chunk=chunk, progress=progress)
+    rec = _Recorder(schemes, rounder(), calib is not None)
+    run_sequential(model, spec, windows if calib is None else calib, rec, chunk=chunk,
+                   progress=progress, sample=None if calib is None else windows)
     tail = _Tail(model, spec, rec.inputs)
     base = [(lp, lp.exp()) for lp in tail.logprobs(0)]
     runs = sum(len(r["schemes"]) for r in rec.layers.values())
@@ -187,7 +211,7 @@ def measure(model: nn.Module, windows: Tensor, schemes: list[str], chunk: int = 
         try:
             for s, cell in row["schemes"].items():
                 wq = round_ggml(w0.float(), s)[0] if is_ggml(s) else \
-                    rtn(w0.float(), get_grid(s)).dequantize()
+                    rec.rounded.pop((name, s)).dequantize()
                 set_weight(mod, spec, wq)
                 cell["kl"] = _mean_kl(base, tail.logprobs(row["block"]))
                 bar.update(1)
@@ -199,8 +223,9 @@ def measure(model: nn.Module, windows: Tensor, schemes: list[str], chunk: int = 
     for s in schemes:
         sc = [r["schemes"][s] for r in rec.layers.values() if s in r["schemes"]]
         rho[s] = spearman([c["kl"] for c in sc], [c["proxy"] for c in sc])
-    return {"format": FORMAT, "version": 1, "schemes": list(schemes),
+    return {"format": FORMAT, "version": 1, "schemes": list(schemes), "method": method,
             "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+            "calib_tokens": int((windows if calib is None else calib).numel()),
             "layers": rec.layers, "spearman": rho, "seconds": time.perf_counter() - t0}
 
 

@@ -686,17 +686,25 @@ def _eval_llamacpp(model_arg, data, windows, seq_len, base_arg, progress, dtype,
 
 
 def analyze_job(model_arg: str, schemes: list[str], calibration: Calibration, chunk: int = 8,
-                progress: bool = True, dtype: str = "auto") -> dict:
+                progress: bool = True, dtype: str = "auto", method: str = "rtn",
+                hessian: Calibration | None = None) -> dict:
     """Each block Linear's measured sensitivity at each scheme (``lowbit.analyze.measure``),
-    with the model and calibration it was measured on."""
+    with the model and calibration it was measured on. ``method``: the rounder the candidates
+    are rounded with; ``hessian``: the windows whose input statistics it rounds with (default:
+    the calibration windows, on which the KL is measured)."""
     from lowbit.analyze import measure
     from lowbit.models import check_seq_len, load_model
 
     check_seq_len(model_arg, calibration.seq_len)
+    if hessian is not None:
+        check_seq_len(model_arg, hessian.seq_len)
     model, tok = load_model(model_arg, dtype)
     windows, record = calibration.windows(model, tok, progress)
-    sens = measure(model, windows, schemes, chunk=chunk, progress=progress)
-    return sens | {"base_model": str(model_arg), "dtype": dtype, "calibration": record}
+    calib, hrecord = (None, None) if hessian is None else hessian.windows(model, tok, progress)
+    sens = measure(model, windows, schemes, chunk=chunk, progress=progress, method=method,
+                   calib=calib)
+    return sens | {"base_model": str(model_arg), "dtype": dtype, "calibration": record} | (
+        {} if hrecord is None else {"hessian_calibration": hrecord})
 
 
 def generate_job(model_arg: str, prompt: str, max_new_tokens: int = 64, *,

@@ -27,6 +27,13 @@ DEFAULT_SCHEMES = "w2g64,w3g64,w4g64,w8"
                    "--target-bpw) or llama.cpp types such as Q4_K, Q6_K, Q8_0 (for export "
                    "--target-bpw)")
 @calibration_options(samples=4, seq_len=128)
+@click.option("--method", default="rtn", show_default=True,
+              help="the rounder each candidate is rounded with: rtn, or gptq / hqq as "
+                   "lowbit quantize --method rounds it (their input statistics from "
+                   "--hessian-samples windows of 512 tokens of the same text)")
+@click.option("--hessian-samples", type=int, default=128, show_default=True,
+              help="with --method gptq/hqq: windows of 512 tokens (or the model's context) for the "
+                   "rounder's input statistics")
 @click.option("--top", default=10, show_default=True,
               help="print the N most sensitive layers at the lowest scheme")
 @click.option("--plot", type=click.Path(),
@@ -36,12 +43,14 @@ DEFAULT_SCHEMES = "w2g64,w3g64,w4g64,w8"
                    "lowbit quantize --sensitivity reads it")
 @click.option("--quiet", is_flag=True)
 @dtype_option()
-def command(model, schemes, calib, calib_samples, calib_offset, seq_len, top, plot, json_path,
-            quiet, dtype):
+def command(model, schemes, calib, calib_samples, calib_offset, seq_len, method, hessian_samples,
+            top, plot, json_path, quiet, dtype):
     """Measure each block Linear of MODEL: the KL divergence of the model's next-token
-    distributions from the unquantized model's when only that Linear is rounded (RTN) to each
-    scheme, its stored bytes, and a Hessian proxy with its rank correlation to the KL."""
-    from lowbit.jobs import analyze_job
+    distributions from the unquantized model's when only that Linear is rounded (RTN, or
+    --method) to each scheme, its stored bytes, and a Hessian proxy with its rank correlation
+    to the KL."""
+    from lowbit.jobs import Calibration, analyze_job
+    from lowbit.models import max_positions
 
     check_outputs(json_path=json_path, plot=plot)
     names = [s.strip() for s in schemes.split(",") if s.strip()]
@@ -49,14 +58,21 @@ def command(model, schemes, calib, calib_samples, calib_offset, seq_len, top, pl
         raise LowbitError(f"--top must not be negative, not {top}")
     cal = calibration(calib, calib_samples, calib_offset, seq_len, default_samples=4,
                       default_seq_len=128)
-    sens = analyze_job(model, names, cal, progress=not quiet, dtype=dtype)
+    hes = None
+    if method != "rtn":  # windows of 512 tokens, or of the model's context when shorter
+        found = max_positions(model)
+        hes = Calibration(cal.source, hessian_samples, min(512, found[0] if found else 512),
+                          cal.offset)
+    sens = analyze_job(model, names, cal, progress=not quiet, dtype=dtype, method=method,
+                       hessian=hes)
     low = names[0]
     rows = sorted(({"layer": n, **{s: r["schemes"].get(s, {}).get("kl") for s in names}}
                    for n, r in sens["layers"].items()), key=lambda r: -(r[low] or 0))
     cols = [("layer", "layer", "")] + [(s, f"KL {s}", ".2e") for s in names]
     echo(format_table(rows[:top], cols), json_path)
     rho = ", ".join(f"{k} {v:.2f}" for k, v in sens["spearman"].items())
-    echo(f"{len(rows)} layers x {len(names)} schemes on {sens['tokens']} tokens in "
+    echo(f"{len(rows)} layers x {len(names)} schemes ({method}) on {sens['tokens']} tokens "
+         f"in "
          f"{sens['seconds']:.0f} s; Spearman rank correlation of the Hessian proxy with the KL: "
          f"{rho}", json_path)
     if plot:
