@@ -114,8 +114,9 @@ def test_every_readme_command_runs(tiny_ckpt, tmp_path, monkeypatch):
     assert budget["format"] == "compressed-tensors"  # one config group per scheme
     rotated = json.loads((tmp_path / "out/rotated/lowbit.json").read_text())
     assert rotated["recipe"]["steps"][0]["step"] == "rotate"
-    online = json.loads((tmp_path / "out/w4a4/lowbit.json").read_text())["layers"]
-    assert "input_rotation" in online["model.layers.0.mlp.down_proj"]
+    online = json.loads((tmp_path / "out/w4a4/lowbit.json").read_text())
+    assert "input_rotation" in online["layers"]["model.layers.0.mlp.down_proj"]
+    assert online["kv_cache"]["format"] == "pertoken-k4v4-r128-h"  # R3 with --rotate-online
     kv = json.loads((tmp_path / "out/w4-fp8kv/config.json").read_text())["quantization_config"]
     assert kv["kv_cache_scheme"]["type"] == "float"
     incoherent = json.loads((tmp_path / "out/incoherent/lowbit.json").read_text())["layers"]

@@ -167,6 +167,9 @@ def test_names():
     assert parse_kv("fp8").fp8 == "e4m3" and not parse_kv("fp8").per_head
     assert parse_kv("fp8-e5m2-head").fp8 == "e5m2" and parse_kv("fp8-e5m2-head").per_head
     assert parse_kv("fp16") == KVSpec("fp16") and not parse_kv("none").quantized
+    s = parse_kv("kvquant-k2v2-r128-s1-o0.5-h")
+    assert (s.sink, s.outliers, s.rotate, s.pre_rope) == (1, 0.005, True, True)
+    assert not parse_kv("kivi-k2v2-r128").rotate
     for bad, msg in (("kivi-k2v2-r100", "multiple"), ("kivi-k9v2-r128", "1..8"),
                      ("int3", "unknown KV-cache format")):
         with pytest.raises(LowbitError, match=msg):

@@ -152,6 +152,8 @@ def test_llamacpp_flags_name_real_cache_types():
                                                                 "--cache-type-v q4_1")
     assert "under 4 bits" in llamacpp_cache_flags("kivi-k2v2-r128")[1]
     assert llamacpp_cache_flags("int8")[0].startswith("--cache-type-k q8_0")
+    note = llamacpp_cache_flags("pertoken-k4v4-r0-o1-h")[1]
+    assert "exact outliers" in note and "rotate" in note and "window" not in note
 
 
 def test_model_card_names_the_cache(calib, tmp_path):

@@ -46,6 +46,8 @@ def test_a_residual_window_over_every_token_is_the_full_precision_cache(model):
 
 @pytest.mark.parametrize("name,tol", [("int8", 0.02), ("kivi-k8v8-r16-g8", 0.02),
                                       ("kvquant-k8v8-r16-g8", 0.02),
+                                      ("kvquant-k8v8-r16-g8-h", 0.02),
+                                      ("pertoken-k8v8-r16-o2-h", 0.02),
                                       ("kivi-k2v2-r16-g8", 1.0)])
 def test_quantized_caches_are_close_and_the_decoded_copy_changes_nothing(model, name, tol):
     ids = ids_for(model)
@@ -132,3 +134,28 @@ def test_windows_decoded_together_score_as_one_at_a_time(model):
     # moves in its fourth digit
     assert together["kld_mean"] == pytest.approx(one["kld_mean"], rel=1e-3)
     assert one["ppl"] != one["ppl_fp_cache"]
+
+
+def test_a_head_rotation_spreads_an_outlier_channel():
+    """``-h`` (QuaRot's R3): keys stored as ``k R`` and decoded as ``k_hat R^T`` with an
+    orthogonal R of the head size; with a few outlier channels (as real keys have), per-token
+    4-bit keys round about twice as well after the rotation, at the same stored bytes."""
+    from lowbit.formats.kv import head_rotation
+    from lowbit.runtime.kvcache import QuantKVLayer
+
+    r = head_rotation(64)
+    torch.testing.assert_close(r @ r.T, torch.eye(64), rtol=0, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 96, 64, generator=g)
+    k[..., [3, 40]] *= 30  # two outlier channels
+    v = torch.randn(1, 2, 96, 64, generator=g)
+    errs, sizes = {}, {}
+    for name in ("pertoken-k4v4-r0", "pertoken-k4v4-r0-h"):
+        layer = QuantKVLayer(parse_kv(name), keep_decoded=True)
+        layer.update(k, v)
+        assert layer.stored == 96
+        errs[name] = float((layer.dk - k).norm() / k.norm())
+        sizes[name] = sum(b.nbytes() for b in layer.k_blocks + layer.v_blocks)
+        assert float((layer.dv - v).norm() / v.norm()) < 0.12
+    assert errs["pertoken-k4v4-r0-h"] < errs["pertoken-k4v4-r0"] / 1.6  # measured: 2.1x
+    assert sizes["pertoken-k4v4-r0-h"] == sizes["pertoken-k4v4-r0"]

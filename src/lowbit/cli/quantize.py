@@ -22,6 +22,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
     (``rotate``: the seed of a rotate step put first, None for none; ``fused``: R1 and R2 in
     it, ``online``: R4, ``incoherent``: incoherence processing; ``kv``: a KV-cache format, a
     ``kv`` step last)."""
+    from lowbit.formats.kv import parse_kv
     from lowbit.recipe import load_recipe, rotated, shorthand, with_kv
 
 
@@ -37,6 +38,9 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
         return load_recipe(recipe_path)
     recipe = shorthand(method, scheme, **given)
     recipe = recipe if rotate is None else rotated(recipe, rotate, online, incoherent, fused)
+    if kv is not None and online:  # R3: an integer cache stores keys and values rotated
+        spec = parse_kv(kv)
+        kv = f"{spec.name}-h" if spec.quantized and spec.fp8 is None and not spec.rotate else kv
     return recipe if kv is None else with_kv(recipe, kv)
 
 
@@ -72,7 +76,8 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
                    "attention head, fused into the weights: the same function, fewer outliers)")
 @click.option("--rotate-online", is_flag=True,
               help="with --rotate: also a Hadamard before each MLP down projection, applied "
-                   "to its input at run time (R4; native folders only)")
+                   "to its input at run time (R4; native folders only); with an integer --kv "
+                   "format, R3 too: the cache stores keys and values rotated per head (-h)")
 @click.option("--incoherence", is_flag=True,
               help="QuIP#-style: every block Linear's weight rotated on both sides, its input "
                    "and output rotated at run time (with or without --rotate; native folders "

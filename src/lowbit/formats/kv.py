@@ -25,7 +25,12 @@ Names (``parse_kv``):
   as KVQuant keeps the first token);
 - ``-o<P>`` after any of these keeps P percent of each stored block's entries exactly (fp16
   value and position: KVQuant's dense-and-sparse split), those that widen their slice's range
-  most, so the other entries of the slice round on a narrower grid (``quantize_int``).
+  most, so the other entries of the slice round on a narrower grid (``quantize_int``);
+- ``-h`` last: keys and values are multiplied by a randomised Hadamard matrix of the head size
+  (``head_rotation``, seed 0) before they are rounded and by its transpose after decoding
+  (QuaRot's R3 on keys, and the online form of R2 on values): ``q (k R)^T = q k^T`` would let
+  an attention kernel rotate the query instead, so the cache holds rotated keys whose
+  outlier channels are spread over the head. The bytes do not change.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class KVSpec:
     per_head: bool = False  # fp8: a scale per kv head, else per layer
     sink: int = 0  # first tokens kept in full precision (the attention sink)
     outliers: float = 0.0  # fraction of each stored block's entries kept exactly
+    rotate: bool = False  # a Hadamard of the head size on keys and values before rounding
 
     @property
     def quantized(self) -> bool:
@@ -88,7 +94,7 @@ class KVSpec:
 
 
 _INT = re.compile(r"^(kivi|kvquant|pertoken)-k(\d)v(\d)-r(\d+)(?:-g(\d+))?(?:-s(\d+))?"
-                  r"(?:-o(\d+(?:\.\d+)?))?$")
+                  r"(?:-o(\d+(?:\.\d+)?))?(-h)?$")
 
 
 def parse_kv(name: str) -> KVSpec:
@@ -104,7 +110,7 @@ def parse_kv(name: str) -> KVSpec:
                       per_head=bool(m.group(2)))
     m = _INT.match(n)
     if m:
-        kind, kb, vb, r, g, sink, out = m.groups()
+        kind, kb, vb, r, g, sink, out, rot = m.groups()
         kb, vb, r, g = int(kb), int(vb), int(r), int(g or 32)
         if not (1 <= kb <= 8 and 1 <= vb <= 8):
             raise LowbitError(f"KV cache {name!r}: bits per code are 1..8")
@@ -116,7 +122,7 @@ def parse_kv(name: str) -> KVSpec:
                               "above 0 and below 50")
         return KVSpec(n, kb, vb, k_per_channel=kind != "pertoken", residual=r, group=g,
                       pre_rope=kind == "kvquant", sink=int(sink or 0),
-                      outliers=float(out or 0) / 100)
+                      outliers=float(out or 0) / 100, rotate=bool(rot))
     raise LowbitError(f"unknown KV-cache format {name!r}; e.g. {', '.join(KV_EXAMPLES)}")
 
 
@@ -236,6 +242,15 @@ def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32)
     return (q.float() * scale).to(dtype)
 
 
+def head_rotation(head_dim: int) -> Tensor:
+    """The ``-h`` rotation: ``lowbit.formats.hadamard.rotation(head_dim, 0)`` in fp32 (a
+    randomised Hadamard matrix; a random orthogonal one where no Hadamard of that order is
+    known). Keys and values are stored as ``x R`` and decoded as ``x_hat R^T``."""
+    from lowbit.formats.hadamard import rotation
+
+    return rotation(head_dim, 0)[0].float()
+
+
 # -- RoPE, for keys quantized before it -----------------------------------------------------
 
 
@@ -287,5 +302,9 @@ def llamacpp_cache_flags(name: str) -> tuple[str, str]:
         notes.append("its keys are per token, not per channel")
     if spec.residual or spec.sink:
         notes.append("it keeps no full-precision window")
+    if spec.outliers:
+        notes.append("it keeps no exact outliers")
+    if spec.rotate:
+        notes.append("it does not rotate the heads")
     return (f"--cache-type-k {bits['k']} --cache-type-v {bits['v']} -fa",
             "; ".join(notes))

@@ -30,6 +30,7 @@ from lowbit.formats.kv import (
     apply_rope,
     dequantize_fp8,
     fp8_scale,
+    head_rotation,
     parse_kv,
     quantize_fp8,
     quantize_int,
@@ -74,6 +75,7 @@ class QuantKVLayer(DynamicLayer):
         self.v_blocks: list = []
         self.dk: Tensor | None = None  # decoded stored keys (post-RoPE) when keep_decoded
         self.dv: Tensor | None = None
+        self.rot: Tensor | None = None  # spec.rotate: the head rotation
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -84,7 +86,7 @@ class QuantKVLayer(DynamicLayer):
     # -- storing ------------------------------------------------------------------------
 
     def _encode(self, k: Tensor, v: Tensor, start: int) -> None:
-        s = self.spec
+        s, dtype = self.spec, k.dtype
         if s.fp8 is not None:
             ks, vs = (x.float().reshape(1, -1, 1, 1) if x.dim() else x.float()
                       for x in self.fp8_scales)  # type: ignore[union-attr]
@@ -94,11 +96,15 @@ class QuantKVLayer(DynamicLayer):
             if s.pre_rope:
                 cos, sin = self.rope.at(start, start + k.shape[-2], k)  # type: ignore[union-attr]
                 k = undo_rope(k, cos, sin)
+            if s.rotate:
+                if self.rot is None:
+                    self.rot = head_rotation(k.shape[-1])
+                k, v = k.float() @ self.rot, v.float() @ self.rot
             self.k_blocks.append(quantize_int(k, s.k_bits, -2 if s.k_per_channel else -1,
                                               s.group, s.outliers))
             self.v_blocks.append(quantize_int(v, s.v_bits, -1, s.group, s.outliers))
         if self.keep_decoded:
-            dk, dv = self._decode_block(len(self.k_blocks) - 1, start, k.dtype)
+            dk, dv = self._decode_block(len(self.k_blocks) - 1, start, dtype)
             self.dk = dk if self.dk is None else torch.cat([self.dk, dk], -2)
             self.dv = dv if self.dv is None else torch.cat([self.dv, dv], -2)
 
@@ -106,11 +112,14 @@ class QuantKVLayer(DynamicLayer):
         kb, vb = self.k_blocks[i], self.v_blocks[i]
         if self.spec.fp8 is not None:
             return dequantize_fp8(*kb, dtype), dequantize_fp8(*vb, dtype)
-        k = kb.decode(dtype)
+        k, v = kb.decode(torch.float32), vb.decode(torch.float32)
+        if self.rot is not None:
+            k, v = k @ self.rot.T, v @ self.rot.T
+        k, v = k.to(dtype), v.to(dtype)
         if self.spec.pre_rope:
             cos, sin = self.rope.at(start, start + k.shape[-2], k)  # type: ignore[union-attr]
             k = apply_rope(k, cos, sin)
-        return k, vb.decode(dtype)
+        return k, v
 
     def _decoded(self, dtype) -> tuple[Tensor | None, Tensor | None]:
         if self.keep_decoded or not self.k_blocks:
