@@ -27,9 +27,9 @@ from lowbit.jobs import kv_calibration
 from lowbit.models import load_model
 from lowbit.runtime.kvcache import calibrate_kv
 
-SPECS = ["int8", "fp8", "kivi-k4v4-r128", "kivi-k2v2-r128", "pertoken-k2v2-r128",
-         "kvquant-k2v2-r128", "kivi-k2v2-r0", "kvquant-k2v2-r0", "kivi-k2v2-r128-o1",
-         "kvquant-k2v2-r128-s1-o1", "kvquant-k2v2-r128-s1-o0.5"]
+SPECS = ["int8", "fp8", "kivi-k4v4-r128", "pertoken-k4v4-r128-h", "kivi-k2v2-r128",
+         "pertoken-k2v2-r128", "kvquant-k2v2-r128", "kivi-k2v2-r128-h",
+         "kvquant-k2v2-r128-s1-o1-h", "kvquant-k2v2-r128-s1-o0.5-h"]
 COLS = [("context", "ctx", ""), ("kv", "KV cache", ""), ("ppl", "ppl", ".3f"),
         ("ppl_fp_cache", "fp cache", ".3f"), ("ppl_change", "change", "+.2%"),
         ("kld_mean", "KLD", ".4f"), ("same_top_p", "same top", ".3f"),
