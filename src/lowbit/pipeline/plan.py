@@ -63,7 +63,7 @@ class Plan:
         if self.cache is not None and self.cache.needs_data():
             return True
         return any(self.wants(la) or (la.step.kind == "replacer" and la.step.needs_data())
-                   for la in self.layers.values())
+                   or getattr(la.step, "block_wise", False) for la in self.layers.values())
 
     @property
     def cache(self):
@@ -225,6 +225,7 @@ class _Executor:
         self.on_row, self.n_tokens = on_row, n_tokens
         self.pending: list[tuple[str, object, nn.Module, dict]] = []
         self.rounded: list[str] = []  # rounded in this block, swapped for QLinear at its end
+        self.learned: dict[str, tuple] = {}  # block-wise rounders' results, by full name
 
     def emit(self, row: dict) -> None:
         self.res.rows.append(row)
@@ -236,6 +237,14 @@ class _Executor:
             for row in t.transform(ctx, self.plan):
                 self.emit({"block": ctx.index, "step": t.step} | row)
         self.res.stats |= ctx.kept
+        # block-wise rounders (methods.autoround) learn the whole block at its start, on the
+        # transformed weights; each group then takes its result when the driver reaches it
+        mine = [la for la in self.plan.in_block(ctx.index)
+                if la.step.kind == "rounder" and getattr(la.step, "block_wise", False)]
+        for step in {id(la.step): la.step for la in mine}.values():
+            own = [la for la in mine if la.step is step]
+            self.learned |= step.round_block(ctx, {la.full: la.local for la in own},
+                                             {la.full: la.grid for la in own})
 
     def wants(self, ctx: BlockContext, group) -> frozenset[str] | None:
         mine = [self.plan.layers.get(ctx.full(n)) for n in group]
@@ -259,9 +268,11 @@ class _Executor:
             step = self.plan.layers[fulls[0]].step
             weights = {f: _weight(mods[f], conv1d) for f in fulls}
             grids = {f: self.plan.layers[f].grid for f in fulls}
-            # several processes (lowbit.pipeline.dist): rows or Linears shared out, exchanged
-            done = round_shared(lambda w, g, step=step: step.round_layers(w, g, stats),
-                                weights, grids, step.row_separable)
+            if all(f in self.learned for f in fulls):
+                done = {f: self.learned.pop(f) for f in fulls}
+            else:  # several processes (lowbit.pipeline.dist): rows or Linears shared, exchanged
+                done = round_shared(lambda w, g, step=step: step.round_layers(w, g, stats),
+                                    weights, grids, step.row_separable)
             for full in fulls:
                 gw, info = done[full]
                 _set(mods[full], gw.dequantize(), conv1d)
