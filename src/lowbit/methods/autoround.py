@@ -13,10 +13,10 @@ stream, so each block also corrects what the blocks before it lost); every step 
 offsets by Adam (step ``lr``, by default ``1 / iters``: AutoRound's rule, so the offsets can
 cross their whole range once) on the mean squared error, normalised by the targets' mean
 square. The
-straight-through steps overshoot once many weights flip together, so the full loss over every
-window is measured at the start (plain RTN) and ``evals`` times during training, and the best
-state is kept (AutoRound keeps its best iterate the same way): the result is never worse than
-RTN on the calibration windows.
+straight-through steps overshoot once many weights flip together, so the loss over the first
+``check_windows`` windows is measured at the start (plain RTN) and ``evals`` times during
+training, and the best state is kept (AutoRound keeps its best iterate the same way): the
+result is never worse than RTN on those windows.
 
 Integer grids only for now (``w4g64``, ``w3g64-asym``...): their offset is a fraction of one
 step. The output layer, outside every block, is rounded to nearest.
@@ -72,12 +72,13 @@ class AutoRound(Rounder):
     iters: int = 200
     lr: float | None = None  # Adam's step; default 1/iters (AutoRound's rule for its lr)
     batch: int = 2  # windows per step
-    evals: int = 8  # full-loss measurements during training (the best state is kept)
+    evals: int = 8  # loss measurements during training (the best state is kept)
+    check_windows: int = 16  # windows those measurements run on (the first ones)
     seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, low in (("iters", 1), ("batch", 1), ("evals", 1)):
+        for name, low in (("iters", 1), ("batch", 1), ("evals", 1), ("check_windows", 1)):
             if getattr(self, name) < low:
                 raise LowbitError(f"autoround: {name} must be at least {low}, "
                                   f"not {getattr(self, name)}")
@@ -108,10 +109,11 @@ class AutoRound(Rounder):
                               "run it without --nproc")
         t0 = time.perf_counter()
         spec, block = ctx.spec, ctx.block
-        w0, params, steps, offsets = {}, {}, {}, {}
+        w0, params, steps, offsets, dtypes = {}, {}, {}, {}, {}
         for full, local in layers.items():
             grid = grids[full]
-            w = get_weight(ctx.linears[local], spec).detach().float()
+            w = get_weight(ctx.linears[local], spec).detach()
+            dtypes[full], w = w.dtype, w.float()
             p = grid.finalize(grid.fit_all(w, None, grid.prepare(w)))
             w0[full], params[full] = w, p
             steps[full] = _scale_per_weight(grid, p, tuple(w.shape))
@@ -126,6 +128,7 @@ class AutoRound(Rounder):
             for full, name in names.items():
                 v = offsets[full].detach() if detached else offsets[full]
                 wq = fake_quant(w0[full] + v * steps[full], grids[full], params[full])
+                wq = wq.to(dtypes[full])  # the block computes in the model's dtype
                 out[name] = wq.T if spec.conv1d else wq
             return out
 
@@ -139,9 +142,16 @@ class AutoRound(Rounder):
             t = targets[chunk] if rows is None else targets[chunk][rows]
             return (out.float() - t.float()).pow(2).mean() / norm[chunk]
 
+        checks, left = [], self.check_windows  # (chunk, rows) of the first windows
+        for c, h in enumerate(hidden):
+            if left <= 0:
+                break
+            checks.append((c, slice(0, min(left, h.shape[0]))))
+            left -= h.shape[0]
+
         @torch.no_grad()
         def full_loss() -> float:
-            return sum(float(run(c, detached=True)) for c in range(len(hidden))) / len(hidden)
+            return sum(float(run(c, rows, detached=True)) for c, rows in checks) / len(checks)
 
         picks = [(c, slice(r, min(r + self.batch, h.shape[0])))
                  for c, h in enumerate(hidden) for r in range(0, h.shape[0], self.batch)]
