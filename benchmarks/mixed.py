@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--sensitivity", help="a measurement to reuse (lowbit analyze --json, or "
                     "--save-sensitivity of an earlier run) instead of measuring")
     ap.add_argument("--save-sensitivity", help="write the measurement here (JSON)")
+    ap.add_argument("--uniform-from", help="take the uniform rows from this JSON-lines file of an "
+                    "earlier run (same protocol) instead of quantizing them again")
     ap.add_argument("--sensitivity-method", default="rtn",
                     help="the rounder each candidate is measured with (rtn, gptq); other than "
                     "rtn, its Hessians come from the calibration windows the rows use")
@@ -85,8 +87,18 @@ def main() -> None:
             with open(a.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    earlier = {}
+    if a.uniform_from:
+        for line in Path(a.uniform_from).read_text().splitlines():
+            row = json.loads(line)
+            earlier[row["variant"]] = row
     for s in a.uniform.split(","):
-        run(f"{a.method} {s}", shorthand(a.method, s))
+        name = f"{a.method} {s}"
+        if name in earlier:
+            rows.append(earlier[name] | {"variant": f"{name} (from {a.uniform_from})"})
+            print(format_table([rows[-1]], COLS).splitlines()[-1], flush=True)
+        else:
+            run(name, shorthand(a.method, s))
     uniform = sorted((r["bpw"], r["ppl"]) for r in rows)
     for target in a.targets:
         choice = choose(sens, budget_bytes(sens, target_bpw=target))
