@@ -72,6 +72,13 @@ def test_analyze_then_quantize_to_a_budget(tiny_ckpt, tmp_path):
                                "--candidates", "w2g32,w4g32", "--calib", text, "--out",
                                tmp_path / "m2", "--json", "-", "--quiet").out)
     assert q2["storage_bytes"] <= 30000 and set(q2["schemes"]) <= {"w2g32", "w4g32"}
+    assert q2["budget"]["measured_with"] == "rtn"
+    # a GPTQ recipe is measured as GPTQ rounds it, with its own calibration's Hessians
+    q3 = json.loads(lowbit_cli("quantize", ckpt, "--method", "gptq", "--target-bpw", "3",
+                               "--candidates", "w2g32,w4g32", "--calib", text,
+                               "--calib-samples", "2", "--seq-len", "32", "--out",
+                               tmp_path / "m3", "--json", "-", "--quiet").out)
+    assert q3["budget"]["measured_with"] == "gptq" and q3["bits_per_weight"] <= 3.0
 
 
 def test_analyze_with_the_rounder_the_recipe_uses(tiny_ckpt):

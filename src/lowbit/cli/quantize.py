@@ -247,12 +247,20 @@ def _allocate(model, recipe, calib_req, target_bpw, target_size, sensitivity_pat
     else:
         names = [s.strip() for s in (candidates or DEFAULT_SCHEMES).split(",") if s.strip()]
         cal = Calibration(calib_req.source, 4, 128, calib_req.offset)
-        note(f"measuring each layer at {', '.join(names)} on 4 x 128 tokens (lowbit analyze; "
-             "--sensitivity reuses a measurement)")
-        sens = analyze_job(model, names, cal, progress=not quiet, dtype=dtype)
+        # each candidate rounded as the recipe will round it: GPTQ recovers a different share
+        # of each layer's error than RTN (BENCHMARKS.md: 38.7 against 43.3 at 3.5 bits)
+        rounder = next(st for st in recipe.steps if st.kind == "rounder")
+        method = "gptq" if rounder.step == "gptq" else "rtn"
+        note(f"measuring each layer at {', '.join(names)} rounded by {method} on 4 x 128 tokens"
+             + (f" (Hessians from the {calib_req.samples} calibration windows)"
+                if method != "rtn" else "") + " (lowbit analyze; --sensitivity reuses a "
+             "measurement)")
+        sens = analyze_job(model, names, cal, progress=not quiet, dtype=dtype, method=method,
+                           hessian=calib_req if method != "rtn" else None)
     target = budget_bytes(sens, target_bpw, size)
     choice = choose(sens, target)
-    info = summary(sens, choice) | {"target_bytes": target, "target_bpw": target_bpw}
+    info = summary(sens, choice) | {"target_bytes": target, "target_bpw": target_bpw,
+                                    "measured_with": sens.get("method", "rtn")}
     note(f"chose {', '.join(f'{n} x {s}' for s, n in info['schemes'].items())}: "
          f"{info['bits_per_weight']:.3f} bits/weight, predicted KL {info['predicted_kl']:.4f}")
     return budget_recipe(recipe, choice), info
