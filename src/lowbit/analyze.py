@@ -38,11 +38,12 @@ from lowbit.errors import LowbitError
 from lowbit.eval.metrics import kl_divergence
 from lowbit.formats import ggml
 from lowbit.formats.ggml import GGML_TYPES
+from lowbit.formats.grid_base import WeightGrid
 from lowbit.formats.grids import get_grid
 from lowbit.formats.weight import GridWeight
 from lowbit.io.gguf.presets import fallback
 from lowbit.methods.base import STEPS, Rounder
-from lowbit.methods.rtn import grid_loss, hessian_loss
+from lowbit.methods.rtn import RTN, grid_loss, hessian_loss, rtn
 from lowbit.pipeline.driver import BlockContext, block_output, run_sequential
 from lowbit.pipeline.stats import InputStats
 from lowbit.recipe import Recipe
@@ -78,6 +79,11 @@ class _Recorder:
         self.inputs: list[tuple[list[Tensor], list[dict]]] = []
         self.layers: dict[str, dict] = {}
         self.rounded: dict[tuple[str, str], GridWeight] = {}
+
+    def keep(self, grid: WeightGrid) -> bool:
+        """Whether the rounded weight is kept for the KL runs (1 byte a weight per scheme):
+        plain RTN without the Hessian diagonal is rounded again there instead."""
+        return not isinstance(self.rounder, RTN) or grid.needs_sensitivity
 
     def transform(self, ctx: BlockContext) -> None:
         stream = ctx.sample if self.keep_sample else ctx.main
@@ -115,7 +121,8 @@ class _Recorder:
                 rows[n]["schemes"][s] = {"bytes": gw.storage_bytes(),
                                          "bpw": gw.bits_per_weight(),
                                          "proxy": grid_loss(gw, weights[n], stats.h)}
-                self.rounded[ctx.full(n), s] = gw
+                if self.keep(grid):
+                    self.rounded[ctx.full(n), s] = gw
         for n, row in rows.items():
             self.layers[ctx.full(n)] = row
 
@@ -210,8 +217,12 @@ def measure(model: nn.Module, windows: Tensor, schemes: list[str], chunk: int = 
         w0 = get_weight(mod, spec).clone()
         try:
             for s, cell in row["schemes"].items():
-                wq = round_ggml(w0.float(), s)[0] if is_ggml(s) else \
-                    rec.rounded.pop((name, s)).dequantize()
+                if is_ggml(s):
+                    wq = round_ggml(w0.float(), s)[0]
+                elif (name, s) in rec.rounded:
+                    wq = rec.rounded.pop((name, s)).dequantize()
+                else:
+                    wq = rtn(w0.float(), get_grid(s)).dequantize()
                 set_weight(mod, spec, wq)
                 cell["kl"] = _mean_kl(base, tail.logprobs(row["block"]))
                 bar.update(1)

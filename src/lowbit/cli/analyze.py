@@ -72,8 +72,7 @@ def command(model, schemes, calib, calib_samples, calib_offset, seq_len, method,
     echo(format_table(rows[:top], cols), json_path)
     rho = ", ".join(f"{k} {v:.2f}" for k, v in sens["spearman"].items())
     echo(f"{len(rows)} layers x {len(names)} schemes ({method}) on {sens['tokens']} tokens "
-         f"in "
-         f"{sens['seconds']:.0f} s; Spearman rank correlation of the Hessian proxy with the KL: "
+         f"in {sens['seconds']:.0f} s; Spearman rank correlation of the Hessian proxy with the KL: "
          f"{rho}", json_path)
     if plot:
         plot_sensitivity(sens, names, Path(plot))

@@ -35,6 +35,7 @@ Names (``parse_kv``):
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -203,19 +204,17 @@ def quantize_int(x: Tensor, bits: int, dim: int, group: int = 0,
     if grouped:
         xf = xf.unflatten(-1, (channel_groups(x.shape[-1], group), group))
     pos = val = None
-    rest = xf
+    low = high = xf  # the entries the ranges are taken over
     if outliers > 0:
         pos = exact_entries(xf, dim, outliers)
         val = xf.reshape(-1)[pos].half()
-        keep = torch.ones(xf.numel(), dtype=torch.bool)
-        keep[pos] = False
-        keep = keep.reshape(xf.shape)
-        rest = xf.masked_fill(~keep, float("nan"))
+        exact = torch.zeros(xf.numel(), dtype=torch.bool)
+        exact[pos] = True
+        exact = exact.reshape(xf.shape)
+        low, high = xf.masked_fill(exact, float("inf")), xf.masked_fill(exact, float("-inf"))
         pos = pos.to(torch.int16 if xf.numel() <= 32767 else torch.int32)
-    lo = (rest.nan_to_num(float("inf")).amin(dim, keepdim=True) if pos is not None
-          else xf.amin(dim, keepdim=True)).half().float()
-    hi = rest.nan_to_num(float("-inf")).amax(dim, keepdim=True) if pos is not None \
-        else xf.amax(dim, keepdim=True)
+    lo = low.amin(dim, keepdim=True).half().float()
+    hi = high.amax(dim, keepdim=True)
     qmax = (1 << bits) - 1
     scale = ((hi - lo) / qmax).half().float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -242,6 +241,7 @@ def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32)
     return (q.float() * scale).to(dtype)
 
 
+@functools.cache
 def head_rotation(head_dim: int) -> Tensor:
     """The ``-h`` rotation: ``lowbit.formats.hadamard.rotation(head_dim, 0)`` in fp32 (a
     randomised Hadamard matrix; a random orthogonal one where no Hadamard of that order is

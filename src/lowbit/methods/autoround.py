@@ -34,19 +34,12 @@ from torch.func import functional_call
 
 from lowbit.arch import get_weight
 from lowbit.errors import LowbitError
-from lowbit.formats.grid_base import WeightGrid, grouped_args
+from lowbit.formats.grid_base import WeightGrid, column_params, grouped_args
 from lowbit.formats.integer import IntGrid
 from lowbit.formats.weight import GridWeight
 from lowbit.methods.base import Rounder, register
 from lowbit.methods.fakequant import clamp_offsets, fake_quant
 from lowbit.methods.rtn import RTN
-
-
-def _scale_per_weight(grid: WeightGrid, params: dict, shape: tuple[int, int]) -> Tensor:
-    rows, cols = shape
-    s = params["scale"]
-    gs = grid.group_size or cols
-    return s.repeat_interleave(gs, dim=1)[:, :cols] if s.shape[1] > 1 else s.expand(rows, cols)
 
 
 def _rows_of(value, rows: slice, n: int):
@@ -116,7 +109,8 @@ class AutoRound(Rounder):
             dtypes[full], w = w.dtype, w.float()
             p = grid.finalize(grid.fit_all(w, None, grid.prepare(w)))
             w0[full], params[full] = w, p
-            steps[full] = _scale_per_weight(grid, p, tuple(w.shape))
+            cols = torch.arange(w.shape[1]) // (grid.group_size or w.shape[1])
+            steps[full] = column_params(grid, p, cols)["scale"].expand_as(w)  # one step a weight
             offsets[full] = torch.zeros_like(w, requires_grad=True)
         hidden, kwargs = ctx.main.hidden, ctx.main.kwargs
         targets = ctx.run()

@@ -40,9 +40,9 @@ def grad_scale(x: Tensor, g: float) -> Tensor:
 class _GridSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, grid: WeightGrid, params: Params) -> Tensor:
-        wf = w.detach().float()
-        _, w_hat = grid.round_trip(*grouped_args(grid, wf, params))
-        inside = ~grid.saturated(*grouped_args(grid, wf, params))
+        xv, pv = grouped_args(grid, w.detach().float(), params)
+        _, w_hat = grid.round_trip(xv, pv)
+        inside = ~grid.saturated(xv, pv)
         ctx.save_for_backward(inside.reshape(w.shape))
         return w_hat.reshape(w.shape).to(w.dtype)
 
