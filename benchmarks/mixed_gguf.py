@@ -67,8 +67,6 @@ def main() -> None:
             sens_path.write_text(json.dumps(sens))
         print(f"sensitivity: {len(sens['layers'])} layers x {len(sens['schemes'])} types on "
               f"{sens['tokens']} tokens in {sens['seconds']:.0f} s", flush=True)
-        # (this script's folder holds a gguf.py, which shadows the gguf package here: the
-        # GGUF side runs in lowbit's own processes)
         n_lin = sum(r["numel"] for r in sens["layers"].values())
         rows = []
 

@@ -60,6 +60,8 @@ def adapt(args: list[str], model: str, text: str) -> list[str]:
             args = [*args, "--calib", text, "--calib-offset", "8"]
         args = _set(args, "--calib-samples", "4")
         args = _set(args, "--seq-len", "64")
+        if "--tokens" in args:  # qat: a few steps
+            args = _set(args, "--tokens", "256")
     if cmd == "eval":
         args = _set(args, "--data", text, keep=True)
         args = _set(args, "--windows", "2")

@@ -12,8 +12,27 @@ from lowbit.errors import LowbitError
 
 # flags that configure a method's step: CLI option name -> step option
 STEP_FLAGS = {"act_order": "act_order", "static_groups": "static_groups", "damp": "damp",
-              "iters": "iters",
+              "iters": "iters", "tokens": "tokens",
               "alpha": "alpha", "threshold": "threshold", "int8_kernel": "kernel"}
+
+
+class TokenCount(click.ParamType):
+    """A token count: a whole number, or one with a K or M suffix (``2M`` = 2,000,000)."""
+
+    name = "tokens"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper()
+        mult = {"K": 1000, "M": 1000_000}.get(text[-1:], 1)
+        try:
+            n = float(text[:-1] if mult > 1 else text) * mult
+        except ValueError:
+            n = -1
+        if n < 1 or n != int(n):
+            self.fail(f"{value!r} is not a token count (e.g. 262144, 500K, 2M)", param, ctx)
+        return int(n)
 
 
 def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = None,
@@ -50,7 +69,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
 @click.option("--recipe", "recipe_path", type=click.Path(),
               help="a recipe file (YAML or JSON); a lowbit.json re-runs the recipe it records")
 @click.option("--method", default=None,
-              help="shorthand for a recipe: rtn, gptq, hqq, autoround, awq, awq+gptq, "
+              help="shorthand for a recipe: rtn, gptq, hqq, autoround, qat, awq, awq+gptq, "
                    "smoothquant, smoothquant+gptq, w8a8, llm-int8 [default: gptq]")
 @click.option("--scheme", default=None,
               help="w4g64, w4g64-asym, w3g64-mse, w8, nf4, mxfp4, nvfp4 ... (README lists them); "
@@ -67,6 +86,8 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
               help="gptq: damping, fraction of the mean Hessian diagonal [default: 0.01]")
 @click.option("--iters", type=int, default=None,
               help="autoround: optimisation steps per block [default: 200]")
+@click.option("--tokens", type=TokenCount(), default=None,
+              help="qat: distillation tokens, e.g. 262144, 500K, 2M [default: 256K]")
 @click.option("--alpha", type=float, default=None,
               help="smoothquant: migration strength [default: 0.5]")
 @click.option("--threshold", type=float, default=None,
@@ -134,7 +155,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
 @dtype_option("dtype to load and quantize the model in (statistics are fp32): auto = the "
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
-            act_order, static_groups, damp, iters, alpha, threshold, int8_kernel, rotate,
+            act_order, static_groups, damp, iters, tokens, alpha, threshold, int8_kernel, rotate,
             rotate_online, incoherence, rotate_seed, kv, target_bpw,
             target_size, sensitivity_path, candidates, eval_windows,
             eval_data, chunk, out, fmt, tp, overwrite, resume, nproc, json_path, quiet, dtype):
@@ -150,7 +171,8 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
 
         return launch(nproc)  # this command line again, in nproc processes
     flags = {"act_order": act_order, "static_groups": static_groups, "damp": damp,
-             "iters": iters, "alpha": alpha, "threshold": threshold, "int8_kernel": int8_kernel}
+             "iters": iters, "tokens": tokens, "alpha": alpha, "threshold": threshold,
+             "int8_kernel": int8_kernel}
     if rotate_online and not rotate:
         raise LowbitError("--rotate-online adds to the fused rotations: give --rotate too")
     recipe = build_recipe(recipe_path, method, scheme, flags,

@@ -63,7 +63,8 @@ class Plan:
         if self.cache is not None and self.cache.needs_data():
             return True
         return any(self.wants(la) or (la.step.kind == "replacer" and la.step.needs_data())
-                   or getattr(la.step, "block_wise", False) for la in self.layers.values())
+                   or getattr(la.step, "block_wise", False)
+                   or getattr(la.step, "model_wise", False) for la in self.layers.values())
 
     @property
     def cache(self):
@@ -396,6 +397,7 @@ def execute(
             raise LowbitError(f"checkpoint {checkpoint.folder} lacks the inputs of block "
                               f"{start}; run with --no-resume to start over")
         sources = list(checkpoint.extra.get("sources", []))
+    trained = _train_model_wise(model, plan, ex, calib, checkpoint, progress)
     done = len(res.rows)
 
     def on_block(bi: int, block: nn.Module, main=None, samp=None, sources=None) -> None:
@@ -412,6 +414,7 @@ def execute(
 
     if plan.needs_data:
         res.calibration_tokens = int(calib.numel())
+    if plan.needs_data and not trained:
         samples = [t.sample(calib) for t in plan.transforms]  # every rank: the whole sample
         sample = next((s for s in samples if s is not None), None)
         last = run_sequential(
@@ -442,6 +445,28 @@ def execute(
         ex.emit({"step": plan.cache.step, "layer": "kv_cache", "format": res.kv_cache["format"]})
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _train_model_wise(model: nn.Module, plan: Plan, ex: _Executor, calib: Tensor | None,
+                      checkpoint: RunCheckpoint | None, progress: bool) -> bool:
+    """Whole-model rounders (``methods.qat``) learn their layers before the first block; the
+    blocks then store what they learned. True when they own every layer of the plan, so that
+    the blocks need no calibration pass of their own."""
+    steps = {id(la.step): la.step for la in plan.layers.values()
+             if getattr(la.step, "model_wise", False)}
+    if not steps:
+        return False
+    per_block = [t.step for t in plan.transforms if not hasattr(t, "transform_model")]
+    if per_block:
+        raise LowbitError(f"{', '.join(s.step for s in steps.values())} trains the whole model "
+                          f"before the blocks run; {', '.join(per_block)} changes each block "
+                          "as it runs, after that training: leave it out")
+    for step in steps.values():
+        own = {la.full: la.grid for la in plan.layers.values()
+               if la.step is step and la.full not in ex.res.weights}
+        if own:
+            ex.learned |= step.train_model(model, plan.spec, own, calib, checkpoint, progress)
+    return all(getattr(la.step, "model_wise", False) for la in plan.layers.values())
 
 
 def _resume(model: nn.Module, plan: Plan, calib: Tensor | None, chunk: int,

@@ -1,6 +1,7 @@
 """GGUF files from lowbit's quantizers against llama.cpp's own, judged by llama.cpp.
 
-    python benchmarks/gguf.py --types Q8_0 Q4_K_M --windows 64 --calib-windows 128 --json out.jsonl
+    python benchmarks/gguf_vs_llamacpp.py --types Q8_0 Q4_K_M --windows 64 --calib-windows 128 \
+        --json out.jsonl
 
 For each type: lowbit's file without and with the importance matrix, and the file llama.cpp's
 quantizer (`llama_model_quantize`, what `llama-quantize` runs) makes from an F32 GGUF of the
