@@ -2,8 +2,9 @@
 
 `quantize(name, w, importance)` encodes a (rows, cols) float matrix row by row into ggml blocks;
 `dequantize(name, data, cols)` decodes them. Supported: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K,
-Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS. `from_codes(name, q, d, m)` writes codes chosen elsewhere (a
-lowbit integer grid's) and per-block scales (and mins) into Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks.
+Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, and the ternary TQ1_0, TQ2_0 (`ggml_t`).
+`from_codes(name, q, d, m)` writes codes chosen elsewhere (a lowbit integer grid's) and
+per-block scales (and mins) into Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks.
 
 Without `importance` the bytes are those `llama-quantize` writes without an imatrix (llama.cpp's
 reference quantizers). With `importance` (an imatrix: per column, or per weight) the K-quants and
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowbit.formats import ggml_k as K
+from lowbit.formats import ggml_t as T
 from lowbit.formats.ggml_k import F32, f16, f16_bytes, f16_from, fallback_weights, nearest, safe_div
 
 __all__ = ["GGMLType", "GGML_TYPES", "bits_per_weight", "dequantize", "from_codes", "quantize"]
@@ -58,6 +60,8 @@ GGML_TYPES: dict[str, GGMLType] = {
         GGMLType("Q6_K", 14, 256, 210),
         GGMLType("IQ4_NL", 20, 32, 18),
         GGMLType("IQ4_XS", 23, 256, 136),
+        GGMLType("TQ1_0", 34, 256, 54),
+        GGMLType("TQ2_0", 35, 256, 66),
     )
 }
 
@@ -261,6 +265,8 @@ _BLOCKWISE: dict[str, _Enc] = {  # x (n_blocks, block_size) -> (n_blocks, type_s
     "Q6_K": K.quantize_q6_k,
     "IQ4_NL": K.quantize_iq4_nl,
     "IQ4_XS": K.quantize_iq4_xs,
+    "TQ1_0": lambda x, qw: T.quantize_blocks("TQ1_0", x),
+    "TQ2_0": lambda x, qw: T.quantize_blocks("TQ2_0", x),
 }
 _DECODERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "Q4_0": _dec_q4_0,
@@ -275,6 +281,8 @@ _DECODERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "Q6_K": K.dequantize_q6_k,
     "IQ4_NL": K.dequantize_iq4_nl,
     "IQ4_XS": K.dequantize_iq4_xs,
+    "TQ1_0": lambda b: T.dequantize_blocks("TQ1_0", b),
+    "TQ2_0": lambda b: T.dequantize_blocks("TQ2_0", b),
 }
 _FP16_MAX = 65504.0
 _CHUNK = 1 << 18  # weights per encoding pass: bounds the search's temporary memory

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -195,9 +196,12 @@ class QAT(Rounder):
         return max(1, math.ceil(self.tokens / (self.batch * seq_len)))
 
     def train_model(self, model: nn.Module, spec, layers: dict[str, WeightGrid], calib: Tensor,
-                    checkpoint=None, progress: bool = True) -> dict:
+                    checkpoint=None, progress: bool = True,
+                    monitor: Callable[[int, int], None] | None = None, every: int = 0) -> dict:
         """Learn ``layers`` (full name -> grid, every one a plain Linear of ``model``) on the
-        windows ``calib`` (n, seq_len); returns full name -> (GridWeight, info row)."""
+        windows ``calib`` (n, seq_len); returns full name -> (GridWeight, info row).
+        ``monitor(step, tokens)`` is called before the first step and every ``every`` steps,
+        with the model computing as the fake-quantized student (a training curve)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size() > 1:
             raise LowbitError("qat trains the whole model in one process; run it without "
@@ -218,7 +222,7 @@ class QAT(Rounder):
         for full, st in students.items():
             originals[full] = _swap(model, full, st)
         try:
-            start = self._learn(model, students, calib, checkpoint, progress)
+            start = self._learn(model, students, calib, checkpoint, progress, monitor, every)
         finally:
             for full, mod in originals.items():
                 _swap(model, full, mod)
@@ -238,7 +242,7 @@ class QAT(Rounder):
         return out
 
     def _learn(self, model: nn.Module, students: dict[str, _Student], calib: Tensor,
-               checkpoint, progress: bool) -> dict:
+               checkpoint, progress: bool, monitor=None, every: int = 0) -> dict:
         n, seq = calib.shape
         steps = self.steps_for(seq)
         g = torch.Generator().manual_seed(self.seed)
@@ -296,6 +300,9 @@ class QAT(Rounder):
                     kl = _kl(t_logits, model(input_ids=ids, use_cache=False).logits)
                     state["kl_start"] = round(float(kl), 5)
             for it in range(state["step"], steps):
+                if monitor is not None and every and it % every == 0:
+                    with torch.no_grad():
+                        monitor(it, it * self.batch * seq)
                 rows = order[it * self.batch:(it + 1) * self.batch]
                 ids = calib[rows]
                 mix = min(1.0, (it + 1) / ramp) if ramp else 1.0

@@ -182,6 +182,33 @@ def test_llamacpp_computes_with_lowbits_own_grid(tmp_path):
     assert np.abs(llamacpp(tmp_path / "re.gguf") - reencoded).max() < 0.04 * scale
 
 
+def test_llamacpp_computes_with_lowbits_ternary_weights(tmp_path):
+    """A ternary model (BitNet b1.58 codes, as ``--method qat --scheme ternary`` makes) exported
+    as TQ1_0 and as TQ2_0 (384-column rows in Q4_0, llama.cpp's fallback): llama.cpp computes
+    the logits of lowbit's weights, as it does for its own formats (activations rounded to Q8
+    blocks, and gamma to float16, are the difference)."""
+    import lowbit
+    from lowbit.runtime.qlinear import QLinear
+
+    tok = tiny_tokenizer()
+    model, twin = tiny_llama(hidden=384), tiny_llama(hidden=384)
+    lowbit.quantize(model, lowbit.shorthand("rtn", "ternary"), None, progress=False)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, QLinear):
+                twin.get_submodule(name).weight.copy_(mod.dequantized_weight())
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"][:48]
+    with torch.no_grad():
+        ours = twin(torch.tensor([ids])).logits[0].numpy()
+    for qtype in ("native", "TQ2_0"):
+        res = export_gguf(model, tok, tmp_path / f"{qtype}.gguf", qtype, progress=False)
+        assert len(res["from_codes"]) == 14
+        llm = load_llama(tmp_path / f"{qtype}.gguf", n_ctx=64, n_threads=1)
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[: len(ids)])
+        assert np.abs(theirs - ours).max() < 0.04 * np.abs(ours).max(), qtype
+
+
 def test_llamacpp_computes_with_chosen_types(tmp_path):
     """Per-tensor types over a preset (what ``export --target-bpw`` writes): the file holds
     them, and llama.cpp's logits are those of the weights as written (decoded back into the

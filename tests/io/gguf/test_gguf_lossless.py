@@ -226,3 +226,51 @@ def test_moe_experts_are_carried_over(tmp_path, tok):
     experts = m.model.layers[1].mlp.experts
     want = np.stack([e.down_proj.dequantized_weight().numpy() for e in experts])
     np.testing.assert_array_equal(got.reshape(want.shape), want)
+
+
+@pytest.mark.parametrize("t", ["TQ1_0", "TQ2_0", "Q4_0", "Q5_0", "Q8_0"])
+def test_ternary_blocks_hold_the_codes(t):
+    """A ternary weight's codes go into the blocks as they are, gamma as every block's d (the
+    gguf package decodes them); gamma's float16 rounding is the only difference."""
+    torch.manual_seed(2)
+    gw = rtn(torch.randn(24, 512), get_grid("ternary"))
+    data, why = carry(t, [QLinear(gw)], None)
+    assert why == ""
+    got = gguf_dequantize(data, ggml.GGML_TYPES[t].type_id).reshape(24, 512)
+    np.testing.assert_array_equal(got, ggml.dequantize(t, data, 512))
+    d = np.float32(np.float16(float(gw.params["gamma"].flatten()[0])))
+    np.testing.assert_array_equal(got, gw.codes.numpy().astype(np.float32) * d)
+    want = gw.dequantize().numpy()
+    assert (np.abs(got - want) <= np.abs(want) * 2.0**-11).all()
+    if t.startswith("TQ"):  # the size llama.cpp's type has: 1.6875 or 2.0625 bits per weight
+        assert data.nbytes * 8 / gw.codes.numel() == ggml.bits_per_weight(t)
+        # llama.cpp's own quantizer picks d = max |x| per block: the same codes here
+        np.testing.assert_array_equal(ggml.quantize(t, want), ggml.quantize(t, got))
+    assert "ternary weights go into" in why_not("Q4_1", get_grid("ternary"), 512)
+    assert "not whole 256-weight blocks" in why_not("TQ1_0", get_grid("ternary"), 384)
+    assert "holds ternary weights, not w2g32" in why_not("TQ2_0", get_grid("w2g32"), 512)
+
+
+def test_ternary_model_exports_as_tq_with_llama_cpps_fallback(tmp_path, tok):
+    """--type native of a ternary model: TQ1_0 (file type MOSTLY_TQ1_0), rows llama.cpp's TQ
+    blocks do not divide (384) in Q4_0 as llama.cpp falls back, every tensor from the codes."""
+    m = tiny_llama(hidden=384)
+    lowbit.quantize(m, lowbit.shorthand("rtn", "ternary"), None, progress=False)
+    res = export_gguf(m, tok, tmp_path / "t.gguf", "native", progress=False)
+    assert res["qtype"] == "native (TQ1_0 rules)" and len(res["from_codes"]) == 14
+    r = GGUFReader(tmp_path / "t.gguf")
+    assert r.fields["general.file_type"].contents() == PRESETS["TQ1_0"].ftype
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.ffn_down.weight"] == "TQ1_0"  # 768 columns
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_up.weight"] == "Q4_0"  # 384
+    for name, mod in m.named_modules():
+        if isinstance(mod, QLinear):
+            i, kind = name.split(".")[2], KINDS[name.split(".")[-1]]
+            t = next(t for t in r.tensors if t.name == f"blk.{i}.{kind}.weight")
+            got = gguf_dequantize(t.data, t.tensor_type).reshape(mod.shape)
+            if kind in ("attn_q", "attn_k"):
+                heads = m.config.num_attention_heads if kind == "attn_q" else \
+                    m.config.num_key_value_heads
+                got = unpermute_qk(got, heads)
+            want = mod.dequantized_weight().numpy()
+            assert (np.abs(got - want) <= np.abs(want) * 2.0**-11).all(), name

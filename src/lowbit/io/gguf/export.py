@@ -318,7 +318,9 @@ def export_gguf(
                 "has no quantized weight a llama.cpp block type holds (give a --type such as "
                 "Q4_K_M)")
         counts = Counter(own.values())
-        preset = get_preset(max(BY_SIZE, key=lambda t: (counts[t], -BY_SIZE.index(t))))
+        ternary = [t for t in BY_SIZE if counts[t] and t.startswith("TQ")]
+        preset = get_preset(ternary[0] if ternary else  # (shorter rows fall back to Q4_0)
+                            max(BY_SIZE, key=lambda t: (counts[t], -BY_SIZE.index(t))))
     types = tensor_types(
         preset.name,
         {e.name: e.shape for e in entries},

@@ -5,10 +5,11 @@ no 70B special case, and not its extra bits for models of exactly 8 experts; MoE
 stay F32, stacked expert tensors ``ffn_*_exps`` count as their ``ffn_*`` category): a preset
 has a base type; the output matrix (or the token embedding when it is tied to the output)
 is raised to Q6_K; `attn_v` and `ffn_down` get more bits in some layers of the
-`_M`/`_S`/`_L` mixes; `attn_output` too in the Q2_K/Q3_K mixes. A row length that the chosen
-type's block does not divide falls back to a 32-block type (Q4_K -> Q5_0, Q5_K -> Q5_1,
-Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, IQ4_XS -> IQ4_NL), and to F16 when 32 does not divide it
-either. docs/GGUF.md has the table.
+`_M`/`_S`/`_L` mixes (the ternary TQ1_0/TQ2_0 files keep untied token embeddings at Q4_K);
+`attn_output` too in the Q2_K/Q3_K mixes. A row length that the chosen type's block does
+not divide falls back to a 32-block type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
+Q2_K/Q3_K -> Q4_0, IQ4_XS -> IQ4_NL, TQ1_0/TQ2_0 -> Q4_0), and to F16 when 32 does not
+divide it either. docs/GGUF.md has the table.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ PRESETS: dict[str, Preset] = {
         Preset("Q2_K_S", 21, "Q2_K"),
         Preset("IQ4_NL", 25, "IQ4_NL"),
         Preset("IQ4_XS", 30, "IQ4_XS"),
+        Preset("TQ1_0", 36, "TQ1_0"),
+        Preset("TQ2_0", 37, "TQ2_0"),
     )
 }
 
@@ -60,6 +63,8 @@ _FALLBACK = {
     "Q4_K": "Q5_0",
     "Q5_K": "Q5_1",
     "Q6_K": "Q8_0",
+    "TQ1_0": "Q4_0",
+    "TQ2_0": "Q4_0",
 }
 # `--type native`: each quantized tensor in the block type its lowbit grid is (io/gguf/lossless.py)
 NATIVE = "native"
@@ -215,6 +220,8 @@ def tensor_types(
             cat = category(name)
             if cat == "output" or (tied and cat == "token_embd"):
                 t = _output_type(t, cols)
+            elif cat == "token_embd" and t in ("TQ1_0", "TQ2_0"):
+                t = "Q4_K"  # llama.cpp's untied embeddings of a ternary model
             elif cat == "attn_v":
                 t = _attn_v(p.name, t, i_attn_v, n_attn_v, n_gqa)
                 i_attn_v += 1
