@@ -106,6 +106,9 @@ def test_every_readme_command_runs(tiny_ckpt, tmp_path, monkeypatch):
         "compressed-tensors"
     assert (tmp_path / "out/nf4/lowbit.safetensors").is_file()
     assert (tmp_path / "out/gptq.gguf").stat().st_size > 0
+    ternary = json.loads((tmp_path / "out/ternary/lowbit.json").read_text())
+    assert ternary["recipe"]["steps"][0]["step"] == "qat" and ternary["scheme"] == "ternary"
+    assert (tmp_path / "out/ternary.gguf").stat().st_size > 0
     assert (tmp_path / "out/ct/config.json").is_file()
     assert (tmp_path / "out/channels.png").stat().st_size > 1000
     assert (tmp_path / "out/sens.png").stat().st_size > 1000

@@ -17,6 +17,7 @@ import lowbit
 from lowbit.errors import LowbitError
 from lowbit.formats.grids import get_grid
 from lowbit.methods.autoround import AutoRound
+from lowbit.methods.fakequant import level_gaps
 from lowbit.methods.rtn import RTN, rtn
 
 
@@ -56,9 +57,49 @@ def test_learned_rounding_beats_rtn_on_every_block_and_on_the_model():
     assert kls["autoround"] < kls["rtn"]
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "mxfp4", "nvfp4"])
+def test_learned_rounding_on_uneven_grids(scheme):
+    """NF4, MXFP4, NVFP4: offsets in units of the gap between the levels around each weight;
+    every block ends at or below round-to-nearest, and each code moves to a neighbouring level
+    (in value: at most the largest gap of its group)."""
+    base = tiny_model("llama")
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    name = "model.layers.1.mlp.down_proj"
+    w = base.get_submodule(name).weight.detach().clone()
+    res = lowbit.quantize(copy.deepcopy(base), [AutoRound(scheme=scheme, iters=30)], calib,
+                          progress=False)
+    rows = [r for r in res.rows if "block_loss" in r]
+    assert len(rows) == 14 and all(r["block_loss"] <= r["block_loss_rtn"] for r in rows)
+    assert sum(r["block_loss"] for r in rows) < sum(r["block_loss_rtn"] for r in rows)
+    gw = res.weights[name]
+    near = rtn(w, get_grid(scheme))
+    changed = gw.codes != near.codes
+    assert 0 < float(changed.float().mean()) < 0.5
+    moved = (gw.dequantize() - near.dequantize()).abs()
+    gaps = level_gaps(gw.grid, w, gw.params)
+    assert bool((moved <= 2 * gaps.amax() + 1e-6).all())
+
+
+def test_level_gaps_are_the_grids_own_steps():
+    torch.manual_seed(0)
+    w = torch.randn(8, 128)
+    g = get_grid("w4g64")
+    p = g.fit_all(w)
+    cols = torch.arange(128) // 64
+    torch.testing.assert_close(level_gaps(g, w, p), p["scale"][:, cols], rtol=0, atol=0)
+    nf4 = get_grid("nf4")
+    p = nf4.fit_all(w)
+    book = nf4.codebook.float()  # a weight between two code book entries: their distance
+    x = torch.full((1, 64), float((book[9] * 0.7 + book[10] * 0.3)))
+    x[0, 0] = 1.0  # the block's absmax, so the scale is 1
+    gaps = level_gaps(nf4, x, nf4.fit_all(x))
+    torch.testing.assert_close(gaps[0, 1], book[10] - book[9])
+    torch.testing.assert_close(gaps[0, 0], book[-1] - book[-2])  # the top: the gap below
+
+
 def test_autoround_refuses_what_it_cannot_round():
-    with pytest.raises(LowbitError, match="not an integer grid"):
-        AutoRound(scheme="nf4")
+    with pytest.raises(LowbitError, match="256 levels"):
+        AutoRound(scheme="fp8-e4m3")
     with pytest.raises(LowbitError, match="iters must be at least 1"):
         AutoRound(iters=0)
 
@@ -75,5 +116,5 @@ def test_autoround_from_the_command_line(tiny_ckpt, tmp_path):
     lowbit_cli("eval", out, "--data", text, "--windows", "2", "--seq-len", "32")
     one_line_error(lowbit_cli("quantize", ckpt, "--method", "gptq", "--iters", "3", "--out",
                               tmp_path / "x", ok=False), "--iters is for autoround")
-    one_line_error(lowbit_cli("quantize", ckpt, "--method", "autoround", "--scheme", "nf4",
-                              "--out", tmp_path / "y", ok=False), "not an integer grid")
+    one_line_error(lowbit_cli("quantize", ckpt, "--method", "autoround", "--scheme", "mxint8",
+                              "--out", tmp_path / "y", ok=False), "256 levels")

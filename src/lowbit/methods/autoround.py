@@ -18,8 +18,11 @@ straight-through steps overshoot once many weights flip together, so the loss ov
 training, and the best state is kept (AutoRound keeps its best iterate the same way): the
 result is never worse than RTN on those windows.
 
-Integer grids only for now (``w4g64``, ``w3g64-asym``...): their offset is a fraction of one
-step. The output layer, outside every block, is rounded to nearest.
+Grids: integer ones (``w4g64``, ``w3g64-asym``...), where an offset is a fraction of the group's
+step, and any grid of at most 16 levels (``nf4``, ``fp4-g32``, ``mxfp4``, ``nvfp4``), where it
+is a fraction of the gap between the two levels around the weight
+(``methods.fakequant.level_gaps``): either way an offset of +-0.5 reaches the neighbouring level.
+The output layer, outside every block, is rounded to nearest.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from lowbit.formats.grid_base import WeightGrid, column_params, grouped_args
 from lowbit.formats.integer import IntGrid
 from lowbit.formats.weight import GridWeight
 from lowbit.methods.base import Rounder, register
-from lowbit.methods.fakequant import clamp_offsets, fake_quant
+from lowbit.methods.fakequant import clamp_offsets, fake_quant, level_gaps
 from lowbit.methods.rtn import RTN
 
 
@@ -79,9 +82,10 @@ class AutoRound(Rounder):
             raise LowbitError(f"autoround: lr must be positive, not {self.lr}")
 
     def check_grid(self, grid: WeightGrid) -> None:
-        if not isinstance(grid, IntGrid):
-            raise LowbitError(f"autoround: {grid.name} is not an integer grid; learned rounding "
-                              "offsets are fractions of an integer step (w4g64, w3g64-asym, ...)")
+        if not isinstance(grid, IntGrid) and grid.code_bits > 4:
+            raise LowbitError(f"autoround: {grid.name} has {1 << grid.code_bits} levels; learned "
+                              "rounding takes integer grids and grids of at most 16 levels "
+                              "(nf4, fp4, mxfp4, nvfp4)")
 
     def wants(self, grid: WeightGrid) -> frozenset[str]:
         return frozenset()
@@ -109,8 +113,11 @@ class AutoRound(Rounder):
             dtypes[full], w = w.dtype, w.float()
             p = grid.finalize(grid.fit_all(w, None, grid.prepare(w)))
             w0[full], params[full] = w, p
-            cols = torch.arange(w.shape[1]) // (grid.group_size or w.shape[1])
-            steps[full] = column_params(grid, p, cols)["scale"].expand_as(w)  # one step a weight
+            if isinstance(grid, IntGrid):  # one step a weight: its group's scale
+                cols = torch.arange(w.shape[1]) // (grid.group_size or w.shape[1])
+                steps[full] = column_params(grid, p, cols)["scale"].expand_as(w)
+            else:  # the gap between the levels around it (NF4, FP4, MX: uneven)
+                steps[full] = level_gaps(grid, w, p)
             offsets[full] = torch.zeros_like(w, requires_grad=True)
         hidden, kwargs = ctx.main.hidden, ctx.main.kwargs
         targets = ctx.run()

@@ -93,3 +93,29 @@ def fake_quant_activations(x: Tensor, bits: int) -> Tensor:
     s = torch.where(s > 0, s, torch.ones_like(s))
     return ste_round(x / s).clamp(-qmax, qmax) * s
 
+
+
+def level_gaps(grid: WeightGrid, w: Tensor, params: Params) -> Tensor:
+    """(out, in): for every weight, the distance between the grid value at or below it and the
+    next one above (its group's scale for an integer grid; NF4's, FP4's, MX's uneven gaps
+    times their scales); at or above the top level, the gap below it; 0 below the lowest level
+    (where the grid clips, as the straight-through estimator passes no gradient). An offset of ``v`` gaps added to a weight
+    moves it ``v`` of the way to its neighbouring level: learned rounding on any grid of at
+    most 16 levels."""
+    if grid.code_bits > 4:
+        raise ValueError(f"{grid.name}: {1 << grid.code_bits} levels; level_gaps enumerates "
+                         "at most 16")
+    x, p = grouped_args(grid, w.detach().float(), params)
+    k = 1 << grid.code_bits
+    codes = torch.arange(-(k // 2 - 1), k // 2) if grid.signed_codes else torch.arange(k)
+    codes = codes.to(grid.encode(x, p).dtype)
+    wide = {n: v.unsqueeze(-1) if n in grid.group_keys else v for n, v in p.items()}
+    levels = grid.decode(codes, wide).float()  # (..., 1 or columns, k)
+    x = x.unsqueeze(-1)
+    inf = torch.tensor(float("inf"))
+    below = torch.where(levels <= x, levels, -inf).amax(-1, keepdim=True)
+    above = torch.where(levels > x, levels, inf).amin(-1)
+    under = torch.where(levels < below, levels, -inf).amax(-1)  # the level before ``below``
+    below = below.squeeze(-1)
+    gap = torch.where(torch.isfinite(above), above - below, below - under)
+    return torch.where(torch.isfinite(gap), gap, 0.0).reshape(w.shape)

@@ -79,12 +79,10 @@ class _Student(nn.Module):
         w = w0.detach().float()
         p = grid.finalize(grid.fit_all(w, None, grid.prepare(w)))
         self.params = p
-        if isinstance(grid, IntGrid):
-            self.s0 = p["scale"].float()  # (out, groups)
-            self.unit = self.s0.repeat_interleave(grid.group_size or w.shape[1], 1)
-        else:  # ternary: one step for the tensor, gamma
-            self.s0 = None
-            self.unit = p["gamma"].float().flatten()[:1].reshape(1, 1)
+        if isinstance(grid, IntGrid):  # offsets in steps of the learned scale (lsq_int)
+            self.s0, self.unit = p["scale"].float(), None  # (out, groups)
+        else:  # ternary: offsets in steps of the starting gamma
+            self.s0, self.unit = None, p["gamma"].float().flatten()[:1].reshape(1, 1)
         self.v = nn.Parameter(torch.zeros_like(w), requires_grad=train == "weights")
         self.u = nn.Parameter(torch.zeros_like(self.s0) if self.s0 is not None
                               else torch.zeros(0), requires_grad=self.s0 is not None)
