@@ -90,7 +90,7 @@ def test_level_gaps_are_the_grids_own_steps():
     nf4 = get_grid("nf4")
     p = nf4.fit_all(w)
     book = nf4.codebook.float()  # a weight between two code book entries: their distance
-    x = torch.full((1, 64), float((book[9] * 0.7 + book[10] * 0.3)))
+    x = torch.full((1, 64), float(book[9] * 0.7 + book[10] * 0.3))
     x[0, 0] = 1.0  # the block's absmax, so the scale is 1
     gaps = level_gaps(nf4, x, nf4.fit_all(x))
     torch.testing.assert_close(gaps[0, 1], book[10] - book[9])
