@@ -99,9 +99,9 @@ def level_gaps(grid: WeightGrid, w: Tensor, params: Params) -> Tensor:
     """(out, in): for every weight, the distance between the grid value at or below it and the
     next one above (its group's scale for an integer grid; NF4's, FP4's, MX's uneven gaps
     times their scales); at or above the top level, the gap below it; 0 below the lowest level
-    (where the grid clips, as the straight-through estimator passes no gradient). An offset of ``v`` gaps added to a weight
-    moves it ``v`` of the way to its neighbouring level: learned rounding on any grid of at
-    most 16 levels."""
+    (where the grid clips, as the straight-through estimator passes no gradient). An offset of
+    ``v`` gaps added to a weight moves it ``v`` of the way to its neighbouring level: learned
+    rounding on any grid of at most 16 levels."""
     if grid.code_bits > 4:
         raise ValueError(f"{grid.name}: {1 << grid.code_bits} levels; level_gaps enumerates "
                          "at most 16")
