@@ -42,6 +42,7 @@ def base():
 @pytest.mark.parametrize("scheme, train, tokens, lr", [
     ("w3g32", "weights", 32 * 30, 2e-3),
     ("w3g32", "scales", 32 * 30, 2e-3),
+    ("w3g32a6", "weights", 32 * 30, 2e-3),  # per-token activations rounded while training
     ("ternary", "weights", 32 * 60, 2e-2),
 ])
 def test_distillation_beats_its_rtn_start(base, scheme, train, tokens, lr):

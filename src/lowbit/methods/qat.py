@@ -18,7 +18,8 @@ What is learned, per Linear (``train``):
 - ``scales``: only the scales (EfficientQAT's end-to-end phase): the codes can still change
   where a scale moves.
 
-Grids: integer grids with a scale per row or group (``w4g64``, ``w3g64-asym``, ``w4``...) and
+Grids: integer grids with a scale per row or group (``w4g64``, ``w3g64-asym``, ``w4``...; with
+per-token activations, ``w4g64a8``, the student rounds its inputs as ``QLinear`` will) and
 ``ternary`` (BitNet b1.58: gamma = mean|w| of the latent weight at every step, codes
 clip(round(w / gamma), -1, 1), straight-through). Ternary training starts from the float
 weights: for the first ``warmup`` fraction of steps the forward pass mixes the weight with its
@@ -59,7 +60,7 @@ from lowbit.formats.grids_lut import TernaryGrid
 from lowbit.formats.integer import IntGrid
 from lowbit.formats.weight import GridWeight
 from lowbit.methods.base import Rounder, register
-from lowbit.methods.fakequant import lsq_int
+from lowbit.methods.fakequant import fake_quant_activations, lsq_int
 
 TRAIN = ("weights", "scales")
 STATE_FILE = "qat-state.pt"
@@ -104,6 +105,9 @@ class _Student(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.in_rotation is not None:  # R4 / incoherence set by methods.rotate
             x = self.in_rotation(x)
+        act = getattr(self.grid, "act_bits", None)
+        if act and not self.teacher:  # w4g64a8 ...: per-token activations, as QLinear rounds
+            x = fake_quant_activations(x.float(), act).to(x.dtype)
         w = self.w0 if self.teacher else self.quantized().to(x.dtype)
         y = F.linear(x, w, self.bias)
         return y if self.out_rotation is None else self.out_rotation(y)
