@@ -233,6 +233,9 @@ def quantize_job(
         if ck.finished:
             e.add_note(f"{ck.finished} finished blocks are kept in {ck.folder}: the same "
                        "command goes on from there, --no-resume starts over")
+        elif ck.trained:
+            e.add_note(f"{ck.trained} is kept in {ck.folder}: the same command goes on from "
+                       "there, --no-resume starts over")
         else:
             ck.clear()  # nothing worth keeping
         raise

@@ -82,6 +82,9 @@ class AutoRound(Rounder):
             raise LowbitError(f"autoround: lr must be positive, not {self.lr}")
 
     def check_grid(self, grid: WeightGrid) -> None:
+        if grid.needs_sensitivity:
+            raise LowbitError(f"autoround: {grid.name} is fitted from the Hessian (SqueezeLLM); "
+                              "use --method gptq or rtn with calibration")
         if not isinstance(grid, IntGrid) and grid.code_bits > 4:
             raise LowbitError(f"autoround: {grid.name} has {1 << grid.code_bits} levels; learned "
                               "rounding takes integer grids and grids of at most 16 levels "

@@ -98,13 +98,21 @@ def fake_quant_activations(x: Tensor, bits: int) -> Tensor:
 def level_gaps(grid: WeightGrid, w: Tensor, params: Params) -> Tensor:
     """(out, in): for every weight, the distance between the grid value at or below it and the
     next one above (its group's scale for an integer grid; NF4's, FP4's, MX's uneven gaps
-    times their scales); at or above the top level, the gap below it; 0 below the lowest level
-    (where the grid clips, as the straight-through estimator passes no gradient). An offset of
+    times their scales); at or above the top level, the gap below it, and below the lowest
+    level the gap above it. An offset of
     ``v`` gaps added to a weight moves it ``v`` of the way to its neighbouring level: learned
     rounding on any grid of at most 16 levels."""
     if grid.code_bits > 4:
         raise ValueError(f"{grid.name}: {1 << grid.code_bits} levels; level_gaps enumerates "
                          "at most 16")
+    rows = w.shape[0]
+    step = max(1, (1 << 22) // max(1, w.shape[1]))  # rows at a time: bounded temporaries
+    if rows > step:
+        def part(v, sl):
+            return v[sl] if isinstance(v, Tensor) and v.dim() and v.shape[0] == rows else v
+        return torch.cat([level_gaps(grid, w[r:r + step],
+                                     {k: part(v, slice(r, r + step)) for k, v in params.items()})
+                          for r in range(0, rows, step)])
     x, p = grouped_args(grid, w.detach().float(), params)
     k = 1 << grid.code_bits
     codes = torch.arange(-(k // 2 - 1), k // 2) if grid.signed_codes else torch.arange(k)
@@ -114,8 +122,10 @@ def level_gaps(grid: WeightGrid, w: Tensor, params: Params) -> Tensor:
     x = x.unsqueeze(-1)
     inf = torch.tensor(float("inf"))
     below = torch.where(levels <= x, levels, -inf).amax(-1, keepdim=True)
-    above = torch.where(levels > x, levels, inf).amin(-1)
+    above = torch.where(levels > x, levels, inf).amin(-1, keepdim=True)
     under = torch.where(levels < below, levels, -inf).amax(-1)  # the level before ``below``
-    below = below.squeeze(-1)
+    over = torch.where(levels > above, levels, inf).amin(-1)  # the level after ``above``
+    below, above = below.squeeze(-1), above.squeeze(-1)
     gap = torch.where(torch.isfinite(above), above - below, below - under)
+    gap = torch.where(torch.isfinite(below), gap, over - above)
     return torch.where(torch.isfinite(gap), gap, 0.0).reshape(w.shape)

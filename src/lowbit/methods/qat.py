@@ -88,8 +88,15 @@ class _Student(nn.Module):
         self.u = nn.Parameter(torch.zeros_like(self.s0) if self.s0 is not None
                               else torch.zeros(0), requires_grad=self.s0 is not None)
 
+    @property
+    def weight(self) -> Tensor:  # what code reading ``module.weight`` (its dtype) expects
+        return self.w0
+
     def scale(self) -> Tensor:
-        return self.s0 * torch.exp(self.u)
+        """The learned scales, rounded (straight through) to the dtype they are stored in."""
+        s = self.s0 * torch.exp(self.u)
+        stored = s.detach().to(getattr(torch, self.grid.scale_dtype)).float()
+        return s + (stored - s.detach())
 
     def quantized(self) -> Tensor:
         """The fake-quantized weight (float32, (out, in)), differentiable in ``v`` and ``u``."""
@@ -99,8 +106,11 @@ class _Student(nn.Module):
                            self.grid.group_size, offsets=self.v)
         w = w0 + self.v * self.unit
         gamma = w.detach().abs().mean().clamp(min=1e-5)
-        t = torch.round(w.detach() / gamma).clamp(-1, 1) * gamma
-        return w + self.mix * (t - w.detach())  # BitNet's straight-through: identity backward
+        wd = w.detach()
+        t = torch.round(wd / gamma).clamp(-1, 1) * gamma
+        if self.mix < 1:  # the warm-up: part float, part ternary
+            t = (1 - self.mix) * wd + self.mix * t
+        return t + (w - wd)  # BitNet's straight-through: identity backward
 
     def forward(self, x: Tensor) -> Tensor:
         if self.in_rotation is not None:  # R4 / incoherence set by methods.rotate
@@ -116,13 +126,18 @@ class _Student(nn.Module):
     def freeze(self) -> GridWeight:
         """The learned weight on the grid, as the driver stores it."""
         w0 = self.w0.float()
-        if isinstance(self.grid, IntGrid):
-            scale = self.scale().to(getattr(torch, self.grid.scale_dtype)).float()
-            p = dict(self.params) | {"scale": scale}
-            w = w0 + self.v * scale.repeat_interleave(self.grid.group_size or w0.shape[1], 1)
-        else:
-            w = w0 + self.v * self.unit
-            p = self.grid.finalize(self.grid.fit_all(w, None, self.grid.prepare(w)))
+        if isinstance(self.grid, IntGrid):  # lsq_int's own rounding, on the stored scales
+            scale, zero = self.scale(), self.params["zero"].float()
+            gs = self.grid.group_size or w0.shape[1]
+            x = w0.reshape(w0.shape[0], -1, gs) / scale.unsqueeze(-1) + \
+                self.v.reshape(w0.shape[0], -1, gs)
+            q = torch.round(x) + zero.unsqueeze(-1)
+            sat = ((q < 0) | (q > self.grid.qmax)).reshape(w0.shape).sum(1)
+            codes = q.clamp(0, self.grid.qmax).to(torch.uint8).reshape(w0.shape)
+            return GridWeight(self.grid, codes, dict(self.params) | {"scale": scale},
+                              saturated=sat)
+        w = w0 + self.v * self.unit
+        p = self.grid.finalize(self.grid.fit_all(w, None, self.grid.prepare(w)))
         xv, pv = grouped_args(self.grid, w, p)
         codes = self.grid.encode(xv, pv).reshape(w.shape)
         sat = self.grid.saturated(xv, pv).reshape(w.shape).sum(1)
@@ -219,11 +234,11 @@ class QAT(Rounder):
             w = get_weight(mod, spec)
             students[full] = _Student(mod, w, grid, self.train)
         frozen = [p for p in model.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        for full, st in students.items():
-            originals[full] = _swap(model, full, st)
         try:
+            for p in frozen:
+                p.requires_grad_(False)
+            for full, st in students.items():
+                originals[full] = _swap(model, full, st)
             start = self._learn(model, students, calib, checkpoint, progress, monitor, every)
         finally:
             for full, mod in originals.items():
@@ -247,10 +262,9 @@ class QAT(Rounder):
                checkpoint, progress: bool, monitor=None, every: int = 0) -> dict:
         n, seq = calib.shape
         steps = self.steps_for(seq)
-        g = torch.Generator().manual_seed(self.seed)
-        per_epoch = math.ceil(n / self.batch)
+        g = torch.Generator().manual_seed(self.seed)  # the windows in shuffled passes
         order = torch.cat([torch.randperm(n, generator=g)
-                           for _ in range(math.ceil(steps / per_epoch) + 1)])
+                           for _ in range(math.ceil(steps * self.batch / n))])
         params_v = [st.v for st in students.values() if st.v.requires_grad]
         params_u = [st.u for st in students.values() if st.u.requires_grad]
         groups = [{"params": params_v, "lr": self.lr}] if params_v else []
@@ -260,7 +274,7 @@ class QAT(Rounder):
             opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
         ternary = any(isinstance(st.grid, TernaryGrid) for st in students.values())
         ramp = self.warmup * steps if ternary else 0.0
-        state = {"step": 0, "kl_start": None, "kl_end": None, "tokens": 0}
+        state = {"step": 0, "kl_start": None, "kl_end": None, "tokens": 0, "recent": []}
         path = None if checkpoint is None else checkpoint.folder / STATE_FILE
         if path is not None and path.is_file():
             saved = torch.load(path, weights_only=True)
@@ -272,6 +286,7 @@ class QAT(Rounder):
                 opt.load_state_dict(saved["opt"])
                 sched.load_state_dict(saved["sched"])
             checkpoint.note(f"qat: resuming at step {state['step']} of {steps} from {path}")
+            checkpoint.trained = f"qat's training at step {state['step']} of {steps}"
 
         def save() -> None:
             if path is None:
@@ -282,6 +297,7 @@ class QAT(Rounder):
                         "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "state": state}, tmp)
             os.replace(tmp, path)
+            checkpoint.trained = f"qat's training at step {state['step']} of {steps}"
 
         def teacher_mode(on: bool) -> None:
             for st in students.values():
@@ -291,7 +307,7 @@ class QAT(Rounder):
                    desc="qat", unit="tok", unit_scale=True, disable=not progress)
         model_was_training = model.training
         model.eval()
-        recent: list[float] = []
+        recent: list[float] = state["recent"]  # the last 20 steps' KL (kl_end: their mean)
         try:
             if state["kl_start"] is None:  # the start (RTN, ternary at lambda = 1), 1st batch
                 with torch.no_grad():
@@ -321,7 +337,7 @@ class QAT(Rounder):
                 opt.step()
                 sched.step()
                 kl = float(loss)
-                recent = (recent + [kl])[-20:]
+                recent[:] = (recent + [kl])[-20:]
                 state["step"], state["tokens"] = it + 1, (it + 1) * self.batch * seq
                 state["kl_end"] = round(sum(recent) / len(recent), 5)
                 bar.update(self.batch * seq)

@@ -93,6 +93,7 @@ class RunCheckpoint:
         self.extra: dict = {}
         self.resumed_blocks = 0
         self.seconds = 0.0  # spent writing checkpoints
+        self.trained = ""  # what a whole-model step (qat) saved here, e.g. "training at step 40"
 
     # -- starting ---------------------------------------------------------------------------
 

@@ -393,7 +393,8 @@ def execute(
     if checkpoint is not None:
         start = _resume(model, plan, calib, chunk, moe_min_tokens, checkpoint, res)
         inputs = checkpoint.inputs()
-        if start and plan.needs_data and inputs[0] is None:
+        whole = all(getattr(la.step, "model_wise", False) for la in plan.layers.values())
+        if start and plan.needs_data and not whole and inputs[0] is None:
             raise LowbitError(f"checkpoint {checkpoint.folder} lacks the inputs of block "
                               f"{start}; run with --no-resume to start over")
         sources = list(checkpoint.extra.get("sources", []))
