@@ -44,6 +44,7 @@ def base():
     ("w3g32", "scales", 32 * 30, 2e-3),
     ("w3g32a6", "weights", 32 * 30, 2e-3),  # per-token activations rounded while training
     ("ternary", "weights", 32 * 60, 2e-2),
+    ("nf4", "weights", 32 * 30, 2e-3),
 ])
 def test_distillation_beats_its_rtn_start(base, scheme, train, tokens, lr):
     model0, ref = base
@@ -59,7 +60,7 @@ def test_distillation_beats_its_rtn_start(base, scheme, train, tokens, lr):
     assert rows[0]["kl_end"] < rows[0]["kl_start"]
     assert mean_kl(model, ref) < mean_kl(rtn_model, ref)
     gw = res.weights[name]
-    if scheme == "ternary":  # training moved codes away from the absmean rounding of w
+    if scheme in ("ternary", "nf4"):  # training moved codes away from the rounding of w
         assert not torch.equal(gw.codes, rtn(w, get_grid("ternary")).codes)
         return
     near = rtn(w, get_grid(scheme))
@@ -71,7 +72,7 @@ def test_distillation_beats_its_rtn_start(base, scheme, train, tokens, lr):
                                atol=0)
 
 
-@pytest.mark.parametrize("scheme", ["w4g32", "w3g32-asym", "w4", "ternary"])
+@pytest.mark.parametrize("scheme", ["w4g32", "w3g32-asym", "w4", "ternary", "nf4", "mxfp4"])
 def test_frozen_weights_are_the_trained_ones(scheme):
     """What is stored decodes to exactly the weight the student computed with (scales rounded
     to their stored dtype while training), whatever the learned offsets and scales."""
@@ -175,12 +176,14 @@ def test_the_command_line_keeps_training_it_could_not_finish(tiny_ckpt, tmp_path
 
 def test_qat_refuses_what_it_cannot_train(base):
     with pytest.raises(LowbitError, match="not a grid qat trains"):
-        QAT(scheme="nf4")
-    with pytest.raises(LowbitError, match="not a grid qat trains"):
+        QAT(scheme="fp8-e4m3")
+    with pytest.raises(LowbitError, match="one scale for the tensor"):
         QAT(scheme="w8-tensor")
+    with pytest.raises(LowbitError, match="train=scales is for integer grids"):
+        QAT(scheme="nf4", train="scales")
     with pytest.raises(LowbitError, match="train must be one of"):
         QAT(train="lora")
-    with pytest.raises(LowbitError, match="no scales to train"):
+    with pytest.raises(LowbitError, match="train=scales is for integer grids"):
         QAT(scheme="ternary", train="scales")
     with pytest.raises(LowbitError, match="awq changes each block"):
         lowbit.quantize(copy.deepcopy(base[0]), [AWQ(), QAT(tokens=32)], CALIB, progress=False)
@@ -201,5 +204,5 @@ def test_qat_from_the_command_line(tiny_ckpt, tmp_path):
                               tmp_path / "x", ok=False), "--tokens is for qat")
     one_line_error(lowbit_cli("quantize", ckpt, "--method", "qat", "--tokens", "lots", "--out",
                               tmp_path / "y", ok=False), "is not a token count")
-    one_line_error(lowbit_cli("quantize", ckpt, "--method", "qat", "--scheme", "nf4", "--out",
+    one_line_error(lowbit_cli("quantize", ckpt, "--method", "qat", "--scheme", "sq4", "--out",
                               tmp_path / "z", ok=False), "not a grid qat trains")

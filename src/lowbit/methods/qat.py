@@ -19,7 +19,10 @@ What is learned, per Linear (``train``):
   where a scale moves.
 
 Grids: integer grids with a scale per row or group (``w4g64``, ``w3g64-asym``, ``w4``...; with
-per-token activations, ``w4g64a8``, the student rounds its inputs as ``QLinear`` will) and
+per-token activations, ``w4g64a8``, the student rounds its inputs as ``QLinear`` will); grids of
+at most 16 levels (``nf4``, ``fp4-g32``, ``mxfp4``, ``nvfp4``), whose scales stay the RTN fit's
+and whose offsets count gaps between the levels around each weight
+(``methods.fakequant.level_gaps``), through the grid's own round trip; and
 ``ternary`` (BitNet b1.58: gamma = mean|w| of the latent weight at every step, codes
 clip(round(w / gamma), -1, 1), straight-through). Ternary training starts from the float
 weights: for the first ``warmup`` fraction of steps the forward pass mixes the weight with its
@@ -60,7 +63,7 @@ from lowbit.formats.grids_lut import TernaryGrid
 from lowbit.formats.integer import IntGrid
 from lowbit.formats.weight import GridWeight
 from lowbit.methods.base import Rounder, register
-from lowbit.methods.fakequant import fake_quant_activations, lsq_int
+from lowbit.methods.fakequant import fake_quant, fake_quant_activations, level_gaps, lsq_int
 
 TRAIN = ("weights", "scales")
 STATE_FILE = "qat-state.pt"
@@ -82,8 +85,10 @@ class _Student(nn.Module):
         self.params = p
         if isinstance(grid, IntGrid):  # offsets in steps of the learned scale (lsq_int)
             self.s0, self.unit = p["scale"].float(), None  # (out, groups)
-        else:  # ternary: offsets in steps of the starting gamma
+        elif isinstance(grid, TernaryGrid):  # offsets in steps of the starting gamma
             self.s0, self.unit = None, p["gamma"].float().flatten()[:1].reshape(1, 1)
+        else:  # NF4, FP4, MX: in gaps between the levels around each weight, fixed scales
+            self.s0, self.unit = None, level_gaps(grid, w, p)
         self.v = nn.Parameter(torch.zeros_like(w), requires_grad=train == "weights")
         self.u = nn.Parameter(torch.zeros_like(self.s0) if self.s0 is not None
                               else torch.zeros(0), requires_grad=self.s0 is not None)
@@ -105,6 +110,8 @@ class _Student(nn.Module):
             return lsq_int(w0, self.scale(), self.params["zero"].float(), self.grid.bits,
                            self.grid.group_size, offsets=self.v)
         w = w0 + self.v * self.unit
+        if not isinstance(self.grid, TernaryGrid):
+            return fake_quant(w, self.grid, self.params)
         gamma = w.detach().abs().mean().clamp(min=1e-5)
         wd = w.detach()
         t = torch.round(wd / gamma).clamp(-1, 1) * gamma
@@ -137,7 +144,9 @@ class _Student(nn.Module):
             return GridWeight(self.grid, codes, dict(self.params) | {"scale": scale},
                               saturated=sat)
         w = w0 + self.v * self.unit
-        p = self.grid.finalize(self.grid.fit_all(w, None, self.grid.prepare(w)))
+        p = self.params  # ternary: gamma is mean|w| of the trained weight, as in training
+        if isinstance(self.grid, TernaryGrid):
+            p = self.grid.finalize(self.grid.fit_all(w, None, self.grid.prepare(w)))
         xv, pv = grouped_args(self.grid, w, p)
         codes = self.grid.encode(xv, pv).reshape(w.shape)
         sat = self.grid.saturated(xv, pv).reshape(w.shape).sum(1)
@@ -189,15 +198,18 @@ class QAT(Rounder):
                               f"{self.warmup}")
 
     def check_grid(self, grid: WeightGrid) -> None:
-        if isinstance(grid, TernaryGrid):
-            if self.train == "scales":
-                raise LowbitError("qat: ternary weights have no scales to train alone (gamma is "
-                                  "mean|w|); use train=weights")
+        if isinstance(grid, IntGrid):
+            if grid.granularity == "tensor":
+                raise LowbitError(f"qat: {grid.name} has one scale for the tensor; qat trains "
+                                  "integer grids with a scale per row or group (w4g64, w4)")
             return
-        if not isinstance(grid, IntGrid) or grid.granularity == "tensor":
-            raise LowbitError(f"qat: {grid.name} is not a grid qat trains; it trains integer "
-                              "grids with a scale per row or group (w4g64, w3g64-asym, w4) and "
-                              "ternary")
+        if grid.needs_sensitivity or grid.code_bits > 4:
+            raise LowbitError(f"qat: {grid.name} is not a grid qat trains: integer grids, "
+                              "ternary and grids of at most 16 levels (nf4, fp4-g32, mxfp4, "
+                              "nvfp4)")
+        if self.train == "scales":
+            raise LowbitError(f"qat: {grid.name}'s scales follow its weights (absmax, mean|w|, "
+                              "shared exponents); train=scales is for integer grids")
 
     def wants(self, grid: WeightGrid) -> frozenset[str]:
         return frozenset()
