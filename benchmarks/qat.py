@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from quality import base_logprobs, calibration, evaluate_against
@@ -26,7 +27,7 @@ from lowbit.eval.metrics import peak_rss_bytes
 from lowbit.methods.qat import QAT
 from lowbit.models import load_model
 
-WIKI = "../shared/data/wikitext-2-raw/wiki.test.raw"
+WIKI = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 
 
 def main() -> None:

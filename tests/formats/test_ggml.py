@@ -22,6 +22,7 @@ from lowbit.formats.ggml import GGML_TYPES, bits_per_weight, dequantize, quantiz
 TYPES = list(GGML_TYPES)
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+TERNARY = ["TQ1_0", "TQ2_0"]  # llama.cpp's ternary quantizers take no importance
 COLS = 1024
 
 
@@ -117,10 +118,10 @@ def test_gguf_quantizers_available() -> None:
             can.append(name)
         except NotImplementedError:
             pass
-    assert set(LEGACY) <= set(can)
+    assert set(LEGACY + TERNARY) <= set(can)
 
 
-@pytest.mark.parametrize("name", LEGACY)
+@pytest.mark.parametrize("name", LEGACY + TERNARY)
 @pytest.mark.parametrize("mat", list(MATS))
 def test_reference_path_equals_gguf_quantizer(name: str, mat: str) -> None:
     """Without importance our bytes are identical to gguf.quants' (so the error is equal): both
@@ -197,7 +198,7 @@ def test_bytes_identical_to_llama_cpp(name: str, weighted: bool) -> None:
 # ----------------------------------------------------------------------------- (3) importance
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", [t for t in TYPES if t not in TERNARY])
 @pytest.mark.parametrize("per_weight", [False, True])
 def test_importance_lowers_weighted_error(name: str, per_weight: bool) -> None:
     w = MATS["normal"]
