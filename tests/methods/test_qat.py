@@ -43,8 +43,8 @@ def base():
     ("w3g32", "weights", 32 * 30, 2e-3),
     ("w3g32", "scales", 32 * 30, 2e-3),
     ("w3g32a6", "weights", 32 * 30, 2e-3),  # per-token activations rounded while training
-    ("ternary", "weights", 32 * 60, 2e-2),
-    ("nf4", "weights", 32 * 30, 2e-3),
+    pytest.param("ternary", "weights", 32 * 60, 2e-2, marks=pytest.mark.slow),
+    pytest.param("nf4", "weights", 32 * 30, 2e-3, marks=pytest.mark.slow),
 ])
 def test_distillation_beats_its_rtn_start(base, scheme, train, tokens, lr):
     model0, ref = base
@@ -129,6 +129,7 @@ def test_a_batch_that_does_not_divide_the_windows(base):
     assert [r for r in res.rows if r.get("step") == "qat"][0]["tokens_trained"] == 32 * 21
 
 
+@pytest.mark.slow
 def test_the_command_line_keeps_training_it_could_not_finish(tiny_ckpt, tmp_path, monkeypatch):
     """Stopped part way (an error, Ctrl-C) the command keeps qat's saved state and says so, and
     the same command goes on from it; stopped after training, it goes on from the stored
