@@ -21,7 +21,6 @@ import numpy as np
 from lowbit.formats.ggml_k import F32, f16_bytes, f16_from
 
 QK = 256
-SIZES = {"TQ1_0": 54, "TQ2_0": 66}
 _POW3 = np.array([81, 27, 9, 3, 1], dtype=np.uint16)
 
 

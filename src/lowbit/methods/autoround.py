@@ -43,6 +43,7 @@ from lowbit.formats.weight import GridWeight
 from lowbit.methods.base import Rounder, register
 from lowbit.methods.fakequant import clamp_offsets, fake_quant, level_gaps
 from lowbit.methods.rtn import RTN
+from lowbit.pipeline.dist import world
 
 
 def _rows_of(value, rows: slice, n: int):
@@ -103,8 +104,7 @@ class AutoRound(Rounder):
     def round_block(self, ctx, layers: dict[str, str], grids: dict[str, WeightGrid]) -> dict:
         """Learn the offsets of the block's Linears ``layers`` (full name -> name in the block)
         onto ``grids`` (by full name); returns full name -> (GridWeight, info row)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
+        if world()[1] > 1:
             raise LowbitError("autoround learns on every calibration window in one process; "
                               "run it without --nproc")
         t0 = time.perf_counter()

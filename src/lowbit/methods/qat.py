@@ -64,6 +64,7 @@ from lowbit.formats.integer import IntGrid
 from lowbit.formats.weight import GridWeight
 from lowbit.methods.base import Rounder, register
 from lowbit.methods.fakequant import fake_quant, fake_quant_activations, level_gaps, lsq_int
+from lowbit.pipeline.dist import world
 
 TRAIN = ("weights", "scales")
 STATE_FILE = "qat-state.pt"
@@ -231,8 +232,7 @@ class QAT(Rounder):
         windows ``calib`` (n, seq_len); returns full name -> (GridWeight, info row).
         ``monitor(step, tokens)`` is called before the first step and every ``every`` steps,
         with the model computing as the fake-quantized student (a training curve)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
+        if world()[1] > 1:
             raise LowbitError("qat trains the whole model in one process; run it without "
                               "--nproc")
         t0 = time.perf_counter()
@@ -261,9 +261,10 @@ class QAT(Rounder):
         out = {}
         for full, st in students.items():
             gw = st.freeze()
-            nearest = st.grid.encode(*grouped_args(st.grid, st.w0.float(), st.params))
-            changed = float((gw.codes != nearest.reshape(gw.shape)).float().mean()) \
-                if isinstance(st.grid, IntGrid) else None
+            changed = None
+            if isinstance(st.grid, IntGrid):  # against round-to-nearest on the RTN scales
+                nearest = st.grid.encode(*grouped_args(st.grid, st.w0.float(), st.params))
+                changed = float((gw.codes != nearest.reshape(gw.shape)).float().mean())
             out[full] = (gw, {"tokens_trained": start["tokens"], "kl_start": start["kl_start"],
                               "kl_end": start["kl_end"], "train": self.train,
                               "codes_changed": None if changed is None else round(changed, 4),

@@ -67,6 +67,14 @@ class Plan:
                    or getattr(la.step, "model_wise", False) for la in self.layers.values())
 
     @property
+    def model_wise(self) -> bool:
+        """Whether whole-model rounders (``methods.qat``) own every layer: the blocks then
+        store what they learned, with no calibration pass (nor saved block inputs) of their
+        own."""
+        return bool(self.layers) and all(getattr(la.step, "model_wise", False)
+                                         for la in self.layers.values())
+
+    @property
     def cache(self):
         """The recipe's KV-cache step, if any (``lowbit.methods.kvcache``)."""
         return next((s for s in self.steps if s.kind == "cache"), None)
@@ -393,12 +401,11 @@ def execute(
     if checkpoint is not None:
         start = _resume(model, plan, calib, chunk, moe_min_tokens, checkpoint, res)
         inputs = checkpoint.inputs()
-        whole = all(getattr(la.step, "model_wise", False) for la in plan.layers.values())
-        if start and plan.needs_data and not whole and inputs[0] is None:
+        if start and plan.needs_data and not plan.model_wise and inputs[0] is None:
             raise LowbitError(f"checkpoint {checkpoint.folder} lacks the inputs of block "
                               f"{start}; run with --no-resume to start over")
         sources = list(checkpoint.extra.get("sources", []))
-    trained = _train_model_wise(model, plan, ex, calib, checkpoint, progress)
+    _train_model_wise(model, plan, ex, calib, checkpoint, progress)
     done = len(res.rows)
 
     def on_block(bi: int, block: nn.Module, main=None, samp=None, sources=None) -> None:
@@ -415,7 +422,7 @@ def execute(
 
     if plan.needs_data:
         res.calibration_tokens = int(calib.numel())
-    if plan.needs_data and not trained:
+    if plan.needs_data and not plan.model_wise:
         samples = [t.sample(calib) for t in plan.transforms]  # every rank: the whole sample
         sample = next((s for s in samples if s is not None), None)
         last = run_sequential(
@@ -449,14 +456,13 @@ def execute(
 
 
 def _train_model_wise(model: nn.Module, plan: Plan, ex: _Executor, calib: Tensor | None,
-                      checkpoint: RunCheckpoint | None, progress: bool) -> bool:
+                      checkpoint: RunCheckpoint | None, progress: bool) -> None:
     """Whole-model rounders (``methods.qat``) learn their layers before the first block; the
-    blocks then store what they learned. True when they own every layer of the plan, so that
-    the blocks need no calibration pass of their own."""
+    blocks then store what they learned."""
     steps = {id(la.step): la.step for la in plan.layers.values()
              if getattr(la.step, "model_wise", False)}
     if not steps:
-        return False
+        return
     per_block = [t.step for t in plan.transforms if not hasattr(t, "transform_model")]
     if per_block:
         raise LowbitError(f"{', '.join(s.step for s in steps.values())} trains the whole model "
@@ -467,7 +473,6 @@ def _train_model_wise(model: nn.Module, plan: Plan, ex: _Executor, calib: Tensor
                if la.step is step and la.full not in ex.res.weights}
         if own:
             ex.learned |= step.train_model(model, plan.spec, own, calib, checkpoint, progress)
-    return all(getattr(la.step, "model_wise", False) for la in plan.layers.values())
 
 
 def _resume(model: nn.Module, plan: Plan, calib: Tensor | None, chunk: int,
