@@ -122,6 +122,12 @@ def choose_format(model, plan, fmt: str, tp: int,
     transformers, vLLM and SGLang load) when it holds the recipe, else lowbit's native folder,
     saying why; with ``--tp`` above 1 the checkpoint is for serving, so compressed-tensors must
     hold it."""
+    if not plan.layers:  # pruned only (--method none): nothing a serving format quantizes
+        if fmt not in ("auto", "native") or tp != 1:
+            raise LowbitError(f"--format {fmt}: the recipe quantizes no Linear (pruning "
+                              "alone); save the native format, or add a rounder (--method "
+                              "gptq) for a serving checkpoint")
+        return "native"
     if fmt == "auto" and tp == 1:
         try:
             # kernel notes (Marlin) are for those who asked for a serving format

@@ -191,6 +191,19 @@ def rotated(recipe: Recipe, seed: int = 0, online: bool = False, incoherent: boo
     return Recipe((step, *recipe.steps), recipe.calibration)
 
 
+def pruned(recipe: Recipe | None, method: str, sparsity: str) -> Recipe:
+    """``recipe`` with a ``prune`` step after its transforms (before its rounder), or the
+    prune step alone for None (``--method none``: pruned weights stay in full precision)."""
+    step = STEPS["prune"](method=method, sparsity=sparsity)
+    if recipe is None:
+        return Recipe((step,))
+    if any(s.kind == "pruner" for s in recipe.steps):
+        raise LowbitError("the recipe prunes already; drop --prune")
+    i = next((k for k, s in enumerate(recipe.steps) if s.kind != "transform"),
+             len(recipe.steps))
+    return Recipe((*recipe.steps[:i], step, *recipe.steps[i:]), recipe.calibration)
+
+
 def with_kv(recipe: Recipe, fmt: str) -> Recipe:
     """``recipe`` with a ``kv`` step last: the model runs with a ``fmt`` KV cache
     (``lowbit.methods.kvcache``)."""

@@ -37,13 +37,15 @@ class TokenCount(click.ParamType):
 
 def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = None,
                  online: bool = False, incoherent: bool = False, fused: bool = True,
-                 kv: str | None = None):
+                 kv: str | None = None, prune: str | None = None,
+                 sparsity: str | None = None):
     """The recipe of the command line: a file, or the shorthand with the flags given
     (``rotate``: the seed of a rotate step put first, None for none; ``fused``: R1 and R2 in
     it, ``online``: R4, ``incoherent``: incoherence processing; ``kv``: a KV-cache format, a
-    ``kv`` step last)."""
+    ``kv`` step last; ``prune``/``sparsity``: a prune step before the rounder, alone with
+    method ``none``)."""
     from lowbit.formats.kv import parse_kv
-    from lowbit.recipe import load_recipe, rotated, shorthand, with_kv
+    from lowbit.recipe import load_recipe, pruned, rotated, shorthand, with_kv
 
 
     given = {STEP_FLAGS[k]: v for k, v in flags.items() if v is not None}
@@ -52,11 +54,26 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
         extra += [o for o, v in (("--method", method), ("--scheme", scheme)) if v is not None]
         extra += ["--rotate/--incoherence"] if rotate is not None else []
         extra += ["--kv"] if kv is not None else []
+        extra += ["--prune/--sparsity"] if prune is not None or sparsity is not None else []
         if extra:
             raise LowbitError(f"--recipe gives the steps; drop {', '.join(extra)} (or edit the "
                               "recipe)")
         return load_recipe(recipe_path)
-    recipe = shorthand(method, scheme, **given)
+    if sparsity is not None and prune is None:
+        raise LowbitError("--sparsity goes with --prune magnitude|wanda|sparsegpt")
+    if method == "none":
+        if prune is None:
+            raise LowbitError("--method none quantizes nothing: give --prune (pruned weights "
+                              "stay in full precision)")
+        extra = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+        extra += ["--scheme"] if scheme is not None else []
+        if extra:
+            raise LowbitError(f"--method none rounds nothing; drop {', '.join(extra)}")
+        recipe = None
+    else:
+        recipe = shorthand(method, scheme, **given)
+    if prune is not None:
+        recipe = pruned(recipe, prune, sparsity or "0.5")
     recipe = recipe if rotate is None else rotated(recipe, rotate, online, incoherent, fused)
     if kv is not None and online:  # R3: an integer cache stores keys and values rotated
         spec = parse_kv(kv)
@@ -70,7 +87,8 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
               help="a recipe file (YAML or JSON); a lowbit.json re-runs the recipe it records")
 @click.option("--method", default=None,
               help="shorthand for a recipe: rtn, gptq, hqq, autoround, qat, awq, awq+gptq, "
-                   "smoothquant, smoothquant+gptq, w8a8, llm-int8 [default: gptq]")
+                   "smoothquant, smoothquant+gptq, w8a8, llm-int8; none: only --prune "
+                   "[default: gptq]")
 @click.option("--scheme", default=None,
               help="w4g64, w4g64-asym, w3g64-mse, w8, nf4, mxfp4, nvfp4 ... (README lists them); "
                    "w8a8 and smoothquant: w8a8, w8a8-static, w7a8, w8a8-fp8 ... "
@@ -95,6 +113,12 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
                    "[default: 6.0]")
 @click.option("--int8-kernel", default=None,
               help="w8a8, smoothquant, llm-int8: auto, onednn, int_mm or emulate [default: auto]")
+@click.option("--prune", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), default=None,
+              help="drop weights before rounding: magnitude, wanda (|w| x input norm, per "
+                   "row) or sparsegpt (OBS update; with gptq in the same sweep)")
+@click.option("--sparsity", default=None,
+              help="with --prune: the fraction dropped (0.5) or N:M kept (2:4, 4:8) "
+                   "[default: 0.5]")
 @click.option("--rotate", is_flag=True,
               help="rotate the model first (Hadamard R1 on the residual stream, R2 per "
                    "attention head, fused into the weights: the same function, fewer outliers)")
@@ -155,7 +179,8 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
 @dtype_option("dtype to load and quantize the model in (statistics are fp32): auto = the "
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
-            act_order, static_groups, damp, iters, tokens, alpha, threshold, int8_kernel, rotate,
+            act_order, static_groups, damp, iters, tokens, alpha, threshold, int8_kernel, prune,
+            sparsity, rotate,
             rotate_online, incoherence, rotate_seed, kv, target_bpw,
             target_size, sensitivity_path, candidates, eval_windows,
             eval_data, chunk, out, fmt, tp, overwrite, resume, nproc, json_path, quiet, dtype):
@@ -177,7 +202,7 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
         raise LowbitError("--rotate-online adds to the fused rotations: give --rotate too")
     recipe = build_recipe(recipe_path, method, scheme, flags,
                           rotate_seed if rotate or incoherence else None, rotate_online,
-                          incoherence, rotate, kv)
+                          incoherence, rotate, kv, prune, sparsity)
     base = _recorded_base(recipe_path)
     model = model or base or "smollm2-135m"
     calib_req = calibration(calib, calib_samples, calib_offset, seq_len, recipe.calibration)
@@ -194,7 +219,8 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
 
     if world()[0]:
         return  # rank 0 reports
-    losses = [r for r in res.rows if "loss" in r and "rtn_loss" in r]
+    # a pruned layer's loss counts its pruning too: RTN of the dense weight is no yardstick
+    losses = [r for r in res.rows if "loss" in r and "rtn_loss" in r and "pruner" not in r]
     schemes = Counter(w.grid.name for w in res.weights.modules().values()
                       if hasattr(w, "grid"))
     summary = meta | {
@@ -213,9 +239,20 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
                  f"{budget['target_bytes']:,} (the method stores more than RTN: act-order's "
                  "g_idx?)")
     mix = ", ".join(f"{n} {s}" for s, n in schemes.most_common()) or recipe.scheme
-    echo(f"wrote {out} ({meta['output_format']}): {recipe.name}, {len(res.weights)} layers "
-         f"({mix}), "
-         f"{res.bits_per_weight():.3f} bits/weight, {meta['seconds']:.0f} s", json_path)
+    pruned = [r for r in res.rows if "pruner" in r]
+    if pruned:
+        numel = [r["shape"][0] * r["shape"][1] for r in pruned]
+        share = sum(r["pruned"] * n for r, n in zip(pruned, numel, strict=True)) / sum(numel)
+        summary["pruned_layers"], summary["pruned"] = len(pruned), share
+    if not res.weights:
+        echo(f"wrote {out} ({meta['output_format']}): {recipe.name}, {len(pruned)} layers "
+             f"pruned ({share:.1%} of their weights zero, the rest in full precision), "
+             f"{meta['seconds']:.0f} s", json_path)
+    else:
+        echo(f"wrote {out} ({meta['output_format']}): {recipe.name}, {len(res.weights)} layers "
+             f"({mix}), {res.bits_per_weight():.3f} bits/weight"
+             + (f", {share:.1%} of the weights pruned" if pruned else "")
+             + f", {meta['seconds']:.0f} s", json_path)
     if losses:
         echo(f"layer loss below RTN's in {summary['layers_below_rtn']}/{len(losses)} layers",
              json_path)

@@ -1,8 +1,9 @@
 """Recipe steps: small frozen configs registered under a name, each naming the layers it acts on.
 
-Three kinds, run in this order inside every decoder block by ``lowbit.pipeline.plan``:
+Four kinds, run in this order inside every decoder block by ``lowbit.pipeline.plan``:
 
 - transforms keep the function of the full-precision model (AWQ and SmoothQuant scales);
+- pruners zero a share of a layer's weights just before its rounder (``methods.prune``);
 - rounders put a layer's weight on a grid (RTN, GPTQ, HQQ): every layer has at most one;
 - replacers swap a Linear for a runtime module with its own arithmetic (W8A8, FP8, LLM.int8());
 
@@ -30,7 +31,7 @@ from lowbit.formats.grid_base import WeightGrid
 from lowbit.formats.grids import get_grid
 
 STEPS: dict[str, type[Step]] = {}
-KINDS = ("transform", "rounder", "replacer", "cache")
+KINDS = ("transform", "pruner", "rounder", "replacer", "cache")
 
 
 def register(cls: type[Step]) -> type[Step]:

@@ -42,6 +42,7 @@ from lowbit.formats.grid_base import (
 from lowbit.formats.weight import GridWeight
 from lowbit.methods.base import Rounder, register
 from lowbit.methods.rtn import grid_loss, rtn
+from lowbit.methods.sparsity import Sparsity, obs_scores, select
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,16 @@ def prepare_hessian(h: Tensor, act_order: bool, damp: float = 0.01) -> Hessian:
 
 def gptq_quantize(
     w: Tensor, hes: Hessian, grid: WeightGrid, block_size: int = 128,
-    static_groups: bool = False,
+    static_groups: bool = False, keep: Tensor | None = None, prune: Sparsity | None = None,
 ) -> GridWeight:
-    """Round an (out, in) weight with GPTQ given its prepared input Hessian."""
+    """Round an (out, in) weight with GPTQ given its prepared input Hessian.
+
+    ``keep`` (bool, the weight's shape): weights outside it are stored as the grid's zero and
+    their whole value is fed back like a rounding error (rounding after pruning). ``prune``:
+    SparseGPT's joint sweep - the weights to drop are chosen as the loop reaches them, by
+    ``obs_scores`` on the already-updated weights: over each block of columns for a fraction,
+    per group of M columns for N:M (which needs the columns in their own order: no act-order).
+    """
     check_finite(w)
     W = w.detach().float().clone()
     out_f, in_f = W.shape
@@ -130,6 +138,11 @@ def gptq_quantize(
             col_group = col_group[perm]  # each column keeps its original group
     hdiag = hes.diag if perm is None else hes.diag[perm]
     U = hes.u
+    if prune is not None and prune.nm and (perm is not None or bs % prune.m):
+        raise LowbitError(f"{prune} sparsity in the GPTQ sweep needs the columns in order "
+                          f"(act_order off) and blocks that are multiples of {prune.m}")
+    if keep is not None and perm is not None:
+        keep = keep[:, perm]
     col_group = col_group.tolist()
 
     fitted: list[Params | None] = [None] * n_groups(grid, in_f)
@@ -142,8 +155,16 @@ def gptq_quantize(
         X1 = torch.empty_like(W1)  # each column as it was rounded (for the clipped count)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        K1 = None if keep is None else keep[:, i1:i2]
+        if prune is not None and not prune.nm:
+            K1 = select(obs_scores(W1, U1.diagonal()), prune)
+        elif prune is not None:
+            K1 = torch.ones_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             col = i1 + i
+            if prune is not None and prune.nm and i % prune.m == 0:
+                K1[:, i : i + prune.m] = select(
+                    obs_scores(W1[:, i : i + prune.m], U1.diagonal()[i : i + prune.m]), prune)
             g = col_group[col]
             p = views.get(g)
             if p is None:
@@ -156,6 +177,8 @@ def gptq_quantize(
             x = W1[:, i : i + 1]
             X1[:, i : i + 1] = x
             q, x_hat = grid.round_trip(x, p)
+            if K1 is not None:
+                q, x_hat = _zero_outside(grid, x, p, q, x_hat, K1[:, i : i + 1])
             code_cols.append(q)
             err = (W1[:, i] - x_hat[:, 0]) / U1[i, i]
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # in place: no (rows, block) temporary
@@ -183,6 +206,16 @@ def gptq_quantize(
     return GridWeight(grid, codes, grid.finalize(params), g_idx, saturated)
 
 
+def _zero_outside(grid: WeightGrid, x: Tensor, p: Params, q: Tensor, x_hat: Tensor,
+                  k: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes and values of a column with the weights outside ``k`` set to the grid's zero."""
+    q0, x0 = grid.round_trip(torch.zeros_like(x), p)
+    if bool((x0[~k] != 0).any()):
+        raise LowbitError(f"{grid.name} cannot store a pruned weight: zero is not on its grid "
+                          "(choose a grid with an exact zero: symmetric or integer zero points)")
+    return torch.where(k, q, q0), torch.where(k, x_hat, x0)
+
+
 def layer_losses(w: Tensor, gw: GridWeight, h: Tensor) -> dict:
     """Layer-output loss of ``gw`` and of plain RTN of ``w`` onto the same grid, on H."""
     w0, h0 = w.detach().float(), h.detach().float()
@@ -203,6 +236,7 @@ class GPTQ(Rounder):
     issue 14)."""
 
     row_separable: ClassVar[bool] = True
+    keeps_zeros: ClassVar[bool] = True  # rounds pruned Linears (methods.prune)
 
     step = "gptq"
     act_order: bool | None = None
@@ -224,15 +258,17 @@ class GPTQ(Rounder):
     def act_order_for(self, grid: WeightGrid) -> bool:
         return grid.column_groups if self.act_order is None else self.act_order
 
-    def round_layers(self, weights: dict, grids: dict, stats) -> dict:
+    def round_layers(self, weights: dict, grids: dict, stats, sparse: dict | None = None) -> dict:
         """One prepared H per act-order setting; Linears on the same stackable grid are rounded
-        as one stacked weight."""
+        as one stacked weight. ``sparse``: name -> keep mask (pruned before) or ``Sparsity``
+        (pruned in the same sweep, SparseGPT's joint mode); such Linears are rounded alone."""
+        sparse = sparse or {}
         hessians: dict[bool, Hessian] = {}
         batches: dict[WeightGrid, list[str]] = {}
         singles: list[list[str]] = []
         for name in weights:
             g = grids[name]
-            if g.stackable:
+            if g.stackable and name not in sparse:
                 batches.setdefault(g, []).append(name)
             else:
                 singles.append([name])
@@ -241,12 +277,17 @@ class GPTQ(Rounder):
             t0 = time.perf_counter()
             grid = grids[names[0]]
             act = self.act_order_for(grid)
+            sp = sparse.get(names[0])
+            if isinstance(sp, Sparsity) and sp.nm:
+                act = False  # N:M groups are runs of columns in their own order
             if act not in hessians:
                 hessians[act] = prepare_hessian(stats.h, act, self.damp)
             hes = hessians[act]
             ws = [weights[n] for n in names]
             w = ws[0] if len(ws) == 1 else torch.cat(ws)
-            gw = gptq_quantize(w, hes, grid, self.block_size, self.static_groups)
+            gw = gptq_quantize(w, hes, grid, self.block_size, self.static_groups,
+                               keep=sp if isinstance(sp, Tensor) else None,
+                               prune=sp if isinstance(sp, Sparsity) else None)
             parts = [gw] if len(ws) == 1 else gw.split_rows([x.shape[0] for x in ws])
             secs = round((time.perf_counter() - t0) / len(names), 3)
             for name, x, part in zip(names, ws, parts, strict=True):

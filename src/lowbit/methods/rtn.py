@@ -62,16 +62,23 @@ class RTN(Rounder):
     Hessian diagonal (SqueezeLLM)."""
 
     row_separable: ClassVar[bool] = True
+    keeps_zeros: ClassVar[bool] = True  # rounds pruned Linears (methods.prune)
 
     step = "rtn"
 
-    def round_layers(self, weights: dict, grids: dict, stats) -> dict:
+    def round_layers(self, weights: dict, grids: dict, stats, sparse: dict | None = None) -> dict:
+        """``sparse``: name -> keep mask of a pruned Linear (its zeros stay zeros; the step
+        refuses a grid on which zero does not round to zero)."""
         out = {}
         for name, w in weights.items():
             t0 = time.perf_counter()
             grid = grids[name]
             sens = torch.diag(stats.h) if grid.needs_sensitivity else None
             gw = rtn(w, grid, sens)
+            keep = (sparse or {}).get(name)
+            if keep is not None and bool((gw.dequantize()[~keep] != 0).any()):
+                raise LowbitError(f"{grid.name} cannot store a pruned weight: zero is not on "
+                                  "its grid (choose a grid with an exact zero)")
             out[name] = (gw, {"saturated": gw.n_saturated,
                               "seconds": round(time.perf_counter() - t0, 3)})
         return out

@@ -37,7 +37,7 @@ from lowbit.runtime.experts import unfuse_experts
 from lowbit.runtime.qlinear import QLinear
 
 HEAD = "lm_head"
-ORDER = {"transform": 0, "rounder": 1, "replacer": 1, "cache": 2}
+ORDER = {"transform": 0, "pruner": 1, "rounder": 2, "replacer": 2, "cache": 3}
 
 
 @dataclass
@@ -55,12 +55,15 @@ class Plan:
     steps: list
     layers: dict[str, Layer]  # full name -> owner
     transforms: list
+    pruned: dict[str, object] = field(default_factory=dict)  # full name -> its pruner
 
     @property
     def needs_data(self) -> bool:
         if any(t.needs_data() for t in self.transforms):
             return True
         if self.cache is not None and self.cache.needs_data():
+            return True
+        if any(p.needs_data() for p in self.pruned.values()):
             return True
         return any(self.wants(la) or (la.step.kind == "replacer" and la.step.needs_data())
                    or getattr(la.step, "block_wise", False)
@@ -186,16 +189,22 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
         if ORDER[a.kind] > ORDER[b.kind]:
             raise LowbitError(f"recipe order: {b.step} ({b.kind}) must come before "
                               f"{a.step} ({a.kind}); transforms run first")
+    if any(s.kind == "pruner" for s in steps) and world()[1] > 1:
+        raise LowbitError("pruning runs in one process; run it without --nproc")
     caches = [s for s in steps if s.kind == "cache"]
     if len(caches) > 1:
         raise LowbitError("a recipe has at most one kv step")
     owners = [s for s in steps if s.kind in ("rounder", "replacer")]
+    pruners = [s for s in steps if s.kind == "pruner"]
     layers: dict[str, Layer] = {}
+    pruned: dict[str, object] = {}
     for full, (bi, local, mod) in candidates(model, spec).items():
         mine = [s for s in owners if s.applies(full)]
         if len(mine) > 1:
             raise LowbitError(f"{full} is targeted by {mine[0].step} and {mine[1].step}; give "
                               "each layer one rounder or replacer (use ignore)")
+        if prn := [s for s in pruners if s.applies(full)]:
+            pruned[full] = _pruner_for(full, prn, mine, mod, spec, local)
         if not mine:
             continue
         step = mine[0]
@@ -213,7 +222,7 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
             except LowbitError as e:
                 raise LowbitError(f"{full}: {e}") from None
         layers[full] = Layer(full, bi, local, step, grid)
-    if not layers:
+    if not layers and not pruned:
         raise LowbitError("the recipe's targets and ignore lists select no layer of this "
                           f"{spec.family} model")
     transforms = [s for s in steps if s.kind == "transform" and s.needs_data()]
@@ -222,7 +231,25 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
                           f"({spec.family}) yet; use a rounder alone (rtn, gptq ...)")
     if HEAD in layers and spec.conv1d:
         raise LowbitError("lm_head of GPT-2 (Conv1D blocks) cannot be quantized yet")
-    return Plan(spec, list(steps), layers, [s for s in steps if s.kind == "transform"])
+    return Plan(spec, list(steps), layers, [s for s in steps if s.kind == "transform"],
+                pruned)
+
+
+def _pruner_for(full: str, prn: list, owners: list, mod: nn.Module, spec: ArchSpec,
+                local: str):
+    """The one pruner of a layer, checked against the step that owns it."""
+    if len(prn) > 1:
+        raise LowbitError(f"{full} is pruned by two steps; give each layer one pruner")
+    if full == HEAD:
+        raise LowbitError("lm_head is not pruned: add it to the pruner's ignore list")
+    if owners and not getattr(owners[0], "keeps_zeros", False):
+        raise LowbitError(f"{full}: {owners[0].step} cannot keep pruned weights at zero; prune "
+                          "before rtn or gptq (or alone, --method none)")
+    try:
+        prn[0].check_shape(*_shape(mod, spec, local))
+    except LowbitError as e:
+        raise LowbitError(f"{full}: {e}") from None
+    return prn[0]
 
 
 class _Executor:
@@ -235,6 +262,7 @@ class _Executor:
         self.pending: list[tuple[str, object, nn.Module, dict]] = []
         self.rounded: list[str] = []  # rounded in this block, swapped for QLinear at its end
         self.learned: dict[str, tuple] = {}  # block-wise rounders' results, by full name
+        self.prune_rows: dict[str, dict] = {}  # pruned before rounding: merged into its row
 
     def emit(self, row: dict) -> None:
         self.res.rows.append(row)
@@ -258,16 +286,49 @@ class _Executor:
     def wants(self, ctx: BlockContext, group) -> frozenset[str] | None:
         mine = [self.plan.layers.get(ctx.full(n)) for n in group]
         mine = [la for la in mine if la is not None and la.step.kind == "rounder"]
-        if not mine:
+        prn = [p for n in group if (p := self.plan.pruned.get(ctx.full(n))) is not None]
+        if not mine and not prn:
             return None
-        return frozenset().union(*(self.plan.wants(la) for la in mine))
+        return frozenset().union(*(self.plan.wants(la) for la in mine),
+                                 *(p.wants() for p in prn))
 
     def round(self, ctx: BlockContext, group, stats: InputStats) -> None:
         mods = {n: ctx.linears[n] for n in group}
         self.round_modules(ctx.index, {ctx.full(n): m for n, m in mods.items()}, stats,
                            ctx.spec.conv1d)
 
+    def prune(self, bi, mods: dict[str, nn.Module], stats, conv1d: bool) -> dict[str, object]:
+        """Prune the pruned Linears among ``mods`` in place; full name -> keep mask, or the
+        pattern for a rounder that prunes in its own sweep (sparsegpt + gptq)."""
+        sparse: dict[str, object] = {}
+        by_step: dict[int, list[str]] = {}
+        for full in mods:
+            prn = self.plan.pruned.get(full)
+            if prn is None:
+                continue
+            la = self.plan.layers.get(full)
+            if la is not None and prn.joint_with(la.step):
+                sparse[full] = prn.pattern
+                self.prune_rows[full] = {"pruner": prn.method, "sparsity": prn.sparsity,
+                                         "pruned": round(prn.pattern.ratio, 4), "joint": True}
+            else:
+                by_step.setdefault(id(prn), []).append(full)
+        for fulls in by_step.values():
+            prn = self.plan.pruned[fulls[0]]
+            done = prn.prune_layers({f: _weight(mods[f], conv1d) for f in fulls}, stats)
+            for full, (new, keep, info) in done.items():
+                _set(mods[full], new, conv1d)
+                sparse[full] = keep
+                if full in self.plan.layers:
+                    self.prune_rows[full] = info
+                else:  # pruned alone: the weight stays in full precision
+                    self.emit({"block": bi, "name": full, "shape": list(new.shape),
+                               "tokens": 0 if stats is None else stats.n, "step": prn.step}
+                              | info)
+        return sparse
+
     def round_modules(self, bi, mods: dict[str, nn.Module], stats, conv1d: bool) -> None:
+        sparse = self.prune(bi, mods, stats, conv1d) if self.plan.pruned else {}
         by_step: dict[int, list[str]] = {}
         for full in mods:
             la = self.plan.layers.get(full)
@@ -279,11 +340,16 @@ class _Executor:
             grids = {f: self.plan.layers[f].grid for f in fulls}
             if all(f in self.learned for f in fulls):
                 done = {f: self.learned.pop(f) for f in fulls}
+            elif any(f in sparse for f in fulls):  # one process (make_plan)
+                done = step.round_layers(weights, grids, stats,
+                                         sparse={f: sparse[f] for f in fulls if f in sparse})
             else:  # several processes (lowbit.pipeline.dist): rows or Linears shared, exchanged
                 done = round_shared(lambda w, g, step=step: step.round_layers(w, g, stats),
                                     weights, grids, step.row_separable)
             for full in fulls:
                 gw, info = done[full]
+                if full in self.prune_rows:
+                    info = info | self.prune_rows.pop(full)
                 _set(mods[full], gw.dequantize(), conv1d)
                 self.res.weights[full] = gw
                 self.rounded.append(full)
@@ -382,7 +448,8 @@ def execute(
     if plan.needs_data and calib is None:
         names = sorted({la.step.step for la in plan.layers.values()
                         if plan.wants(la) or la.step.needs_data()}
-                       | {t.step for t in plan.transforms})
+                       | {t.step for t in plan.transforms}
+                       | {p.step for p in plan.pruned.values() if p.needs_data()})
         raise LowbitError(f"{', '.join(names)} needs calibration windows")
     bound_heap()
     res = Result(plan.steps)
