@@ -100,6 +100,25 @@ def forward_seconds(model, windows: torch.Tensor, chunk: int = 8) -> float:
     return time.perf_counter() - t0
 
 
+def pruned_bits(res) -> dict:
+    """For a pruned model: the share of block-Linear weights pruned and the bits per weight a
+    compact store would spend (kept codes, the grid's parameters, a 1-bit mask per weight;
+    Linears pruned alone counted as fp16 values)."""
+    rows = [r for r in res.rows if "pruner" in r]
+    if not rows:
+        return {}
+    n = bits = dropped = 0.0
+    for r in rows:
+        numel = r["shape"][0] * r["shape"][1]
+        gw = res.weights.modules().get(r["name"])
+        dense, code = (gw.bits_per_weight(), gw.grid.code_bits) if gw is not None else (16, 16)
+        bits += numel * (dense - r["pruned"] * code + 1)
+        dropped += numel * r["pruned"]
+        n += numel
+    out = {"pruned": dropped / n, "bpw_mask": bits / n}
+    return out if len(res.weights) else out | {"bpw": 16.0}  # pruned alone: fp16 storage
+
+
 def run_variants(variants: list[str], table: list[dict], tok, ids, ev, blp, calib: str,
                  n_calib: int, json_path: str | None, save_dir: str | None = None,
                  time_forward: bool = False) -> None:
@@ -135,6 +154,7 @@ def run_variants(variants: list[str], table: list[dict], tok, ids, ev, blp, cali
             else None,
             **evaluate_against(model, ev, blp),
         }
+        row |= pruned_bits(res)
         table.append(row)
         print(format_table([row], COLS).splitlines()[-1], flush=True)
         if out:

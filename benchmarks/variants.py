@@ -3,15 +3,16 @@ step option (``gptq:w4g64:act_order=0,damp=0.05``, ``awq+gptq:w3g64:search_windo
 ``llm-int8:-:threshold=4,kernel=emulate``); ``-`` for no scheme; ``rotate+`` before the method
 puts the fused rotations first (``rotate+gptq:w3g64``, the CLI's ``--rotate``), ``rotate4+``
 adds R4 online (``--rotate --rotate-online``), ``incoh+`` incoherence processing alone
-(``--incoherence``) and ``rotate+incoh+`` both. Values are typed
-from the steps' own option annotations."""
+(``--incoherence``) and ``rotate+incoh+`` both; ``PRUNER@SPARSITY+`` prunes first
+(``wanda@2:4+gptq:w4g64``, the CLI's ``--prune wanda --sparsity 2:4``; ``sparsegpt@0.5+none``
+prunes alone). Values are typed from the steps' own option annotations."""
 
 from __future__ import annotations
 
 from typing import get_args, get_type_hints
 
 from lowbit.methods.base import STEPS
-from lowbit.recipe import METHODS, Recipe, rotated, shorthand
+from lowbit.recipe import METHODS, Recipe, pruned, rotated, shorthand
 
 
 def _typed(key: str, value: str, method: str):
@@ -37,6 +38,10 @@ def parse_variant(v: str) -> Recipe:
     if head:
         return rotated(parse_variant(v), online="rotate4" in head, incoherent="incoh" in head,
                        fused="rotate" in head or "rotate4" in head)
+    if "@" in v.split("+", 1)[0] and "+" in v:
+        p, v = v.split("+", 1)
+        method, sparsity = p.split("@")
+        return pruned(None if v == "none" else parse_variant(v), method, sparsity)
     parts = v.split(":")
     method = parts[0]
     scheme = parts[1] if len(parts) > 1 and parts[1] != "-" else None

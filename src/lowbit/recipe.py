@@ -204,6 +204,17 @@ def pruned(recipe: Recipe | None, method: str, sparsity: str) -> Recipe:
     return Recipe((*recipe.steps[:i], step, *recipe.steps[i:]), recipe.calibration)
 
 
+def shrunk(recipe: Recipe | None, ratio: float) -> Recipe:
+    """``recipe`` with a ``prune-structured`` step first (MLP channels removed before anything
+    else runs on the block), or that step alone for None."""
+    step = STEPS["prune-structured"](ratio=ratio)
+    if recipe is None:
+        return Recipe((step,))
+    if any(s.step == step.step for s in recipe.steps):
+        raise LowbitError("the recipe prunes MLP channels already; drop --prune-structured")
+    return Recipe((step, *recipe.steps), recipe.calibration)
+
+
 def with_kv(recipe: Recipe, fmt: str) -> Recipe:
     """``recipe`` with a ``kv`` step last: the model runs with a ``fmt`` KV cache
     (``lowbit.methods.kvcache``)."""

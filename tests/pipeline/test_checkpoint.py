@@ -17,7 +17,7 @@ from lowbit.errors import LowbitError
 from lowbit.pipeline.checkpoint import RunCheckpoint
 from lowbit.recipe import shorthand
 
-TIMING = {"seconds", "time"}
+TIMING = {"seconds", "time", "prune_seconds"}
 
 
 class Crash(Exception):
@@ -295,3 +295,20 @@ def test_missing_inputs_are_a_one_line_error(windows, tmp_path, monkeypatch):
     (folder / "inputs-00001.safetensors").unlink()
     with pytest.raises(LowbitError, match="lacks the inputs of block 1; run with --no-resume"):
         _run("llama", shorthand("gptq", "w4g32"), windows, folder)
+
+
+@pytest.mark.parametrize("steps", ["unstructured", "structured", "structured-alone"])
+def test_pruned_runs_resume_bit_identical(steps, windows, tmp_path, monkeypatch):
+    """Pruned blocks come back as they were written, narrower MLPs included."""
+    from lowbit.methods.gptq import GPTQ
+    from lowbit.methods.prune import Prune
+    from lowbit.methods.structured import PruneStructured
+
+    recipe = {"unstructured": [Prune(method="wanda", sparsity="2:4"), GPTQ(scheme="w4g32")],
+              "structured": [PruneStructured(ratio=0.25), GPTQ(scheme="w4g32")],
+              "structured-alone": [PruneStructured(ratio=0.25)]}[steps]
+    ref = _run("llama", recipe, windows)
+    folder = tmp_path / "ck"
+    with pytest.raises(Crash):
+        _run("llama", recipe, windows, folder, crash_after=0, monkeypatch=monkeypatch)
+    _equal(ref, _run("llama", recipe, windows, folder, resume="require"))

@@ -38,14 +38,14 @@ class TokenCount(click.ParamType):
 def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = None,
                  online: bool = False, incoherent: bool = False, fused: bool = True,
                  kv: str | None = None, prune: str | None = None,
-                 sparsity: str | None = None):
+                 sparsity: str | None = None, structured: float | None = None):
     """The recipe of the command line: a file, or the shorthand with the flags given
     (``rotate``: the seed of a rotate step put first, None for none; ``fused``: R1 and R2 in
     it, ``online``: R4, ``incoherent``: incoherence processing; ``kv``: a KV-cache format, a
     ``kv`` step last; ``prune``/``sparsity``: a prune step before the rounder, alone with
-    method ``none``)."""
+    method ``none``; ``structured``: a prune-structured step first)."""
     from lowbit.formats.kv import parse_kv
-    from lowbit.recipe import load_recipe, pruned, rotated, shorthand, with_kv
+    from lowbit.recipe import load_recipe, pruned, rotated, shorthand, shrunk, with_kv
 
 
     given = {STEP_FLAGS[k]: v for k, v in flags.items() if v is not None}
@@ -55,6 +55,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
         extra += ["--rotate/--incoherence"] if rotate is not None else []
         extra += ["--kv"] if kv is not None else []
         extra += ["--prune/--sparsity"] if prune is not None or sparsity is not None else []
+        extra += ["--prune-structured"] if structured is not None else []
         if extra:
             raise LowbitError(f"--recipe gives the steps; drop {', '.join(extra)} (or edit the "
                               "recipe)")
@@ -62,9 +63,9 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
     if sparsity is not None and prune is None:
         raise LowbitError("--sparsity goes with --prune magnitude|wanda|sparsegpt")
     if method == "none":
-        if prune is None:
-            raise LowbitError("--method none quantizes nothing: give --prune (pruned weights "
-                              "stay in full precision)")
+        if prune is None and structured is None:
+            raise LowbitError("--method none quantizes nothing: give --prune or "
+                              "--prune-structured (the weights stay in full precision)")
         extra = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
         extra += ["--scheme"] if scheme is not None else []
         if extra:
@@ -74,6 +75,8 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
         recipe = shorthand(method, scheme, **given)
     if prune is not None:
         recipe = pruned(recipe, prune, sparsity or "0.5")
+    if structured is not None:
+        recipe = shrunk(recipe, structured)
     recipe = recipe if rotate is None else rotated(recipe, rotate, online, incoherent, fused)
     if kv is not None and online:  # R3: an integer cache stores keys and values rotated
         spec = parse_kv(kv)
@@ -119,6 +122,10 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
 @click.option("--sparsity", default=None,
               help="with --prune: the fraction dropped (0.5) or N:M kept (2:4, 4:8) "
                    "[default: 0.5]")
+@click.option("--prune-structured", "structured", type=float, default=None,
+              help="remove this share of the model's parameters as whole MLP channels (the "
+                   "same number per block; the output Linear refitted on the calibration "
+                   "inputs): a smaller dense model, e.g. 0.25")
 @click.option("--rotate", is_flag=True,
               help="rotate the model first (Hadamard R1 on the residual stream, R2 per "
                    "attention head, fused into the weights: the same function, fewer outliers)")
@@ -180,7 +187,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
             act_order, static_groups, damp, iters, tokens, alpha, threshold, int8_kernel, prune,
-            sparsity, rotate,
+            sparsity, structured, rotate,
             rotate_online, incoherence, rotate_seed, kv, target_bpw,
             target_size, sensitivity_path, candidates, eval_windows,
             eval_data, chunk, out, fmt, tp, overwrite, resume, nproc, json_path, quiet, dtype):
@@ -202,7 +209,7 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
         raise LowbitError("--rotate-online adds to the fused rotations: give --rotate too")
     recipe = build_recipe(recipe_path, method, scheme, flags,
                           rotate_seed if rotate or incoherence else None, rotate_online,
-                          incoherence, rotate, kv, prune, sparsity)
+                          incoherence, rotate, kv, prune, sparsity, structured)
     base = _recorded_base(recipe_path)
     model = model or base or "smollm2-135m"
     calib_req = calibration(calib, calib_samples, calib_offset, seq_len, recipe.calibration)
@@ -244,9 +251,18 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
         numel = [r["shape"][0] * r["shape"][1] for r in pruned]
         share = sum(r["pruned"] * n for r, n in zip(pruned, numel, strict=True)) / sum(numel)
         summary["pruned_layers"], summary["pruned"] = len(pruned), share
+    shrink = next((r for r in res.rows if r.get("step") == "prune-structured"
+                   and "parameters_after" in r), None)
+    if shrink:
+        summary["parameters"], summary["parameters_after"] = (shrink["parameters"],
+                                                              shrink["parameters_after"])
+        echo(f"MLP channels: {shrink['channels_kept']} of {shrink['channels']} kept per block; "
+             f"parameters {shrink['parameters']:,} -> {shrink['parameters_after']:,} "
+             f"({shrink['removed']:.1%} fewer)", json_path)
     if not res.weights:
-        echo(f"wrote {out} ({meta['output_format']}): {recipe.name}, {len(pruned)} layers "
-             f"pruned ({share:.1%} of their weights zero, the rest in full precision), "
+        what = f"{len(pruned)} layers pruned ({share:.1%} of their weights zero, the rest in " \
+            "full precision)" if pruned else "in full precision"
+        echo(f"wrote {out} ({meta['output_format']}): {recipe.name}, {what}, "
              f"{meta['seconds']:.0f} s", json_path)
     else:
         echo(f"wrote {out} ({meta['output_format']}): {recipe.name}, {len(res.weights)} layers "

@@ -222,7 +222,7 @@ def make_plan(model: nn.Module, steps: list) -> Plan:
             except LowbitError as e:
                 raise LowbitError(f"{full}: {e}") from None
         layers[full] = Layer(full, bi, local, step, grid)
-    if not layers and not pruned:
+    if not layers and not pruned and not any(getattr(s, "reshapes", False) for s in steps):
         raise LowbitError("the recipe's targets and ignore lists select no layer of this "
                           f"{spec.family} model")
     transforms = [s for s in steps if s.kind == "transform" and s.needs_data()]
@@ -569,6 +569,9 @@ def _resume(model: nn.Module, plan: Plan, calib: Tensor | None, chunk: int,
         checkpoint.note(f"resuming from {checkpoint.folder}: blocks 0-{start - 1} of "
                         f"{len(blocks)} are finished")
     for bi in range(start):
+        for t in plan.transforms:  # finished blocks of another shape (methods.structured)
+            if hasattr(t, "shape_block"):
+                t.shape_block(blocks[bi], spec)
         checkpoint.restore_block(bi, blocks[bi], f"{spec.blocks}.{bi}", res.weights,
                                  res.stats)
     res.rows.extend(checkpoint.rows)
