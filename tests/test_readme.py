@@ -62,6 +62,8 @@ def adapt(args: list[str], model: str, text: str) -> list[str]:
         args = _set(args, "--seq-len", "64")
         if "--tokens" in args:  # qat: a few steps
             args = _set(args, "--tokens", "256")
+        if "--prune-structured" in args:  # the tiny model's MLPs are 1.5% of it
+            args = _set(args, "--prune-structured", "0.005")
     if cmd == "eval":
         args = _set(args, "--data", text, keep=True)
         args = _set(args, "--windows", "2")

@@ -191,10 +191,11 @@ def rotated(recipe: Recipe, seed: int = 0, online: bool = False, incoherent: boo
     return Recipe((step, *recipe.steps), recipe.calibration)
 
 
-def pruned(recipe: Recipe | None, method: str, sparsity: str) -> Recipe:
+def pruned(recipe: Recipe | None, method: str, sparsity: str, owl: bool = False) -> Recipe:
     """``recipe`` with a ``prune`` step after its transforms (before its rounder), or the
-    prune step alone for None (``--method none``: pruned weights stay in full precision)."""
-    step = STEPS["prune"](method=method, sparsity=sparsity)
+    prune step alone for None (``--method none``: pruned weights stay in full precision);
+    ``owl``: OWL's ratio per block."""
+    step = STEPS["prune"](method=method, sparsity=sparsity, owl=owl)
     if recipe is None:
         return Recipe((step,))
     if any(s.kind == "pruner" for s in recipe.steps):

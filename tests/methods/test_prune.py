@@ -231,3 +231,26 @@ def test_write_checkpoint_of_pruned_rtn(tmp_path, windows):
         torch.testing.assert_close(hf(ids).logits, m(ids).logits, atol=1e-4, rtol=1e-4)
     w = hf.model.layers[0].mlp.up_proj.weight
     assert ((w != 0).reshape(w.shape[0], -1, 8).sum(-1) <= 4).all()
+
+
+def test_owl_spreads_the_ratio_by_outlier_share(windows):
+    m = tiny_model("llama")
+    with torch.no_grad():  # block 1 gets heavy outliers: it must be pruned less
+        m.model.layers[1].self_attn.q_proj.weight.view(-1)[::10] *= 20
+    step = Prune(method="wanda", sparsity="0.5", owl=True, owl_lambda=0.1)
+    res = lowbit.quantize(m, [step], windows, progress=False)
+    owl = {r["block"]: r for r in res.rows if "outlier_share" in r}
+    assert owl[1]["outlier_share"] > owl[0]["outlier_share"]
+    assert owl[1]["sparsity"] == pytest.approx(0.4) and owl[0]["sparsity"] == pytest.approx(0.6)
+    pruned = {r["name"]: r["pruned"] for r in res.rows if "pruner" in r}
+    assert pruned["model.layers.1.mlp.up_proj"] == pytest.approx(0.4, abs=0.01)
+    assert pruned["model.layers.0.mlp.up_proj"] == pytest.approx(0.6, abs=0.01)
+    with pytest.raises(LowbitError, match="keeps N of every M"):
+        Prune(sparsity="2:4", owl=True)
+    with pytest.raises(LowbitError, match="owl_lambda"):
+        Prune(sparsity="0.9", owl=True, owl_lambda=0.2)
+
+
+def test_wanda_needs_no_hessian():
+    assert Prune(method="wanda").wants() == frozenset({"sq_sum"})
+    assert Prune(method="magnitude").wants() == frozenset()

@@ -38,7 +38,8 @@ class TokenCount(click.ParamType):
 def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = None,
                  online: bool = False, incoherent: bool = False, fused: bool = True,
                  kv: str | None = None, prune: str | None = None,
-                 sparsity: str | None = None, structured: float | None = None):
+                 sparsity: str | None = None, structured: float | None = None,
+                 owl: bool = False):
     """The recipe of the command line: a file, or the shorthand with the flags given
     (``rotate``: the seed of a rotate step put first, None for none; ``fused``: R1 and R2 in
     it, ``online``: R4, ``incoherent``: incoherence processing; ``kv``: a KV-cache format, a
@@ -54,14 +55,16 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
         extra += [o for o, v in (("--method", method), ("--scheme", scheme)) if v is not None]
         extra += ["--rotate/--incoherence"] if rotate is not None else []
         extra += ["--kv"] if kv is not None else []
-        extra += ["--prune/--sparsity"] if prune is not None or sparsity is not None else []
+        extra += ["--prune/--sparsity/--owl"] if prune is not None or sparsity is not None \
+            or owl else []
         extra += ["--prune-structured"] if structured is not None else []
         if extra:
             raise LowbitError(f"--recipe gives the steps; drop {', '.join(extra)} (or edit the "
                               "recipe)")
         return load_recipe(recipe_path)
-    if sparsity is not None and prune is None:
-        raise LowbitError("--sparsity goes with --prune magnitude|wanda|sparsegpt")
+    if (sparsity is not None or owl) and prune is None:
+        raise LowbitError(f"{'--sparsity' if sparsity is not None else '--owl'} goes with "
+                          "--prune magnitude|wanda|sparsegpt")
     if method == "none":
         if prune is None and structured is None:
             raise LowbitError("--method none quantizes nothing: give --prune or "
@@ -74,7 +77,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
     else:
         recipe = shorthand(method, scheme, **given)
     if prune is not None:
-        recipe = pruned(recipe, prune, sparsity or "0.5")
+        recipe = pruned(recipe, prune, sparsity or "0.5", owl)
     if structured is not None:
         recipe = shrunk(recipe, structured)
     recipe = recipe if rotate is None else rotated(recipe, rotate, online, incoherent, fused)
@@ -122,6 +125,9 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
 @click.option("--sparsity", default=None,
               help="with --prune: the fraction dropped (0.5) or N:M kept (2:4, 4:8) "
                    "[default: 0.5]")
+@click.option("--owl", is_flag=True,
+              help="with --prune and a fraction: OWL's ratio per block (blocks with more "
+                   "outlier weights pruned less, the mean kept)")
 @click.option("--prune-structured", "structured", type=float, default=None,
               help="remove this share of the model's parameters as whole MLP channels (the "
                    "same number per block; the output Linear refitted on the calibration "
@@ -187,7 +193,7 @@ def build_recipe(recipe_path, method, scheme, flags: dict, rotate: int | None = 
               "checkpoint's own (config.json; GGUF files load in fp32)")
 def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offset, seq_len,
             act_order, static_groups, damp, iters, tokens, alpha, threshold, int8_kernel, prune,
-            sparsity, structured, rotate,
+            sparsity, owl, structured, rotate,
             rotate_online, incoherence, rotate_seed, kv, target_bpw,
             target_size, sensitivity_path, candidates, eval_windows,
             eval_data, chunk, out, fmt, tp, overwrite, resume, nproc, json_path, quiet, dtype):
@@ -209,7 +215,7 @@ def command(model, recipe_path, method, scheme, calib, calib_samples, calib_offs
         raise LowbitError("--rotate-online adds to the fused rotations: give --rotate too")
     recipe = build_recipe(recipe_path, method, scheme, flags,
                           rotate_seed if rotate or incoherence else None, rotate_online,
-                          incoherence, rotate, kv, prune, sparsity, structured)
+                          incoherence, rotate, kv, prune, sparsity, structured, owl)
     base = _recorded_base(recipe_path)
     model = model or base or "smollm2-135m"
     calib_req = calibration(calib, calib_samples, calib_offset, seq_len, recipe.calibration)

@@ -5,6 +5,11 @@ rounder (or alone: ``--method none`` keeps the pruned weights in full precision)
 - ``magnitude``: drop the smallest |w| of the layer (N:M: of each group of M inputs).
 - ``wanda``: score |w| * ||x_j|| (the input channel's norm over the calibration tokens), the
   comparison group each output row (N:M: each group of M), no weight update.
+- ``owl`` (with a fraction): OWL's non-uniform sparsity (Yin et al., 2023). A first pass over
+  the calibration windows measures, per decoder block, the share of its weights whose Wanda
+  score exceeds ``owl_m`` times the block's mean score (its outliers); blocks with more
+  outliers are pruned less, the ratios spread linearly over ``sparsity +- owl_lambda`` with the
+  mean kept at ``sparsity``.
 - ``sparsegpt``: the OBS sweep GPTQ uses, with the rounding replaced by dropping: the columns
   are visited in order and the error of each dropped weight is pushed onto the columns not yet
   visited through the Cholesky factor of (H + lambda I)^-1; which weights go is chosen as the
@@ -19,6 +24,7 @@ Linears are pruned on inputs that come from the blocks already pruned (and round
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -96,6 +102,9 @@ class Prune(Step):
     sparsity: str = "0.5"
     damp: float = 0.01  # sparsegpt: of the mean Hessian diagonal, as GPTQ
     block_size: int = 128  # sparsegpt: columns per lazy-update block and mask choice
+    owl: bool = False  # per-block ratios from the blocks' outlier shares (OWL)
+    owl_m: float = 5.0  # an outlier's score: this many times the block's mean (OWL's M)
+    owl_lambda: float = 0.08  # the ratios' spread around the mean (OWL's lambda)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -108,6 +117,13 @@ class Prune(Step):
             raise LowbitError(f"prune: damp must lie in [0, 1), not {self.damp}")
         if self.block_size < 1:
             raise LowbitError(f"prune: block_size must be positive, not {self.block_size}")
+        if self.owl and self.pattern.nm:
+            raise LowbitError(f"prune: owl varies the fraction per block; {self.sparsity} "
+                              "keeps N of every M everywhere")
+        room = min(self.pattern.ratio, 1 - self.pattern.ratio)
+        if self.owl and not 0 < self.owl_lambda < room:
+            raise LowbitError(f"prune: owl_lambda must keep every block's ratio inside (0, 1): "
+                              f"0 < {self.owl_lambda} < {room:g}")
 
     @property
     def pattern(self) -> Sparsity:
@@ -117,10 +133,40 @@ class Prune(Step):
         self.pattern.check(cols)
 
     def wants(self) -> frozenset[str]:
-        return frozenset() if self.method == "magnitude" else frozenset({"hessian"})
+        return frozenset({"magnitude": (), "wanda": ("sq_sum",),
+                          "sparsegpt": ("hessian",)}[self.method])
 
     def needs_data(self) -> bool:
-        return bool(self.wants())
+        return bool(self.wants()) or self.owl
+
+    def prepare(self, model, plan, calib, progress: bool = True) -> list[dict]:
+        """OWL's pass before the first block: each block's ratio from its outlier share."""
+        if not self.owl:
+            return []
+        from lowbit.pipeline.driver import observe_model
+
+        mine = [f for f, p in plan.pruned.items() if p is self]
+        stats = observe_model(model, plan.spec, calib, {"sq_sum"}, progress=progress)
+        shares: dict[int, list[float]] = {}
+        for bi in sorted({_block_of(f) for f in mine}):
+            scores = torch.cat([
+                (model.get_submodule(f).weight.detach().float().abs()
+                 * stats[f].sq_sum.float().sqrt()).flatten()
+                for f in mine if _block_of(f) == bi])
+            shares[bi] = [float((scores > self.owl_m * scores.mean()).float().mean())]
+        d = torch.tensor([v[0] for v in shares.values()], dtype=torch.float64)
+        spread = d - d.min()
+        spread = spread / spread.max() * 2 * self.owl_lambda if spread.max() > 0 else spread
+        ratios = self.pattern.ratio - (spread - spread.mean())
+        object.__setattr__(self, "_ratios", dict(zip(shares, ratios.tolist(), strict=True)))
+        return [{"block": bi, "outlier_share": round(shares[bi][0], 5),
+                 "sparsity": round(self._ratios[bi], 4)} for bi in shares]
+
+    def pattern_for(self, name: str) -> Sparsity:
+        """The pattern of one layer: the step's, or its block's OWL ratio."""
+        if not self.owl:
+            return self.pattern
+        return Sparsity(self._ratios[_block_of(name)])
 
     def joint_with(self, rounder) -> bool:
         """Whether pruning happens inside ``rounder``'s own sweep (sparsegpt + gptq)."""
@@ -128,24 +174,32 @@ class Prune(Step):
 
     def prune_layers(self, weights: dict[str, Tensor], stats) -> dict[str, tuple]:
         """name -> (pruned weight, keep mask, info row) for Linears sharing one input."""
-        sp = self.pattern
         out = {}
         hes = None
         for name, w in weights.items():
             t0 = time.perf_counter()
+            sp = self.pattern_for(name)
             sp.check(w.shape[1])
             if self.method != "sparsegpt":
                 keep = magnitude(w, sp) if self.method == "magnitude" else \
-                    wanda(w, stats.h.diagonal(), sp)
+                    wanda(w, stats.sq_sum, sp)
                 new = w.detach().float() * keep
             else:
                 if hes is None:
                     hes = prepare_hessian(stats.h, act_order=False, damp=self.damp)
                 new, keep = sparsegpt(w, hes, sp, self.block_size)
-            info = {"pruner": self.method, "sparsity": str(sp),
+            info = {"pruner": self.method + ("+owl" if self.owl else ""), "sparsity": str(sp),
                     "pruned": round(1 - float(keep.float().mean()), 4),
                     "prune_seconds": round(time.perf_counter() - t0, 3)}
             if stats is not None and stats.h is not None:
                 info["prune_loss"] = hessian_loss(new - w.detach().float(), stats.h.float())
             out[name] = (new, keep, info)
         return out
+
+
+def _block_of(name: str) -> int:
+    """The decoder block a Linear's full name lies in (its first numeric part)."""
+    m = re.search(r"\.(\d+)\.", name)
+    if m is None:
+        raise LowbitError(f"prune: {name} is not inside a decoder block")
+    return int(m.group(1))

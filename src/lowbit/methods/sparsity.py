@@ -14,7 +14,6 @@ and letting the columns after it compensate, from the same Cholesky factor GPTQ 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -75,10 +74,10 @@ def select(scores: Tensor, sp: Sparsity, per_row: bool = False) -> Tensor:
         keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
         return keep.reshape(rows, cols)
     if per_row:
-        k = int(math.floor(cols * sp.ratio))  # pruned per row
+        k = round(cols * sp.ratio)  # pruned per row
         idx = scores.topk(k, dim=1, largest=False).indices
         return torch.ones_like(scores, dtype=torch.bool).scatter_(1, idx, False)
-    k = int(math.floor(scores.numel() * sp.ratio))
+    k = round(scores.numel() * sp.ratio)
     keep = torch.ones(scores.numel(), dtype=torch.bool)
     keep[scores.flatten().topk(k, largest=False).indices] = False
     return keep.reshape(rows, cols)

@@ -81,6 +81,8 @@ def sync_stats(st: InputStats) -> InputStats:
         st.h = h.div_(float(n)).float()
     dist.all_reduce(st.absmax, op=dist.ReduceOp.MAX)
     dist.all_reduce(st.abs_sum)
+    if st.sq_sum is not None:
+        dist.all_reduce(st.sq_sum)
     if st.token_absmax is not None:
         parts = [None] * size
         dist.all_gather_object(parts, st.token_absmax)

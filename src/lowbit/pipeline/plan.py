@@ -308,9 +308,9 @@ class _Executor:
                 continue
             la = self.plan.layers.get(full)
             if la is not None and prn.joint_with(la.step):
-                sparse[full] = prn.pattern
-                self.prune_rows[full] = {"pruner": prn.method, "sparsity": prn.sparsity,
-                                         "pruned": round(prn.pattern.ratio, 4), "joint": True}
+                sp = sparse[full] = prn.pattern_for(full)
+                self.prune_rows[full] = {"pruner": prn.method, "sparsity": str(sp),
+                                         "pruned": round(sp.ratio, 4), "joint": True}
             else:
                 by_step.setdefault(id(prn), []).append(full)
         for fulls in by_step.values():
@@ -463,6 +463,9 @@ def execute(
         if hasattr(t, "transform_model"):
             for row in t.transform_model(model, spec):
                 ex.emit({"step": t.step} | row)
+    for p in {id(p): p for p in plan.pruned.values()}.values():  # OWL's pass on the dense model
+        for row in p.prepare(model, plan, calib, progress):
+            ex.emit({"step": p.step} | row)
     blocks = get_blocks(model, spec)
     start, inputs, sources = 0, (None, None), []
     if checkpoint is not None:

@@ -18,12 +18,13 @@ from lowbit.errors import LowbitError
 from lowbit.formats.grid_base import FINITE_CHUNK
 
 MIN_TOKENS = 4096  # below this, per-channel maxima and means are noisy: steps warn
-WANTS = frozenset({"hessian", "absmax", "mean_abs", "token_absmax"})
+WANTS = frozenset({"hessian", "absmax", "mean_abs", "token_absmax", "sq_sum"})
 
 
 class InputStats:
     """Running statistics of one input: token count ``n``, per-channel ``absmax`` and sum of
-    |x| (always; cheap), the Hessian ``h`` (a float32 running mean; with ``"hessian"``), and the
+    |x| (always; cheap), the Hessian ``h`` (a float32 running mean; with ``"hessian"``), the
+    per-channel sum of x^2 (with ``"sq_sum"``: Wanda's input norms without the Hessian) and the
     per-token max |x| (with ``"token_absmax"``)."""
 
     def __init__(self, in_features: int, want: frozenset[str] | set[str] = frozenset()) -> None:
@@ -36,6 +37,8 @@ class InputStats:
         self.absmax = torch.zeros(in_features)
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
         self.token_absmax: Tensor | None = torch.zeros(0) if "token_absmax" in want else None
+        self.sq_sum: Tensor | None = torch.zeros(in_features, dtype=torch.float64) \
+            if "sq_sum" in want else None
         self.info: dict = {}  # extra fields for the rows of the Linears rounded from these
 
     def add(self, x: Tensor) -> None:
@@ -55,6 +58,8 @@ class InputStats:
         a = x.abs()
         self.absmax = torch.maximum(self.absmax, a.amax(0))
         self.abs_sum += a.sum(0, dtype=torch.float64)
+        if self.sq_sum is not None:
+            self.sq_sum += x.square().sum(0, dtype=torch.float64)
         if self.token_absmax is not None:
             self.token_absmax = torch.cat([self.token_absmax, a.amax(1)])
         self.n = total
@@ -77,6 +82,9 @@ def blend(own: InputStats, prior: InputStats, tokens: int) -> InputStats:
     out.n = tokens
     out.absmax = torch.maximum(own.absmax, prior.absmax)
     out.abs_sum = (w_own * own.mean_abs.double() + (1 - w_own) * prior.mean_abs.double()) * tokens
+    if out.sq_sum is not None:
+        out.sq_sum = (w_own * own.sq_sum / max(own.n, 1)
+                      + (1 - w_own) * prior.sq_sum / max(prior.n, 1)) * tokens
     return out
 
 
@@ -89,6 +97,8 @@ def stats_tensors(stats: dict[str, InputStats]) -> dict[str, Tensor]:
         tensors[f"{name}.abs_sum"] = st.abs_sum.clone()
         if st.token_absmax is not None:
             tensors[f"{name}.token_absmax"] = st.token_absmax.clone()
+        if st.sq_sum is not None:
+            tensors[f"{name}.sq_sum"] = st.sq_sum.clone()
         tensors[f"{name}.n"] = torch.tensor([st.n], dtype=torch.int64)
     return tensors
 
@@ -100,6 +110,7 @@ def stats_from_tensors(t: dict[str, Tensor]) -> dict[str, InputStats]:
         st = InputStats(t[f"{name}.absmax"].numel())
         st.absmax, st.abs_sum = t[f"{name}.absmax"], t[f"{name}.abs_sum"]
         st.token_absmax = t.get(f"{name}.token_absmax")
+        st.sq_sum = t.get(f"{name}.sq_sum")
         st.n = int(t[f"{name}.n"][0])
         out[name] = st
     return out
