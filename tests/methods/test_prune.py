@@ -254,3 +254,16 @@ def test_owl_spreads_the_ratio_by_outlier_share(windows):
 def test_wanda_needs_no_hessian():
     assert Prune(method="wanda").wants() == frozenset({"sq_sum"})
     assert Prune(method="magnitude").wants() == frozenset()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2_moe", "gemma2"])
+def test_other_families_prune(family, windows):
+    """Conv1D weights (stored transposed), experts (each a Linear, routed statistics)."""
+    m = tiny_model(family)
+    res = lowbit.quantize(m, [Prune(method="wanda", sparsity="2:4"), GPTQ(scheme="w4g32")],
+                          windows, progress=False)
+    rows = [r for r in res.rows if "pruner" in r]
+    assert rows and all(r["pruned"] == 0.5 for r in rows)
+    for name in [r["name"] for r in rows][:6]:
+        w = res.weights[name].dequantize()
+        assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all(), name
