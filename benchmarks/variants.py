@@ -5,14 +5,15 @@ puts the fused rotations first (``rotate+gptq:w3g64``, the CLI's ``--rotate``), 
 adds R4 online (``--rotate --rotate-online``), ``incoh+`` incoherence processing alone
 (``--incoherence``) and ``rotate+incoh+`` both; ``PRUNER@SPARSITY+`` prunes first
 (``wanda@2:4+gptq:w4g64``, the CLI's ``--prune wanda --sparsity 2:4``; ``sparsegpt@0.5+none``
-prunes alone). Values are typed from the steps' own option annotations."""
+prunes alone; ``wanda-owl@0.7+none`` adds ``--owl``; ``structured@0.25+none`` is
+``--prune-structured 0.25``). Values are typed from the steps' own option annotations."""
 
 from __future__ import annotations
 
 from typing import get_args, get_type_hints
 
 from lowbit.methods.base import STEPS
-from lowbit.recipe import METHODS, Recipe, pruned, rotated, shorthand
+from lowbit.recipe import METHODS, Recipe, pruned, rotated, shorthand, shrunk
 
 
 def _typed(key: str, value: str, method: str):
@@ -40,8 +41,11 @@ def parse_variant(v: str) -> Recipe:
                        fused="rotate" in head or "rotate4" in head)
     if "@" in v.split("+", 1)[0] and "+" in v:
         p, v = v.split("+", 1)
-        method, sparsity = p.split("@")
-        return pruned(None if v == "none" else parse_variant(v), method, sparsity)
+        method, amount = p.split("@")
+        rest = None if v == "none" else parse_variant(v)
+        if method == "structured":
+            return shrunk(rest, float(amount))
+        return pruned(rest, method.removesuffix("-owl"), amount, owl=method.endswith("-owl"))
     parts = v.split(":")
     method = parts[0]
     scheme = parts[1] if len(parts) > 1 and parts[1] != "-" else None

@@ -88,3 +88,18 @@ def test_demo_end_to_end(tmp_path):
 
     back, _ = load_model(out)  # compressed-tensors: the demo's recipe fits it
     assert sum(isinstance(m, QLinear) for m in back.modules()) == 210
+
+
+def test_pruning_orderings_of_the_wanda_paper(wiki_ids):
+    """On the real model, as in the Wanda paper's table: at 2:4, Wanda and SparseGPT are far
+    ahead of magnitude pruning, and SparseGPT's weight update puts it ahead of Wanda."""
+    from lowbit.methods.prune import Prune
+
+    ev = data.windows(wiki_ids, 4, 512)
+    cal = data.windows(wiki_ids, 16, 512, start=100)
+    ppl = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model, _ = load_model("smollm2-135m")
+        lowbit.quantize(model, [Prune(method=method, sparsity="2:4")], cal, progress=False)
+        ppl[method] = evaluate(model, ev, progress=False)["ppl"]
+    assert ppl["sparsegpt"] < ppl["wanda"] < 0.5 * ppl["magnitude"], ppl
