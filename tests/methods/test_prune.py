@@ -179,6 +179,8 @@ def test_cli_prune_alone_saves_reloads_and_evaluates(tmp_path, tiny_ckpt):
                    "--calib", text, "--calib-samples", 8, "--seq-len", 64, "--out", out,
                    "--quiet")
     assert "14 layers pruned (50.0% of their weights zero" in r.out
+    info = lowbit_cli("info", out).out
+    assert "(full precision)" in info and "recipe: prune wanda 2:4" in info
     model, _ = load_quantized(out)
     w = model.model.layers[0].self_attn.q_proj.weight
     assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()

@@ -35,11 +35,13 @@ def command(path, verify, json_path):
     layers = desc.get("layers", {})
     kinds = Counter(i.get("grid") or i.get("kind") or (i.get("scheme") or {}).get("name")
                     for i in layers.values())
-    echo(f"{path}: {desc.get('method')} {scheme_label(desc)} from {desc.get('base_model')}",
-         json_path)
+    label = scheme_label(desc) or "(full precision)"
+    echo(f"{path}: {desc.get('method')} {label} from {desc.get('base_model')}", json_path)
     mix = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
-    echo(f"  layers: {len(layers)} ({mix}), bits/weight {desc.get('bits_per_weight', 0):.3f}, "
-         f"{size / 2**20:.1f} MiB on disk", json_path)
+    echo(f"  layers: {len(layers)}" + (f" ({mix}), bits/weight "
+                                        f"{desc.get('bits_per_weight', 0):.3f}" if layers else
+                                        " quantized")
+         + f", {size / 2**20:.1f} MiB on disk", json_path)
     kernels = layer_kernels(layers)
     if kernels:
         echo("  CPU kernels: " + ", ".join(f"{k} {n}" for k, n in kernels.most_common()),
@@ -80,6 +82,10 @@ def _step_label(s: dict) -> str:
     out = s["step"]
     if s.get("scheme"):
         out += f" {s['scheme']}"
+    if s["step"] == "prune":
+        out += f" {s['method']} {s['sparsity']}" + (" owl" if s.get("owl") else "")
+    if s["step"] == "prune-structured":
+        out += f" {s['ratio']:g}"
     if s.get("overrides"):
         out += f" ({len(s['overrides'])} override(s))"
     return out
