@@ -105,8 +105,8 @@ def pruned_bits(res) -> dict:
     compact store would spend (kept codes, the grid's parameters, a 1-bit mask per weight;
     Linears pruned alone counted as fp16 values)."""
     rows = [r for r in res.rows if "pruner" in r]
-    if not rows:
-        return {}
+    if not rows:  # nothing pruned by weight; nothing quantized: a (smaller) fp16 model
+        return {} if len(res.weights) else {"bpw": 16.0}
     n = bits = dropped = 0.0
     for r in rows:
         numel = r["shape"][0] * r["shape"][1]
