@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 
 def build(tmp: Path) -> list[tuple[str, str, str]]:
     """(name, model folder, dtype) of every configuration."""
-    calib = ["--calib", str(WIKI), "--calib-offset", str(100 * 512), "--calib-samples", "32"] \
+    calib = ["--calib", str(WIKI), "--calib-offset", "100", "--calib-samples", "32"] \
         if WIKI.is_file() else ["--calib-samples", "32"]
     runs = {
         "magnitude-0.5": ["--method", "none", "--prune", "magnitude", "--sparsity", "0.5"],
