@@ -10,30 +10,17 @@ parameters and a 1-bit mask per weight (pruned-alone Linears counted as fp16 val
 
 from __future__ import annotations
 
-import argparse
+from quality import COLS, protocol, run_variants, variant_parser
 
-from quality import COLS, WIKI, base_logprobs, evaluate_against, run_variants
-
-from lowbit import data
 from lowbit.cli.common import format_table
-from lowbit.models import load_model
 
 PRUNE_COLS = [*COLS[:3], ("pruned", "pruned", ".3f"), ("bpw_mask", "bits/w+mask", ".3f"),
               *COLS[3:]]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("variants", nargs="*")
-    ap.add_argument("--calib-windows", type=int, default=128)
-    ap.add_argument("--eval-windows", type=int, default=64)
-    ap.add_argument("--json", help="append one JSON line per row to this file")
-    a = ap.parse_args()
-    base, tok = load_model("smollm2-135m")
-    ids = data.tokenize(tok, data.read_text(WIKI))
-    ev = data.windows(ids, a.eval_windows, 512)
-    blp = base_logprobs(base, ev)
-    rows = [{"variant": "base", "calib": "-", "bpw": 32.0, **evaluate_against(base, ev, None)}]
+    a = variant_parser().parse_args()
+    base, tok, ids, ev, blp, rows = protocol(a.eval_windows)
     del base
     run_variants(a.variants, rows, tok, ids, ev, blp, "wiki", a.calib_windows, a.json)
     print()

@@ -100,6 +100,27 @@ def forward_seconds(model, windows: torch.Tensor, chunk: int = 8) -> float:
     return time.perf_counter() - t0
 
 
+def variant_parser() -> argparse.ArgumentParser:
+    """The options of a script that runs ``run_variants`` on the protocol."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("variants", nargs="*")
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--json", help="append one JSON line per row to this file")
+    return ap
+
+
+def protocol(eval_windows: int = 64):
+    """(base model, tokenizer, WikiText ids, evaluation windows, the base's log-probabilities,
+    the table with its base row)."""
+    base, tok = load_model("smollm2-135m")
+    ids = data.tokenize(tok, data.read_text(WIKI))
+    ev = data.windows(ids, eval_windows, 512)
+    blp = base_logprobs(base, ev)
+    rows = [{"variant": "base", "calib": "-", "bpw": 32.0, **evaluate_against(base, ev, None)}]
+    return base, tok, ids, ev, blp, rows
+
+
 def pruned_bits(res) -> dict:
     """For a pruned model: the share of block-Linear weights pruned and the bits per weight a
     compact store would spend (kept codes, the grid's parameters, a 1-bit mask per weight;

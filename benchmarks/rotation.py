@@ -9,13 +9,11 @@ base, top-1 agreement on WikiText-2 windows 0..63; in-domain calibration).
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from quality import COLS, WIKI, base_logprobs, evaluate_against, run_variants
+from quality import COLS, evaluate_against, protocol, run_variants, variant_parser
 from variants import parse_variant
 
-from lowbit import data
 from lowbit.arch import spec_for
 from lowbit.cli.common import format_table
 from lowbit.methods.rotate import Rotate
@@ -23,17 +21,8 @@ from lowbit.models import load_model
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("variants", nargs="*")
-    ap.add_argument("--calib-windows", type=int, default=128)
-    ap.add_argument("--eval-windows", type=int, default=64)
-    ap.add_argument("--json", help="append one JSON line per row to this file")
-    a = ap.parse_args()
-    base, tok = load_model("smollm2-135m")
-    ids = data.tokenize(tok, data.read_text(WIKI))
-    ev = data.windows(ids, a.eval_windows, 512)
-    blp = base_logprobs(base, ev)
-    rows = [{"variant": "base", "calib": "-", "bpw": 32.0, **evaluate_against(base, ev, None)}]
+    a = variant_parser().parse_args()
+    base, tok, ids, ev, blp, rows = protocol(a.eval_windows)
     steps = [Rotate()]  # and each other rotate step the variants use, once
     for v in a.variants:
         first = parse_variant(v).steps[0]

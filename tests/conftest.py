@@ -77,6 +77,17 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def save_tiny_llama(d, tok, intermediate_size: int = 128):
+    """A random two-block Llama checkpoint with ``tok``'s vocabulary, saved to folder ``d``."""
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64,
+                         intermediate_size=intermediate_size, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """A tiny random Llama checkpoint with the built-in model's tokenizer (byte-level BPE, so
@@ -84,13 +95,7 @@ def tiny_ckpt(tmp_path_factory):
     from lowbit.models import load_model
 
     _, tok = load_model("smollm2-135m")
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True)
-    d = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
+    d = save_tiny_llama(tmp_path_factory.mktemp("tiny"), tok)
     text = d / "calib.txt"
     text.write_text("\n".join(
         f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(3000)))

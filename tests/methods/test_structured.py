@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 from cli_helpers import lowbit_cli, one_line_error
-from conftest import tiny_model
+from conftest import save_tiny_llama, tiny_model
 
 import lowbit
 from lowbit.errors import LowbitError
@@ -82,14 +82,7 @@ def wide_ckpt(tmp_path_factory, tiny_ckpt):
     """The tiny checkpoint's tokenizer on a model whose MLPs hold a good share of it."""
     src, text = tiny_ckpt
     tok = tf.AutoTokenizer.from_pretrained(src)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=2048,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True)
-    d = tmp_path_factory.mktemp("wide")
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d, text
+    return save_tiny_llama(tmp_path_factory.mktemp("wide"), tok, intermediate_size=2048), text
 
 
 def test_cli_structured_then_gptq_is_an_ordinary_checkpoint(tmp_path, wide_ckpt):
