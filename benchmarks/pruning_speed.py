@@ -16,13 +16,11 @@ import atexit
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from runtime_speed import WIKI, lowbit
+from runtime_speed import WIKI, lowbit, run_one
 
-HERE = Path(__file__).resolve().parent
 
 
 def build(tmp: Path) -> list[tuple[str, str, str]]:
@@ -63,12 +61,7 @@ def main() -> None:
     for rep in range(a.repeat):
         for threads in map(int, a.threads.split(",")):
             for name, model, dtype in configs:
-                cmd = [sys.executable, str(HERE / "runtime_speed.py"), "--one", "--model", model,
-                       "--dtype", dtype, "--kernel", "auto", "--threads", str(threads)]
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode:
-                    sys.exit(f"{name}: failed\n{r.stderr[-2000:]}")
-                res = json.loads(r.stdout.strip().splitlines()[-1])
+                res = run_one(name, model, dtype, "auto", threads)
                 best = rows.get((name, threads))
                 if best is None or res["decode"] > best["decode"]:
                     rows[(name, threads)] = res

@@ -137,6 +137,19 @@ def one(args) -> None:
     print(json.dumps(res))
 
 
+def run_one(name: str, model, dtype: str, kernel: str, threads: int, gguf: bool = False,
+            compile: bool = False) -> dict:
+    """One configuration measured in a process of its own (``--one``): its result row."""
+    cmd = [sys.executable, __file__, "--one", "--model", str(model), "--dtype", dtype,
+           "--kernel", kernel, "--threads", str(threads)]
+    cmd += ["--gguf"] if gguf else []
+    cmd += ["--compile"] if compile else []
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"{name}: failed\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--compile", action="store_true")
@@ -192,14 +205,8 @@ def main() -> None:
     for rep in range(args.repeat):
         for threads in map(int, args.threads.split(",")):
             for name, model, dtype, kernel, gguf in configs:
-                cmd = [sys.executable, __file__, "--one", "--model", str(model), "--dtype",
-                       dtype, "--kernel", kernel, "--threads", str(threads)]
-                cmd += ["--gguf"] if gguf else []
-                cmd += ["--compile"] if args.compile and not gguf else []
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode:
-                    sys.exit(f"{name}: failed\n{r.stderr[-2000:]}")
-                res = json.loads(r.stdout.strip().splitlines()[-1])
+                res = run_one(name, model, dtype, kernel, threads, gguf,
+                              args.compile and not gguf)
                 best = rows.get((name, threads))
                 if best is None or res["decode"] > best["decode"]:
                     rows[(name, threads)] = res
