@@ -22,7 +22,6 @@ from pathlib import Path
 from runtime_speed import WIKI, lowbit, run_one
 
 
-
 def build(tmp: Path) -> list[tuple[str, str, str]]:
     """(name, model folder, dtype) of every configuration."""
     calib = ["--calib", str(WIKI), "--calib-offset", "100", "--calib-samples", "32"] \
