@@ -88,8 +88,3 @@ def obs_scores(w: Tensor, u_diag: Tensor) -> Tensor:
     the upper Cholesky factor of the damped inverse Hessian over those columns."""
     return w.square() / u_diag.square()
 
-
-def mask_bits(sp: Sparsity | None, rows: int, cols: int) -> int:
-    """Bits a compact store spends saying which weights are kept: one per weight (a bitmask,
-    as compressed-tensors' sparse-bitmask and sparse-24-bitmask write it)."""
-    return 0 if sp is None else rows * cols

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from lowbit.arch import ArchSpec, get_blocks
 from lowbit.errors import LowbitError
 from lowbit.methods.base import Transform, register
+from lowbit.methods.rtn import hessian_loss
 
 MULTIPLE = 64  # kept channels per block: a multiple of this (when the MLP allows it)
 
@@ -92,7 +93,8 @@ class PruneStructured(Transform):
             raise LowbitError(f"prune-structured: damp must lie in [0, 1), not {self.damp}")
 
     def kept_channels(self, model: nn.Module, spec: ArchSpec) -> tuple[int, int, int]:
-        """(channels each block keeps, channels it has, parameters per channel and block)."""
+        """(channels each block keeps, channels it has, parameters per channel and block,
+        the model's parameters)."""
         ins, out = mlp_parts(spec)
         blocks = get_blocks(model, spec)
         block = blocks[0]
@@ -112,7 +114,7 @@ class PruneStructured(Transform):
             raise LowbitError(f"prune-structured: removing {self.ratio:.0%} of the parameters "
                               f"from the MLPs leaves {max(k, 0)} of {n} channels per block; "
                               "give a smaller ratio")
-        return k, n, per_channel
+        return k, n, per_channel, total
 
     def check_plan(self, model: nn.Module, plan) -> None:
         """The output Linears' grids must fit their pruned input width."""
@@ -123,20 +125,18 @@ class PruneStructured(Transform):
         if any(getattr(la.step, "model_wise", False) for la in plan.layers.values()):
             raise LowbitError("prune-structured changes each block as it runs, after qat's "
                               "training: prune first and train the pruned model in a second run")
-        k, _, _ = self.kept_channels(model, plan.spec)
+        k = self.kept_channels(model, plan.spec)[0]
         out = mlp_parts(plan.spec)[1]
         for full, la in plan.layers.items():
             if la.local == out and la.grid is not None:
                 try:
-                    la.grid.check(_linear(model.get_submodule(full.rpartition(".")[0]),
-                                          out.rpartition(".")[2]).out_features, k)
+                    la.grid.check(model.get_submodule(full).out_features, k)
                 except LowbitError as e:
                     raise LowbitError(f"{full} keeps {k} inputs: {e}") from None
 
     def transform_model(self, model: nn.Module, spec: ArchSpec) -> list[dict]:
-        k, n, per_channel = self.kept_channels(model, spec)
+        k, n, per_channel, before = self.kept_channels(model, spec)
         object.__setattr__(self, "_k", k)  # the blocks' width, for transform and shape_block
-        before = sum(p.numel() for p in model.parameters())
         after = before - (n - k) * per_channel * len(get_blocks(model, spec))
         model.config.intermediate_size = k
         return [{"channels_kept": k, "channels": n, "parameters": before,
@@ -162,15 +162,14 @@ class PruneStructured(Transform):
         keep = torch.zeros(n, dtype=torch.bool)
         keep[keep_idx] = True
         w_new = refit(down.weight.data, h, keep, self.damp)
-        before = float(((down.weight.data.double() @ h.double()) * down.weight.data.double())
-                       .sum())
         err = down.weight.data.double().clone()
-        err[:, keep] -= w_new.double()
-        resid = float(((err @ h.double()) * err).sum())  # dropped columns stay in err
+        err[:, keep] -= w_new.double()  # the dropped columns stay in err
+        ratio = hessian_loss(err, h.double()) / max(hessian_loss(down.weight.data.double(),
+                                                                 h.double()), 1e-30)
         for name in ins:
             mod = _linear(ctx.block, name)
             _resize(mod, mod.weight.data[keep],
                     None if mod.bias is None else mod.bias.data[keep])
         _resize(down, w_new, None if down.bias is None else down.bias.data)
         return [{"layer": ctx.full(out), "channels_kept": k, "channels": n,
-                 "output_error": round(resid / max(before, 1e-30), 5)}]
+                 "output_error": round(ratio, 5)}]
